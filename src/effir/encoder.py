@@ -1,0 +1,223 @@
+"""Encoder = HF backbone + pooling + L2 normalisation + query/document prompts; ``encode_*`` turn text into vectors.
+
+The embedding recipe (pooling, prompts, max lengths, EOS) is a small dataclass, :class:`EmbeddingSettings`, saved in
+``effir.json`` next to the weights so a compressed model embeds exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import ArchAdapter
+from .utils import EffirError
+
+DEFAULT_TASK = "Given a query, retrieve relevant passages that answer the query."
+
+# Query prompt presets; ``{task}`` is filled at resolve time, ``{text}`` at encode time.
+PROMPT_PRESETS = {
+    "effir": "<instruct>{task}\n<query>{text}",  # the paper's released eval script
+    "e5": "Instruct: {task}\nQuery: {text}",  # E5-Mistral / many MTEB LLM embedders
+    "none": "{text}",
+}
+POOLINGS = ("last", "mean", "cls")
+
+
+@dataclass
+class EmbeddingSettings:
+    """How texts become vectors. Saved in ``effir.json``; every field has a default per architecture family."""
+
+    pooling: str = "last"
+    """``last`` (final hidden state of the last non-pad token), ``mean`` over non-pad tokens, or ``cls``."""
+    append_eos: bool = True
+    """Append the tokenizer's EOS token before pooling (decoder LLMs; the last-token recipe needs it)."""
+    normalize: bool = True
+    """L2-normalise embeddings (scores are then cosine similarities)."""
+    query_template: str = PROMPT_PRESETS["effir"].replace("{task}", DEFAULT_TASK)
+    """Query prompt with a ``{text}`` slot."""
+    document_template: str = "{text}"
+    """Document prompt with a ``{text}`` slot (unprompted by default, as in the paper)."""
+    query_max_length: int = 128
+    """Token budget for queries (prompt included)."""
+    document_max_length: int = 512
+    """Token budget for documents; the paper uses 512."""
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise EffirError(f"unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}")
+        for name in ("query_template", "document_template"):
+            if "{text}" not in getattr(self, name):
+                raise EffirError(f"{name} {getattr(self, name)!r} has no {{text}} slot")
+        if self.query_max_length < 2 or self.document_max_length < 2:
+            raise EffirError("query_max_length and document_max_length must be at least 2")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EmbeddingSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise EffirError(f"unknown embedding setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def prompt_template(preset_or_template: str, task: str = DEFAULT_TASK) -> str:
+    """A preset name (``effir``, ``e5``, ``none``) or a literal template with ``{text}`` -> a template."""
+    template = PROMPT_PRESETS.get(preset_or_template, preset_or_template)
+    if "{text}" not in template:
+        raise EffirError(
+            f"prompt {preset_or_template!r} is neither a preset ({', '.join(PROMPT_PRESETS)}) nor a template "
+            "containing {text}"
+        )
+    return template.replace("{task}", task)
+
+
+def default_settings(adapter: ArchAdapter, st_pooling: str | None = None) -> EmbeddingSettings:
+    """Paper defaults for decoder LLMs; for encoders, the sentence-transformers pooling (mean if unknown), no prompt."""
+    if adapter.is_decoder:
+        return EmbeddingSettings()
+    return EmbeddingSettings(pooling=st_pooling or "mean", append_eos=False, query_template="{text}",
+                             query_max_length=128, document_max_length=256)
+
+
+def document_text(doc) -> str:
+    """BEIR documents are ``title + " " + text`` (the paper's convention); plain strings pass through."""
+    if isinstance(doc, str):
+        return doc
+    title, text = doc.get("title") or "", doc.get("text") or ""
+    return f"{title} {text}".strip() if title else text
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states ``(B, L, H)`` with ``mask`` ``(B, L)`` into ``(B, H)``.
+
+    ``last`` takes the last non-pad position, found from the mask, so it is right under left *and* right padding.
+    """
+    if pooling == "last":
+        length = mask.shape[1]
+        last = length - 1 - mask.flip(dims=[1]).int().argmax(dim=1)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    if pooling == "cls":
+        first = mask.int().argmax(dim=1)  # first non-pad position (0 under right padding)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    raise EffirError(f"unknown pooling {pooling!r}")
+
+
+class Encoder:
+    """A backbone that embeds queries and documents. Build one with :func:`effir.load`.
+
+    Attributes:
+        model: the headless HF model (``AutoModel``), possibly structurally compressed.
+        tokenizer: its tokenizer.
+        settings: the :class:`EmbeddingSettings`.
+        adapter: the :class:`~effir.arch.ArchAdapter` of ``model``.
+        meta: the model's ``effir.json`` content (or ``{}``), and ``reference``/``path`` of where it came from.
+    """
+
+    def __init__(self, model, tokenizer, settings: EmbeddingSettings, adapter: ArchAdapter, meta: dict | None = None,
+                 padding_side: str = "right"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.adapter = adapter
+        self.meta = meta or {}
+        if padding_side not in ("left", "right"):
+            raise EffirError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        self.padding_side = padding_side
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            self.pad_id = 0
+        if settings.append_eos and tokenizer.eos_token_id is None:
+            raise EffirError("append_eos is set but the tokenizer has no EOS token; set append_eos: false")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    # -- tokenisation -------------------------------------------------------------------------------------------
+    def format(self, texts: Sequence, side: str) -> list[str]:
+        template = self.settings.query_template if side == "query" else self.settings.document_template
+        return [template.replace("{text}", document_text(t)) for t in texts]
+
+    def tokenize(self, texts: Sequence[str], side: str) -> dict[str, torch.Tensor]:
+        """Prompt, tokenize, truncate, append EOS and pad ``texts`` (already side-specific) into tensors."""
+        max_len = self.settings.query_max_length if side == "query" else self.settings.document_max_length
+        eos = self.settings.append_eos
+        ids = self.tokenizer(self.format(texts, side), add_special_tokens=True, truncation=True,
+                             max_length=max_len - int(eos), padding=False)["input_ids"]
+        if eos:
+            eos_id = self.tokenizer.eos_token_id
+            ids = [seq if seq and seq[-1] == eos_id else seq + [eos_id] for seq in ids]
+        return self._pad(ids)
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(s) for s in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, seq in enumerate(ids):
+            span = slice(width - len(seq), width) if self.padding_side == "left" else slice(0, len(seq))
+            input_ids[i, span] = torch.tensor(seq, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Differentiable embeddings ``(B, H)`` of a tokenized batch (training uses this directly)."""
+        # Explicit positions make left padding give the same states as right padding.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling)
+        if self.settings.normalize:
+            emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        return emb
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence, side: str, batch_size: int = 32, show_progress: bool = False,
+               desc: str | None = None) -> torch.Tensor:
+        """Embed ``texts`` as ``side`` (``query`` or ``document``) -> float32 CPU tensor ``(N, H)`` in input order.
+
+        Batches are formed from texts sorted by length so padding is minimal; the order is restored at the end.
+        """
+        if side not in ("query", "document"):
+            raise EffirError(f"side must be 'query' or 'document', not {side!r}")
+        if batch_size < 1:
+            raise EffirError(f"batch_size must be >= 1, got {batch_size}")
+        texts = list(texts)
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
+        if not texts:
+            return out
+        self.model.eval()
+        order = sorted(range(len(texts)), key=lambda i: -len(document_text(texts[i])))
+        bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not show_progress,
+                   leave=False)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = self.tokenize([texts[i] for i in idx], side)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out[idx] = self.embed(**batch).float().cpu()
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def encode_queries(self, queries: Iterable[str], batch_size: int = 32, show_progress: bool = False):
+        return self.encode(list(queries), "query", batch_size, show_progress)
+
+    def encode_documents(self, documents: Iterable, batch_size: int = 32, show_progress: bool = False):
+        """``documents``: strings or BEIR dicts with ``title``/``text``."""
+        return self.encode(list(documents), "document", batch_size, show_progress)

@@ -1,0 +1,100 @@
+"""Small shared helpers: the user-facing error type, device/dtype choice, seeding, distributed helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+
+class EffirError(Exception):
+    """A problem with the user's input. The CLI prints it as one line and exits with code 2."""
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else cuda when available, else cpu (under torchrun: this process's local GPU)."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (avx512_bf16 / amx), where bf16 is much faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """Resolve ``dtype`` ('auto', 'fp32', 'bf16', 'fp16'); auto = bf16 where the hardware runs it natively."""
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    if dtype not in _DTYPES:
+        raise EffirError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (tmp file + rename) so an interrupted run never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of the initialised torch.distributed group, or (0, 1) when running alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group that torchrun / accelerate launch describe in the environment, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return torch.distributed.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return True
+
+
+def is_main_process() -> bool:
+    return dist_info()[0] == 0

@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny random models of every architecture in the table, a word-level tokenizer, tiny BEIR data.
+
+Nothing here touches the network: HF_HUB_OFFLINE is forced on so an accidental download fails at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from effir.arch import ADAPTERS  # noqa: E402
+
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+WORDS = ("the a of and to in is for on with that by as be are was it this from or an at which paris france capital "
+         "city river water fish sun moon star planet cat dog bird tree leaf blue green red cell protein gene "
+         "cancer drug study trial patient effect risk dose vaccine virus query document what how why who").split()
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    kw = dict(TINY)
+    if model_type == "bert":  # BERT has no GQA / head_dim settings
+        kw.pop("num_key_value_heads")
+        kw.pop("head_dim")
+        kw["type_vocab_size"] = 2
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(16)
+
+
+@pytest.fixture(scope="session")
+def _tiny_models():
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    models = {}
+    for mt in ADAPTERS:
+        m = AutoModel.from_config(tiny_config(mt), attn_implementation="eager")
+        m.eval()
+        models[mt] = m
+    return models
+
+
+@pytest.fixture(params=sorted(ADAPTERS))
+def model_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(_tiny_models, model_type):
+    """A fresh (deep-copied) tiny random model of ``model_type``, fp32, eval mode."""
+    return copy.deepcopy(_tiny_models[model_type])
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_model, tiny_tokenizer) -> Path:
+    """The tiny model and tokenizer saved with ``save_pretrained``, as a real run would find them on disk."""
+    d = tmp_path / f"tiny-{tiny_model.config.model_type}"
+    tiny_model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, _tiny_models) -> Path:
+    """One saved tiny llama, shared by CLI tests that do not need every architecture."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    _tiny_models["llama"].save_pretrained(d)
+    build_tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+TINY_CORPUS = [
+    {"_id": "d1", "title": "paris", "text": "paris is the capital of france"},
+    {"_id": "d2", "title": "river", "text": "the river in the city is blue water"},
+    {"_id": "d3", "title": "fish", "text": "a fish is in the water of the river"},
+    {"_id": "d4", "title": "sun", "text": "the sun is a star and the moon is not"},
+    {"_id": "d5", "title": "cell", "text": "a cell protein and a gene in cancer"},
+    {"_id": "d6", "title": "vaccine", "text": "the vaccine trial in patient study of risk"},
+]
+TINY_QUERIES = [
+    {"_id": "q1", "text": "what is the capital of france"},
+    {"_id": "q2", "text": "what is in the river water"},
+    {"_id": "q3", "text": "vaccine risk in a trial"},
+]
+TINY_QRELS = [("q1", "d1", 1), ("q2", "d2", 1), ("q2", "d3", 1), ("q3", "d6", 2)]
+
+
+def write_beir(folder: Path, corpus=TINY_CORPUS, queries=TINY_QUERIES, qrels=TINY_QRELS, split="test") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels").mkdir(exist_ok=True)
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{s}" for q, d, s in qrels]
+    (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def tiny_beir(tmp_path) -> Path:
+    """6 documents, 3 queries, a ``test`` split, in the BEIR folder layout."""
+    return write_beir(tmp_path / "tiny-beir")
+
+
+def needs_scifact():
+    return pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").exists(), reason=f"SciFact not found at {SCIFACT}")
