@@ -57,6 +57,21 @@ class ArchAdapter:
     """Decoder LLMs embed with EOS appended + last token; encoders default to mean pooling."""
     intermediate_key: str = "intermediate_size"
     """Config attribute holding the MLP width."""
+    attn_returns_pair: bool = True
+    """The attention module returns ``(output, weights)``; the stand-in for a dropped one must return a pair too."""
+    residual_args: tuple[int, int] = (0, 1)
+    """Post-norm only: which positional argument of the attention module and of the *last* MLP module is the
+    residual input, returned unchanged when that sub-layer is dropped (BERT: ``attention(x, mask)`` -> ``x`` and
+    ``output(h, x)`` -> ``x``; the earlier MLP module, ``intermediate``, becomes the identity)."""
+
+    def structure_roles(self) -> dict:
+        """The roles a compressed model folder needs to rebuild itself, as written into its ``config.json``.
+
+        The self-contained modeling file in that folder cannot import effir, so it reads these names instead.
+        """
+        names = ("layers", "attention", "attn_in_norm", "attn_out_norm", "mlp", "mlp_in_norm", "mlp_out_norm",
+                 "up_projs", "down_proj", "fused_gate_up", "post_norm", "attn_returns_pair", "residual_args")
+        return {n: list(v) if isinstance(v, tuple) else v for n in names for v in [getattr(self, n)]}
 
 
 LLAMA_LIKE = ArchAdapter(

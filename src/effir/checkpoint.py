@@ -28,6 +28,8 @@ from .utils import EffirError, dtype_name, pick_device, pick_dtype
 
 EFFIR_JSON = "effir.json"
 FORMAT_VERSION = 1
+REMOTE_FILE = "modeling_effir.py"
+REMOTE_CONFIG_KEY = "effir_structure"  # config.json key read by the remote modeling file
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,13 @@ def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
                      f"({', '.join(BUILTINS)}) or a hub id (org/name)")
 
 
+def _quiet_transformers() -> None:
+    """transformers 5 draws a progress bar for every load and save; effir draws its own for long work only."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
     """Dequantise a ``.gguf`` once into a cached safetensors folder (keyed by path, size and mtime) and return it."""
     st = gguf.stat()
@@ -97,9 +106,16 @@ def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
 
     if progress:
         print(f"effir: converting {gguf.name} to safetensors in {out} (once)", file=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # dequantising a large gguf takes a while: show it
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    quantized = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        quantized = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as e:  # not GGUF, truncated, or an architecture transformers can't read
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EffirError(f"{gguf} could not be read as a GGUF model: {first}") from None
     # A gguf-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights over.
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)
@@ -110,6 +126,7 @@ def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # atomic: a killed conversion never leaves a folder that looks complete
+    _quiet_transformers()
     return out
 
 
@@ -177,6 +194,7 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     kind, where = resolve(ref)
     if kind == "gguf":
         where, kind = gguf_to_folder(where), "dir"
@@ -197,11 +215,36 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
 
 def _load_model(auto_model, where, config, meta: dict, torch_dtype):
     structure = meta.get("structure")
+    # config.json of a compressed folder also carries what the remote-code loader needs; in memory the config is
+    # the base architecture's, so a reloaded model fingerprints like the one that was saved.
+    for key in (REMOTE_CONFIG_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
     if structure:
         from .surgery import load_compressed  # compressed folders need their reduced skeleton built first
 
         return load_compressed(where, config, structure, torch_dtype)
     return auto_model.from_pretrained(where, config=config, dtype=torch_dtype)
+
+
+def empty_model(config, torch_dtype):
+    """A full-size headless model for ``config`` with uninitialised weights, to be filled by ``load_state_dict``.
+
+    Built on CPU (not the meta device) so non-persistent buffers such as rotary frequencies are computed for real.
+    """
+    from transformers import AutoModel
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return AutoModel.from_config(config, dtype=torch_dtype)
+
+
+def load_with_transformers(folder: str | os.PathLike, torch_dtype=torch.float32):
+    """The folder's model as plain transformers loads it: ``AutoModel.from_pretrained(folder,
+    trust_remote_code=True)``, which runs the folder's own ``modeling_effir.py`` for compressed models."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch_dtype).eval()
 
 
 def _settings(meta: dict, adapter, folder: Path | None) -> EmbeddingSettings:
@@ -250,21 +293,36 @@ def fingerprint(encoder: Encoder) -> str:
 def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, overwrite: bool = False) -> Path:
     """Save ``encoder`` as an effir model folder: HF ``config.json`` + safetensors + tokenizer + ``effir.json``.
 
+    A structurally compressed model (dropped sub-layers, narrowed MLPs) also gets its structure in ``effir.json``
+    (read back from the modules, the source of truth, and mirrored into ``encoder.meta["structure"]``), and a
+    self-contained ``modeling_effir.py`` plus ``auto_map`` / ``effir_structure`` entries in ``config.json``, so
+    ``transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it without effir.
+
     The folder is written under a temporary name and renamed at the end, so an interrupted save never leaves a
     folder that looks complete. ``stage`` (e.g. ``{"stage": "drop", "mlp": [3, 7]}``) is appended to the history.
 
     Raises:
-        EffirError: ``out`` already holds a model and ``overwrite`` is false.
+        EffirError: ``out`` already holds something and ``overwrite`` is false.
     """
     from . import __version__
+    from .surgery import count_parameters, is_compressed, structure_of
 
+    _quiet_transformers()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EffirError(f"{out} exists and is not a directory; choose another --output")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EffirError(f"{out} already exists and is not empty; pass --overwrite or choose another --output")
+    structure = structure_of(encoder.model, encoder.adapter)
+    full_width = getattr(encoder.model.config, encoder.adapter.intermediate_key)
+    structure = structure if is_compressed(structure, full_width) else None
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     encoder.model.save_pretrained(tmp)
     encoder.tokenizer.save_pretrained(tmp)
+    if structure:
+        _add_remote_code(tmp, encoder.adapter, structure)
     history = list(encoder.meta.get("history", []))
     if stage:
         history.append(stage)
@@ -274,12 +332,28 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
         "model_type": encoder.model.config.model_type,
         "family": encoder.adapter.family,
         "embedding": encoder.settings.to_dict(),
+        "parameters": count_parameters(encoder.model, encoder.adapter),
         "history": history,
     }
-    if encoder.meta.get("structure"):
-        meta["structure"] = encoder.meta["structure"]
-    (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    if structure:
+        meta["structure"] = structure
+    (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the folder complete
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    encoder.meta = {**encoder.meta, "history": history, "parameters": meta["parameters"]}
+    encoder.meta.pop("structure", None)
+    if structure:
+        encoder.meta["structure"] = structure
     return out
+
+
+def _add_remote_code(folder: Path, adapter, structure: dict) -> None:
+    """Copy ``modeling_effir.py`` next to the weights and point ``config.json``'s ``auto_map`` at it."""
+    src = Path(__file__).parent / "remote" / REMOTE_FILE
+    shutil.copyfile(src, folder / REMOTE_FILE)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModel": f"{REMOTE_FILE[:-3]}.EffirModel"}
+    config[REMOTE_CONFIG_KEY] = {**structure, "roles": adapter.structure_roles()}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,13 @@ from .utils import EffirError
 
 # verb -> (stage module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "analyze": ("effir.stages.analyze", "score every attention/MLP sub-layer and block: 1 - cos(in, out) -> scores.json + heatmap"),
+    "drop": ("effir.stages.drop", "drop the least important attention/MLP sub-layers or blocks -> compressed model"),
+    "slim": ("effir.stages.slim", "width reduction: learn MLP neuron gates, cut the weakest fraction globally, slice"),
+    "finetune": ("effir.stages.finetune", "retrieval fine-tuning: InfoNCE + hard negatives (+ KL to a teacher), LoRA or full"),
     "eval": ("effir.stages.evaluate", "evaluate a model on a BEIR folder: nDCG@10, R@100, RR@10 + a TREC run"),
+    "bench": ("effir.stages.bench", "time query/document encoding against a baseline, beside the FLOPs-predicted speed-up"),
+    "verify": ("effir.stages.verify", "check a compressed model folder: reloads, weights, parameter counts, embeddings"),
 }
 
 

@@ -157,6 +157,10 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str], side: str) -> dict[str, torch.Tensor]:
         """Prompt, tokenize, truncate, append EOS and pad ``texts`` (already side-specific) into tensors."""
+        return self._pad(self.token_ids(texts, side))
+
+    def token_ids(self, texts: Sequence, side: str) -> list[list[int]]:
+        """Prompted, truncated token ids (EOS appended when the settings say so), unpadded."""
         max_len = self.settings.query_max_length if side == "query" else self.settings.document_max_length
         eos = self.settings.append_eos
         ids = self.tokenizer(self.format(texts, side), add_special_tokens=True, truncation=True,
@@ -164,7 +168,7 @@ class Encoder:
         if eos:
             eos_id = self.tokenizer.eos_token_id
             ids = [seq if seq and seq[-1] == eos_id else seq + [eos_id] for seq in ids]
-        return self._pad(ids)
+        return ids
 
     def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(s) for s in ids)
@@ -192,7 +196,8 @@ class Encoder:
                desc: str | None = None) -> torch.Tensor:
         """Embed ``texts`` as ``side`` (``query`` or ``document``) -> float32 CPU tensor ``(N, H)`` in input order.
 
-        Batches are formed from texts sorted by length so padding is minimal; the order is restored at the end.
+        All texts are tokenized first and batches are formed in order of *token* count (longest first), so padding
+        is minimal (sorting by characters, as sentence-transformers does, pads more); the order is restored at the end.
         """
         if side not in ("query", "document"):
             raise EffirError(f"side must be 'query' or 'document', not {side!r}")
@@ -203,12 +208,13 @@ class Encoder:
         if not texts:
             return out
         self.model.eval()
-        order = sorted(range(len(texts)), key=lambda i: -len(document_text(texts[i])))
+        ids = self.token_ids(texts, side)
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not show_progress,
                    leave=False)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = self.tokenize([texts[i] for i in idx], side)
+            batch = self._pad([ids[i] for i in idx])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out[idx] = self.embed(**batch).float().cpu()
             bar.update(len(idx))

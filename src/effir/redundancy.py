@@ -1,0 +1,166 @@
+"""Sub-layer importance: ``S = 1 - cos(x_in, x_out)`` of the residual stream, per token, averaged over non-pad tokens.
+
+Measured with hooks during ordinary forward passes (one per batch), never from ``output_hidden_states``, whose last
+entry is taken after the final norm. Module names come from the :mod:`effir.arch` table only.
+
+What ``x_in`` and ``x_out`` are, per group:
+
+- **attention / mlp, pre-norm models** (Llama, Mistral, Qwen, Gemma, Phi3): ``x_in`` is the residual stream entering
+  the sub-layer, i.e. the *input* of its pre-norm (forward pre-hook on the norm); ``x_out = x_in + branch``, where the
+  branch is the sub-layer's output (forward hook), taken after its output norm where the architecture has one
+  (Gemma2/3's ``post_attention_layernorm`` / ``post_feedforward_layernorm``).
+- **attention / mlp, post-norm models** (BERT, ``x = LN(x + F(x))``): ``x_in`` is the sub-layer's input and ``x_out``
+  its output *after* its LayerNorm, i.e. the stream the next sub-layer sees. Our choice: the LayerNorm is part of
+  the sub-layer in a post-norm model, so this is the change the next sub-layer actually receives.
+- **block**: the layer's input against the layer's output (forward pre-hook and hook on the layer). For pre-norm
+  layers that is the attention's ``x_in`` against the MLP's ``x_out``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .arch import ArchAdapter, get_path, layer_list
+from .utils import EffirError
+
+GROUPS = ("attention", "mlp", "block")
+
+
+@torch.inference_mode()
+def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[str, torch.Tensor]],
+                        dropped: Mapping[str, Iterable[int]] | None = None) -> dict:
+    """Importance of every attention, MLP and whole block of ``model`` over calibration ``batches``.
+
+    Args:
+        model: a headless HF model (``AutoModel``) whose architecture ``adapter`` describes.
+        adapter: its :class:`~effir.arch.ArchAdapter`.
+        batches: dicts with ``input_ids`` and ``attention_mask`` ``(B, T)``; pad positions (mask 0) are excluded.
+        dropped: ``{"attention": [...], "mlp": [...]}`` layer indices whose sub-layer is already removed; they (and
+            sub-layers whose modules are missing) score ``None``.
+
+    Returns:
+        ``{"attention": [L], "mlp": [L], "block": [L], "tokens": n}``: mean ``1 - cos`` per layer (``None`` where
+        dropped) and the number of non-pad tokens scored.
+
+    Raises:
+        EffirError: the batches hold no non-pad token.
+    """
+    layers = layer_list(model, adapter)
+    n = len(layers)
+    dropped = {g: set(dropped.get(g, ())) if dropped else set() for g in ("attention", "mlp")}
+    device = next(model.parameters()).device
+    state: dict = {"mask": None, "sums": None, "x_in": {}}
+    handles = []
+    present = {"block": [True] * n, "attention": [False] * n, "mlp": [False] * n}
+    try:
+        for i, layer in enumerate(layers):
+            handles += _hook(state, layer, layer, (GROUPS.index("block"), i), adds_branch=False)
+            for group in ("attention", "mlp"):
+                points = None if i in dropped[group] else _hook_points(layer, adapter, group)
+                if points is not None:
+                    present[group][i] = True
+                    in_mod, out_mod, adds_branch = points
+                    handles += _hook(state, in_mod, out_mod, (GROUPS.index(group), i), adds_branch)
+        model.eval()
+        totals = torch.zeros(len(GROUPS), n, dtype=torch.float64)
+        tokens = 0
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            state["mask"] = mask.float()  # (B, T)
+            state["sums"] = torch.zeros(len(GROUPS), n, dtype=torch.float32, device=device)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as Encoder.embed: left padding == right padding
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            totals += state["sums"].double().cpu()
+            tokens += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise EffirError("the calibration batches contain no (non-pad) tokens; give more or longer texts")
+    means = (totals / tokens).tolist()
+    out = {g: [means[k][i] if present[g][i] else None for i in range(n)] for k, g in enumerate(GROUPS)}
+    out["tokens"] = tokens
+    return out
+
+
+def _hook_points(layer, adapter: ArchAdapter, group: str):
+    """``(in_module, out_module, adds_branch)`` for one sub-layer of ``layer``; ``None`` if it is not there."""
+    if group == "attention":
+        in_path = adapter.attention if adapter.post_norm else adapter.attn_in_norm
+        out_path = adapter.attention if adapter.post_norm else (adapter.attn_out_norm or adapter.attention)
+    else:
+        in_path = adapter.mlp[0] if adapter.post_norm else adapter.mlp_in_norm
+        out_path = adapter.mlp[-1] if adapter.post_norm else (adapter.mlp_out_norm or adapter.mlp[-1])
+    in_mod, out_mod = get_path(layer, in_path), get_path(layer, out_path)
+    if in_mod is None or out_mod is None:
+        return None
+    return in_mod, out_mod, not adapter.post_norm
+
+
+def _hook(state: dict, in_mod, out_mod, key: tuple[int, int], adds_branch: bool) -> list:
+    """Pre-hook on ``in_mod`` stores ``x_in``; hook on ``out_mod`` scores it against ``x_out`` and frees it."""
+
+    def take_in(module, args, kwargs):
+        state["x_in"][key] = _first_tensor(args, kwargs)
+
+    def score(module, args, output):
+        x_in = state["x_in"].pop(key).float()  # (B, T, H)
+        out = _first_tensor((output,) if torch.is_tensor(output) else tuple(output), {}).float()
+        x_out = x_in + out if adds_branch else out
+        cos = F.cosine_similarity(x_in, x_out, dim=-1)  # (B, T)
+        state["sums"][key] += ((1.0 - cos) * state["mask"]).sum()
+
+    return [in_mod.register_forward_pre_hook(take_in, with_kwargs=True), out_mod.register_forward_hook(score)]
+
+
+def _first_tensor(args: Sequence, kwargs: Mapping) -> torch.Tensor:
+    if args and torch.is_tensor(args[0]):
+        return args[0]
+    if torch.is_tensor(kwargs.get("hidden_states")):
+        return kwargs["hidden_states"]
+    raise EffirError("could not find the hidden states in a hooked module's inputs/outputs; the adapter in "
+                     "effir/arch.py may point at the wrong module")
+
+
+# -- post-processing ----------------------------------------------------------------------------------------------
+def combine(results: Sequence[dict]) -> dict:
+    """Token-weighted mean of several :func:`sublayer_importance` results (e.g. query and document sides)."""
+    total = sum(r["tokens"] for r in results)
+    out = {}
+    for g in GROUPS:
+        cols = zip(*(r[g] for r in results), strict=True)
+        out[g] = [None if any(v is None for v in col) else
+                  sum(v * r["tokens"] for v, r in zip(col, results, strict=True)) / total for col in cols]
+    out["tokens"] = total
+    return out
+
+
+def drop_order(scores: Sequence[float | None]) -> list[int]:
+    """Layer indices from least to most important; ``None`` (already dropped) is left out; ties keep layer order."""
+    return sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: (scores[i], i))
+
+
+def ranks(scores: Sequence[float | None]) -> list[int | None]:
+    """1-based position of each layer in :func:`drop_order` (1 = dropped first); ``None`` where already dropped."""
+    out: list[int | None] = [None] * len(scores)
+    for r, i in enumerate(drop_order(scores), 1):
+        out[i] = r
+    return out
+
+
+def rank_correlation(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Spearman's rank correlation of two score lists over the layers scored in both; ``None`` under 3 layers."""
+    both = [i for i in range(len(a)) if a[i] is not None and b[i] is not None]
+    if len(both) < 3:
+        return None
+    ra = ranks([a[i] for i in both])
+    rb = ranks([b[i] for i in both])
+    x = torch.tensor(ra, dtype=torch.float64)
+    y = torch.tensor(rb, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denom if denom else None

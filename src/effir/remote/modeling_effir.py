@@ -1,0 +1,169 @@
+"""Load an effir compressed model with plain transformers: ``AutoModel.from_pretrained(folder, trust_remote_code=True)``.
+
+effir copies this file into every compressed model folder. It is self-contained on purpose: it imports torch,
+transformers and safetensors (which transformers itself requires), never effir. It reads the structure and the
+module roles from ``config.json["effir_structure"]``, builds the base architecture's headless model, applies the
+same surgery effir applies (see ``effir/surgery.py``, which this file mirrors), then loads the safetensors strictly.
+
+A dropped sub-layer keeps its layer in place: in pre-norm layers its module returns a 0-dim zero and its norms
+become the identity (the layer computes ``x + 0``); in post-norm layers (BERT) its module returns its residual
+input. The weights of dropped sub-layers are not stored and not created.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+
+STRUCTURE_KEY = "effir_structure"
+
+
+class DroppedBranch(nn.Module):
+    """Stand-in for a dropped pre-norm sub-layer: returns a 0-dim zero (``(zero, None)`` for attention)."""
+
+    def __init__(self, pair: bool = False):
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        zero = x.new_zeros(())
+        return (zero, None) if self.pair else zero
+
+
+class ResidualPassthrough(nn.Module):
+    """Stand-in for a dropped post-norm sub-layer: returns its residual argument unchanged."""
+
+    def __init__(self, arg: int, pair: bool = False):
+        super().__init__()
+        self.arg = arg
+        self.pair = pair
+
+    def forward(self, *args, **kwargs):
+        x = args[self.arg]
+        return (x, None) if self.pair else x
+
+
+def _get(root, path):
+    for name in path.split("."):
+        root = getattr(root, name, None)
+        if root is None:
+            return None
+    return root
+
+
+def _set(root, path, value):
+    parent, _, name = path.rpartition(".")
+    setattr(_get(root, parent) if parent else root, name, value)
+
+
+def apply_structure(model: nn.Module, structure: dict) -> None:
+    """Drop sub-layers and resize narrowed MLPs of a full-size skeleton (weights left empty)."""
+    r = structure["roles"]
+    layers = _get(model, r["layers"])
+    for i in structure["dropped_attention"]:
+        layer = layers[i]
+        if r["post_norm"]:
+            _set(layer, r["attention"], ResidualPassthrough(r["residual_args"][0], pair=r["attn_returns_pair"]))
+            continue
+        _set(layer, r["attention"], DroppedBranch(pair=r["attn_returns_pair"]))
+        for norm in (r["attn_in_norm"], r["attn_out_norm"]):
+            if norm and _get(layer, norm) is not None:
+                _set(layer, norm, nn.Identity())
+    for i in structure["dropped_mlp"]:
+        layer = layers[i]
+        for name in r["mlp"][:-1]:
+            _set(layer, name, nn.Identity())
+        if r["post_norm"]:
+            _set(layer, r["mlp"][-1], ResidualPassthrough(r["residual_args"][1]))
+            continue
+        _set(layer, r["mlp"][-1], DroppedBranch())
+        for norm in (r["mlp_in_norm"], r["mlp_out_norm"]):
+            if norm and _get(layer, norm) is not None:
+                _set(layer, norm, nn.Identity())
+    for i, width in enumerate(structure["mlp_widths"]):
+        if width is None or width == _get(layers[i], r["down_proj"]).in_features:
+            continue
+        for path in r["up_projs"]:
+            old = _get(layers[i], path)
+            _set(layers[i], path, _empty_linear(old, old.in_features, 2 * width if r["fused_gate_up"] else width))
+        old = _get(layers[i], r["down_proj"])
+        _set(layers[i], r["down_proj"], _empty_linear(old, width, old.out_features))
+
+
+def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    new = nn.Linear(in_features, out_features, bias=like.bias is not None, device="meta", dtype=like.weight.dtype)
+    new.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=like.weight.dtype))
+    if like.bias is not None:
+        new.bias = nn.Parameter(torch.empty(out_features, dtype=like.weight.dtype))
+    return new
+
+
+def _weights(path, hub_kwargs) -> dict:
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    kw = {k: v for k, v in hub_kwargs.items()
+          if k in ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")}
+    single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **kw)
+    if single:
+        return load_file(single)
+    index = cached_file(path, "model.safetensors.index.json", **kw)
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(cached_file(path, shard, **kw)))
+    return state
+
+
+def _dtype(dtype, config):
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+class EffirModel(PreTrainedModel):
+    """Entry point named by ``config.json``'s ``auto_map``. ``from_pretrained`` returns the base architecture's
+    headless model (e.g. ``LlamaModel``) with the compressed structure, so it behaves like any ``AutoModel``."""
+
+    config_class = PreTrainedConfig
+    base_model_prefix = "model"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
+                        **kwargs):
+        path = os.fspath(pretrained_model_name_or_path)
+        if config is None:
+            config = AutoConfig.from_pretrained(path)
+        structure = getattr(config, STRUCTURE_KEY, None)
+        if not structure:
+            raise ValueError(f"{path}: config.json has no {STRUCTURE_KEY!r}; it is not an effir compressed model")
+        config = copy.deepcopy(config)  # the base architecture's config: without auto_map, AutoModel builds it
+        for key in (STRUCTURE_KEY, "auto_map"):
+            if hasattr(config, key):
+                delattr(config, key)
+        torch_dtype = _dtype(dtype if dtype is not None else torch_dtype, config)
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers
+            from transformers.modeling_utils import no_init_weights
+        with no_init_weights():
+            model = AutoModel.from_config(config, dtype=torch_dtype)
+        apply_structure(model, structure)
+        state = _weights(path, kwargs)
+        expected = set(model.state_dict())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"{path}: weights do not match the effir structure (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        model.load_state_dict(state, strict=True)
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
+            model.to(device_map)
+        return model.eval()

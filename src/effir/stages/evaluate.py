@@ -1,0 +1,253 @@
+"""Evaluate a model on one split of a BEIR data set: nDCG@10, R@100 and RR@10, plus a TREC run file.
+
+    effir eval MODEL --data DIR|ZIP|NAME --split test --output OUT
+
+Documents are encoded chunk by chunk and searched exactly (chunked matmul) as they arrive, so memory stays bounded;
+their embeddings are cached under ``$EFFIR_CACHE/embeddings``, keyed by the model fingerprint and the corpus hash,
+so evaluating the same model again does not re-encode. Under ``torchrun`` / ``accelerate launch`` each process
+encodes a shard of every chunk; rank 0 gathers, searches and writes ``OUT/run.trec`` and, last, ``OUT/results.json``.
+BEIR conventions: title + " " + text, qrels score 0 = non-relevant, a document whose id equals the query id is
+never retrieved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import cache_dir, fingerprint, load
+from ..data import BeirData, load_beir
+from ..encoder import POOLINGS, Encoder
+from ..metrics import DEFAULT_MEASURES, evaluate
+from ..search import TopK
+from ..utils import EffirError, dist_info, dtype_name, init_distributed_from_env, pick_device, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="built-in name (minilm-l6, smollm2-135m), model folder, .gguf file or hub id")
+    p.add_argument("--data", required=True, help="BEIR folder, .zip of one, or official BEIR name (downloaded once)")
+    p.add_argument("--split", default="test", help="qrels split: qrels/<split>.tsv (default: test)")
+    p.add_argument("--output", required=True, help="output folder for results.json and run.trec")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 where the hardware runs it natively, else fp32")
+    p.add_argument("--pooling", choices=POOLINGS, default=None, help="override the model's pooling")
+    p.add_argument("--query-prompt", default=None,
+                   help="query prompt preset (effir, e5, none) or a template with {text} (default: the model's)")
+    p.add_argument("--task", default=None, help="task instruction filled into the query prompt's {task}")
+    p.add_argument("--query-max-length", type=int, default=None, help="query token budget (default: the model's)")
+    p.add_argument("--document-max-length", type=int, default=None, help="document token budget (default: the model's)")
+    p.add_argument("--top-k", type=int, default=100, help="documents retrieved per query, >= 100 (default: 100)")
+    p.add_argument("--chunk-size", type=int, default=50_000, help="documents encoded and searched per step")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the corpus-embedding cache")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/results.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    already = torch.distributed.is_available() and torch.distributed.is_initialized()
+    owns_group = init_distributed_from_env() and not already
+    try:
+        return _run(args)
+    finally:
+        if owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(args) -> int:
+    rank, world = dist_info()
+    out = Path(args.output)
+    _check_args(args, out)
+    try:
+        device = pick_device(args.device)
+    except RuntimeError:
+        raise EffirError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EffirError(f"--device {args.device} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and device.index is None:  # plain --device cuda: this process's local GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if world > 1 and device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives (barrier, broadcast_object_list) use the current device
+    t0 = time.perf_counter()
+    data = _load_data(args, rank, world)
+    _warn_missing(data, rank)
+    encoder = load(args.model, device=str(device), dtype=args.dtype, pooling=args.pooling,
+                   query_prompt=args.query_prompt, task=args.task, query_max_length=args.query_max_length,
+                   document_max_length=args.document_max_length)
+    timing = {"load_s": time.perf_counter() - t0}
+    if rank == 0 and args.overwrite:
+        (out / "results.json").unlink(missing_ok=True)  # a crash below must not leave stale results looking fresh
+
+    t = time.perf_counter()
+    query_ids = list(data.queries)
+    queries = encoder.encode([data.queries[q] for q in query_ids], "query", args.batch_size,
+                             show_progress=rank == 0, desc="encode queries")
+    timing["encode_queries_s"] = time.perf_counter() - t
+
+    doc_ids = list(data.corpus)
+    doc_index = {d: i for i, d in enumerate(doc_ids)}
+    exclude = torch.tensor([doc_index.get(q, -1) for q in query_ids])  # BEIR: never retrieve doc id == query id
+    top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)
+    cache = None if args.no_cache else _cache_path(encoder, data)
+    hit = _broadcast(cache is not None and cache.exists())
+    t = time.perf_counter()
+    if hit:
+        if rank == 0:
+            corpus = np.load(cache, mmap_mode="r")
+            for start in range(0, len(corpus), args.chunk_size):
+                top.add(torch.tensor(corpus[start:start + args.chunk_size]), offset=start)
+    else:
+        _encode_and_search(encoder, data, doc_ids, top, cache, args.batch_size, args.chunk_size)
+    timing["corpus_s" if not hit else "corpus_from_cache_s"] = time.perf_counter() - t
+    if rank != 0:
+        return 0
+
+    t = time.perf_counter()
+    scores, indices = top.result()
+    run_ = _to_run(query_ids, doc_ids, scores.cpu(), indices.cpu())
+    metrics = evaluate(data.qrels, run_, DEFAULT_MEASURES)
+    timing["search_and_metrics_s"] = time.perf_counter() - t
+    timing["total_s"] = time.perf_counter() - t0
+    timing["documents_per_s"] = None if hit else len(doc_ids) / max(timing["corpus_s"], 1e-9)
+    _write_run(out / "run.trec", run_)
+    results = {
+        "model": str(args.model),
+        "dataset": data.name,
+        "split": data.split,
+        "metrics": metrics,
+        "timing": timing,
+        "corpus_cached": hit,
+        "processes": world,
+        "device": str(encoder.device),
+        "dtype": dtype_name(encoder.dtype),
+        "top_k": args.top_k,
+        "fingerprint": fingerprint(encoder),
+        "embedding": encoder.settings.to_dict(),
+        "data": {"path": str(data.path), **data.report},
+    }
+    write_json(out / "results.json", results)  # last: its presence means the run is complete
+    _print_table(results, out)
+    return 0
+
+
+def _check_args(args, out: Path) -> None:
+    if args.top_k < 100:
+        raise EffirError(f"--top-k must be >= 100 (R@100 needs 100 documents per query), got {args.top_k}")
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise EffirError("--batch-size and --chunk-size must be >= 1")
+    if out.exists() and not out.is_dir():
+        raise EffirError(f"--output {out} exists and is not a folder")
+    if (out / "results.json").exists() and not args.overwrite:
+        raise EffirError(f"{out / 'results.json'} already exists; pass --overwrite or choose another --output")
+
+
+def _load_data(args, rank: int, world: int) -> BeirData:
+    """Rank 0 first (it may download or extract into the cache), then the others from the cache."""
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    try:
+        data = load_beir(args.data, args.split, progress=rank == 0)
+    finally:
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+    return data
+
+
+def _warn_missing(data: BeirData, rank: int) -> None:
+    r = data.report
+    if rank == 0 and (r["qrels_queries_missing"] or r["qrels_docs_missing"]):
+        print(f"effir eval: warning: {data.split} qrels name {r['qrels_queries_missing']} query id(s) missing from "
+              f"queries.jsonl (ignored) and {r['qrels_docs_missing']} document id(s) missing from corpus.jsonl",
+              file=sys.stderr)
+
+
+def _cache_path(encoder: Encoder, data: BeirData) -> Path:
+    key = f"{fingerprint(encoder)}-{data.report['corpus_sha256'][:16]}-{dtype_name(encoder.dtype)}"
+    return cache_dir() / "embeddings" / f"{key}.npy"
+
+
+def _broadcast(flag: bool) -> bool:
+    """Rank 0's ``flag``, on every rank."""
+    if dist_info()[1] == 1:
+        return flag
+    box = [flag]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _encode_and_search(encoder: Encoder, data: BeirData, doc_ids: list[str], top: TopK, cache: Path | None,
+                       batch_size: int, chunk_size: int) -> None:
+    """Encode the corpus chunk by chunk (sharded across processes), search each chunk, and fill the cache."""
+    rank, world = dist_info()
+    n = len(doc_ids)
+    store = tmp = None
+    if cache is not None and rank == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npy")
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.dim))
+    n_chunks = math.ceil(n / chunk_size)
+    for c, start in enumerate(range(0, n, chunk_size)):
+        chunk = [data.corpus[d] for d in doc_ids[start:start + chunk_size]]
+        desc = f"encode corpus ({c + 1}/{n_chunks})" if n_chunks > 1 else "encode corpus"
+        emb = _encode_sharded(encoder, chunk, batch_size, desc)
+        if rank == 0:
+            top.add(emb.to(top.queries.device), offset=start)
+            if store is not None:
+                store[start:start + len(chunk)] = emb.numpy()
+    if store is not None:
+        store.flush()
+        del store
+        os.replace(tmp, cache)  # atomic: a killed run never leaves a cache entry that looks complete
+
+
+def _encode_sharded(encoder: Encoder, docs: list, batch_size: int, desc: str) -> torch.Tensor:
+    """Each process encodes ``docs[rank::world]``; all gather -> ``(len(docs), H)`` float32 CPU, input order."""
+    rank, world = dist_info()
+    if world == 1:
+        return encoder.encode(docs, "document", batch_size, show_progress=True, desc=desc)
+    mine = encoder.encode(docs[rank::world], "document", batch_size, show_progress=rank == 0, desc=desc)
+    width = math.ceil(len(docs) / world)
+    comm_device = encoder.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((width, encoder.dim), dtype=torch.float32, device=comm_device)
+    padded[:len(mine)] = mine.to(comm_device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    full = torch.empty((len(docs), encoder.dim), dtype=torch.float32)
+    for r, part in enumerate(parts):
+        full[r::world] = part[:len(range(r, len(docs), world))].cpu()
+    return full
+
+
+def _to_run(query_ids, doc_ids, scores: torch.Tensor, indices: torch.Tensor) -> dict[str, dict[str, float]]:
+    run_ = {}
+    for qi, q in enumerate(query_ids):
+        run_[q] = {doc_ids[j]: float(s) for s, j in zip(scores[qi].tolist(), indices[qi].tolist(), strict=True) if j >= 0}
+    return run_
+
+
+def _write_run(path: Path, run_: dict[str, dict[str, float]]) -> None:
+    """TREC run format: ``qid Q0 docid rank score effir``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for q, docs in run_.items():
+            for rank, (d, s) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), 1):
+                f.write(f"{q} Q0 {d} {rank} {s:.6f} effir\n")
+    os.replace(tmp, path)
+
+
+def _print_table(results: dict, out: Path) -> None:
+    m, t = results["metrics"], results["timing"]
+    print(f"{results['model']} on {results['dataset']} ({results['split']}, {results['data']['queries']} queries, "
+          f"{results['data']['documents']} documents)")
+    print("  ".join(f"{k:>8}" for k in m))
+    print("  ".join(f"{v:8.4f}" for v in m.values()))
+    corpus = "from cache" if results["corpus_cached"] else f"{t['documents_per_s']:.1f} docs/s"
+    print(f"corpus: {corpus}; total {t['total_s']:.1f}s; wrote {out / 'results.json'} and {out / 'run.trec'}")

@@ -1,0 +1,326 @@
+"""Width reduction by self-slimming (EffiR step 3): learn neuron gates, cut the weakest fraction globally, slice.
+
+    effir slim MODEL --train DATA --ratio 0.3 --output DIR
+    effir slim MODEL --method magnitude --ratio 0.3 --output DIR      # the homogeneous-width baseline, no training
+
+--method learned (default, the paper's): every kept MLP gets a gate vector z (init 1) applied as
+``down(ReLU(z) * act(gate(x)) * up(x))``; z trains for --gate-steps steps on InfoNCE + lambda * sum sigmoid(beta |z|)
+(z alone by default, z with LoRA under --gates-with-lora). ReLU(z) is then ranked *globally* across all kept MLPs
+and the lowest --ratio of neurons is masked, so layers end up with different widths. --recover-steps trains the
+masked model with the retrieval loss (LoRA), then the masked rows and columns are removed physically.
+--method magnitude cuts the same fraction of every layer by weight magnitude (Minitron-style), for comparison.
+
+Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
+hardware runs fast (see benchmarks/width_multiple.py). Writes DIR/model (compressed-model format with per-layer
+widths), DIR/widths.png, DIR/slim.json (written last) and, while training, DIR/checkpoint.pt for resuming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import fingerprint, load, save
+from ..gates import MlpGates, global_keep_masks, uniform_magnitude_masks
+from ..losses import info_nce
+from ..plots import width_plot
+from ..surgery import count_parameters, slice_mlp, structure_of
+from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
+from ..utils import EffirError, seed_everything, write_json
+
+DEFAULT_WIDTH_MULTIPLE = 64
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="built-in name, model folder (e.g. the output of effir drop), .gguf or hub id")
+    p.add_argument("--output", required=True, help="run folder: model/, widths.png, slim.json, log")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of MLP neurons to remove, in (0, 1)")
+    p.add_argument("--method", choices=["learned", "magnitude"], default="learned",
+                   help="learned gates ranked globally (paper) or uniform per-layer weight magnitude (baseline)")
+    p.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
+                   help=f"round every kept width to a multiple of this (default {DEFAULT_WIDTH_MULTIPLE}: "
+                        "tensor-core tile on GPUs, a whole number of AVX-512 vectors on CPUs)")
+    p.add_argument("--train", help="training data (BEIR folder / Tevatron / FlagEmbedding jsonl); needed by --method "
+                                   "learned")
+    p.add_argument("--split", default="train")
+    g = p.add_argument_group("gate training")
+    g.add_argument("--gate-steps", type=int, default=500, help="steps of gate training (paper: 500)")
+    g.add_argument("--gate-lr", type=float, default=1e-2, help="Adam lr for z (not stated by the paper)")
+    g.add_argument("--beta", type=float, default=5.0, help="sharpness of the l0 surrogate sigmoid(beta*|z|)")
+    g.add_argument("--lam", type=float, default=1e-8, help="weight lambda of the l0 surrogate")
+    g.add_argument("--gates-with-lora", action="store_true", help="train LoRA adapters together with z")
+    g.add_argument("--recover-steps", type=int, default=0,
+                   help="LoRA steps on the masked model before slicing (0: leave recovery to effir finetune)")
+    g.add_argument("--lr", type=float, default=1e-4, help="LoRA lr (with --gates-with-lora / --recover-steps)")
+    g.add_argument("--lora-r", type=int, default=32)
+    g.add_argument("--lora-alpha", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=8, help="queries per step")
+    g.add_argument("--negatives", choices=["random", "bm25", "data"], default="random",
+                   help="hard negatives: the data's own, BM25-mined (ranks --mine-range) or random")
+    g.add_argument("--num-negatives", type=int, default=3, help="negatives per query")
+    g.add_argument("--mine-range", default="10-100")
+    g.add_argument("--temperature", type=float, default=0.02)
+    g.add_argument("--query-max-length", type=int, default=None, help="training query length (default: model's)")
+    g.add_argument("--document-max-length", type=int, default=None, help="training document length")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="model dtype when no training is done (training uses fp32)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    out = Path(args.output)
+    _prepare_output(out, args.overwrite)
+    t0 = time.perf_counter()
+    seed_everything(args.seed)
+    learned = args.method == "learned"
+    encoder = load(args.model, device=args.device, dtype="fp32" if learned else args.dtype)
+    adapter = encoder.adapter
+    before = count_parameters(encoder.model, adapter)
+    structure = structure_of(encoder.model, adapter)
+    layers = [i for i, w in enumerate(structure["mlp_widths"]) if w is not None]
+    if not layers:
+        raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
+    widths_before = [structure["mlp_widths"][i] for i in layers]
+    if learned:
+        masks, z = _learned_masks(args, encoder, layers, out)
+    else:
+        masks, z = uniform_magnitude_masks(encoder.model, adapter, layers, args.ratio, args.width_multiple), None
+    for i, mask in zip(layers, masks, strict=True):
+        slice_mlp(encoder.model, adapter, i, torch.nonzero(mask).flatten())
+    encoder.model.eval()
+    for p in encoder.model.parameters():
+        p.requires_grad_(False)
+    encoder.meta["structure"] = structure_of(encoder.model, adapter)
+    after = count_parameters(encoder.model, adapter)
+    widths_after = [encoder.meta["structure"]["mlp_widths"][i] for i in layers]
+    stage = {"stage": "slim", "method": args.method, "ratio": args.ratio, "width_multiple": args.width_multiple,
+             "gate_steps": args.gate_steps if learned else 0, "recover_steps": args.recover_steps if learned else 0,
+             "train": args.train}
+    save(encoder, out / "model", stage=stage, overwrite=True)
+    width_plot(layers, widths_before, widths_after, out / "widths.png",
+               title=f"MLP widths after slimming ({args.method}, ratio {args.ratio})")
+    removed = 1 - sum(widths_after) / sum(widths_before)
+    summary = {**stage, "model": str(args.model), "output": str(out / "model"), "layers": layers,
+               "widths_before": widths_before, "widths_after": widths_after, "removed_fraction": round(removed, 4),
+               "parameters_before": before, "parameters_after": after, "wall_s": round(time.perf_counter() - t0, 1)}
+    if z is not None:
+        summary["gate_stats"] = [{"layer": i, "mean_relu_z": round(float(torch.relu(v).mean()), 4)}
+                                 for i, v in zip(layers, z, strict=True)]
+    write_json(out / "slim.json", summary)  # last: its presence marks a finished run
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    _print_summary(summary)
+    return 0
+
+
+def _check(args) -> None:
+    if not 0.0 < args.ratio < 1.0:
+        raise EffirError(f"--ratio must be in (0, 1), got {args.ratio}")
+    if args.width_multiple < 1:
+        raise EffirError(f"--width-multiple must be >= 1, got {args.width_multiple}")
+    if args.method == "learned":
+        if not args.train:
+            raise EffirError("--method learned trains gates and needs --train DATA (or use --method magnitude)")
+        for name in ("gate_steps", "batch_size", "num_negatives"):
+            if getattr(args, name) < 1:
+                raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.recover_steps < 0 or args.gate_lr <= 0 or args.temperature <= 0:
+            raise EffirError("--recover-steps must be >= 0; --gate-lr and --temperature must be > 0")
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EffirError(f"--output {out} exists and is not a folder")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / "slim.json").exists():
+        raise EffirError(f"{out} already holds a finished slim run; pass --overwrite or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# -- learned gates --------------------------------------------------------------------------------------------------
+def _learned_masks(args, encoder, layers: list[int], out: Path):
+    """Train z (phase 1), rank ReLU(z) globally into masks, optionally train the masked model (phase 2)."""
+    from dataclasses import replace
+
+    saved = encoder.settings
+    encoder.settings = replace(saved, query_max_length=args.query_max_length or saved.query_max_length,
+                               document_max_length=args.document_max_length or saved.document_max_length)
+    examples = _examples(args)
+    key = {"model": fingerprint(encoder), "train": str(args.train), "seed": args.seed, "ratio": args.ratio,
+           "gate_steps": args.gate_steps, "recover_steps": args.recover_steps, "lora": args.gates_with_lora}
+    ckpt = _load_checkpoint(out / "checkpoint.pt", key)
+    base = encoder.model
+    lora = args.gates_with_lora or args.recover_steps > 0
+    if lora:
+        encoder.model = _with_lora(encoder, args)
+    gates = MlpGates(base, encoder.adapter, layers)  # hooks on the (possibly LoRA-wrapped) down projections
+    gates.to(encoder.device)
+    for p in encoder.model.parameters():
+        p.requires_grad_(False)
+    lora_params = [p for n, p in encoder.model.named_parameters() if "lora_" in n]
+    if ckpt:
+        _restore(ckpt, encoder, gates)
+        _truncate_log(out / "slim_log.jsonl", ckpt)
+    phase1 = [{"params": list(gates.z), "lr": args.gate_lr}]
+    if args.gates_with_lora:
+        phase1.append({"params": lora_params, "lr": args.lr})
+
+    def penalty():
+        return args.lam * gates.penalty(args.beta)
+
+    _train(args, encoder, examples, gates, "gates", phase1, args.gate_steps, penalty, ckpt, out, key)
+    z = [v.detach().clone() for v in gates.z]
+    masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple)
+    gates.set_hard_masks([m.to(encoder.device) for m in masks])
+    if args.recover_steps:
+        _train(args, encoder, examples, gates, "recover", [{"params": lora_params, "lr": args.lr}],
+               args.recover_steps, None, ckpt, out, key)
+    gates.remove()
+    if lora:
+        encoder.model = encoder.model.merge_and_unload()
+    encoder.settings = saved
+    return masks, z
+
+
+def _examples(args):
+    examples, corpus = load_training_data(args.train, args.split)
+    n = args.num_negatives
+    if args.negatives == "bm25":
+        mine_bm25(examples, corpus, parse_rank_range(args.mine_range), n, seed=args.seed)
+    if args.negatives != "data" or any(len(ex.neg) < n for ex in examples):
+        random_negatives(examples, corpus, n, seed=args.seed)
+    if len(examples) < args.batch_size:
+        raise EffirError(f"{len(examples)} training queries are fewer than --batch-size {args.batch_size}")
+    return examples
+
+
+def _with_lora(encoder, args):
+    from peft import LoraConfig, get_peft_model
+
+    names = [n for n, _ in encoder.model.named_modules()]
+    targets = [t for t in encoder.adapter.lora_targets if any(n == t or n.endswith("." + t) for n in names)]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, bias="none")
+    return get_peft_model(encoder.model, config)
+
+
+def _train(args, encoder, examples, gates: MlpGates, phase: str, groups: list[dict], steps: int, extra_loss,
+           ckpt: dict, out: Path, key: dict) -> None:
+    """InfoNCE (+ ``extra_loss``) on the parameter ``groups`` for ``steps`` steps; resumable from DIR/checkpoint.pt.
+
+    Phases run in the order gates -> recover; a checkpoint of a later phase means this one is finished.
+    """
+    from tqdm.auto import tqdm
+
+    order = ["gates", "recover"]
+    start = 0
+    if ckpt:
+        if order.index(ckpt["phase"]) > order.index(phase):
+            return
+        if ckpt["phase"] == phase:
+            start = ckpt["step"]
+    if start >= steps:
+        return
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.Adam(groups)
+    if start:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    for p in params:
+        p.requires_grad_(True)
+    encoder.model.train()
+    g = args.num_negatives + 1
+    bar = tqdm(total=steps, initial=start, desc=f"slim: {phase}", unit="step", disable=args.no_progress)
+    for step in range(start, steps):
+        idx = _batch_indices(len(examples), args.batch_size, step, args.seed)
+        rng = random.Random(f"{args.seed}-{phase}-{step}")
+        docs = []
+        for i in idx:
+            docs += [rng.choice(examples[i].pos)] + rng.sample(examples[i].neg, args.num_negatives)
+        queries = encoder.tokenize([examples[i].query for i in idx], "query")
+        documents = encoder.tokenize(docs, "document")
+        q = encoder.embed(**{k: v.to(encoder.device) for k, v in queries.items()})  # (B, H)
+        d = encoder.embed(**{k: v.to(encoder.device) for k, v in documents.items()})  # (B * G, H)
+        nce = info_nce(q, d, g, args.temperature)
+        loss = nce + extra_loss() if extra_loss else nce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with open(out / "slim_log.jsonl", "a") as f:
+            f.write(json.dumps({"phase": phase, "step": step + 1, "loss": loss.item(), "info_nce": nce.item()}) + "\n")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update(1)
+        last = step + 1 == steps
+        if last or (args.save_every and (step + 1) % args.save_every == 0):
+            _save_checkpoint(out / "checkpoint.pt", key, phase, step + 1, encoder, gates, optimizer)
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+
+
+def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Deterministic per step (so a resumed run sees the same batches): epoch permutation, then a slice."""
+    per_epoch = n // batch
+    epoch, within = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[within * batch:(within + 1) * batch].tolist()
+
+
+def _trainable(encoder) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in encoder.model.named_parameters() if "lora_" in n}
+
+
+def _save_checkpoint(path: Path, key, phase, step, encoder, gates, optimizer) -> None:
+    state = {"key": key, "phase": phase, "step": step, "z": [v.detach().cpu() for v in gates.z],
+             "lora": _trainable(encoder), "optimizer": optimizer.state_dict()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save keeps the previous checkpoint
+
+
+def _load_checkpoint(path: Path, key: dict) -> dict:
+    if not path.exists():
+        return {}
+    state = torch.load(path, weights_only=False)
+    if state.get("key") != key:
+        raise EffirError(f"{path} belongs to another slim run (different model, data or settings); pass "
+                         "--overwrite to start over")
+    print(f"effir slim: resuming {state['phase']} at step {state['step']}")
+    return state
+
+
+def _restore(ckpt: dict, encoder, gates: MlpGates) -> None:
+    with torch.no_grad():
+        for v, saved in zip(gates.z, ckpt["z"], strict=True):
+            v.copy_(saved)
+        params = dict(encoder.model.named_parameters())
+        for n, saved in ckpt["lora"].items():
+            params[n].copy_(saved)
+
+
+def _truncate_log(path: Path, ckpt: dict) -> None:
+    """Forget log lines written after the checkpoint, so a resumed run's log reads like an uninterrupted one."""
+    if not path.exists():
+        return
+    order = ["gates", "recover"]
+    keep = [line for line in path.read_text().splitlines()
+            if (order.index(json.loads(line)["phase"]), json.loads(line)["step"])
+            <= (order.index(ckpt["phase"]), ckpt["step"])]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _print_summary(s: dict) -> None:
+    pb, pa = s["parameters_before"]["without_embeddings"], s["parameters_after"]["without_embeddings"]
+    print(f"effir slim ({s['method']}): removed {100 * s['removed_fraction']:.1f}% of MLP neurons; parameters "
+          f"without embeddings {pb:,} -> {pa:,} ({pa / pb:.1%})")
+    print("  widths: " + " ".join(f"{i}:{w}" for i, w in zip(s["layers"], s["widths_after"], strict=True)))
+    print(f"  model saved to {s['output']}")

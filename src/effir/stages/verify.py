@@ -1,0 +1,155 @@
+"""Check that a saved model folder is what its effir.json says it is.
+
+    effir verify DIR [--reference MODEL]
+
+Checks, one PASS / FAIL / SKIP line each (exit code 1 when any fails):
+- reload: `effir.load(DIR)` rebuilds the structure in effir.json and loads the safetensors strictly;
+- weights: no tensor of a dropped sub-layer (module or norm) is stored in the safetensors;
+- parameters: the reloaded model's parameter counts equal the ones recorded in effir.json;
+- reference: the reference model (default: the source model named in the folder's history) loaded in memory and
+  given the same structure has the same parameter counts and embeds a few built-in queries and documents the same
+  (max |diff| <= --atol, fp32). Skipped when a later stage changed weights or widths that the reference cannot
+  reproduce by dropping alone; pass --reference with the right weights then;
+- transformers: `AutoModel.from_pretrained(DIR, trust_remote_code=True)` (the folder's own modeling file) gives
+  the same embeddings as effir.load.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load, load_with_transformers, read_effir_json
+from ..encoder import Encoder
+from ..surgery import count_parameters, drop_sublayers, dropped_prefixes, structure_of, weight_keys
+from ..utils import EffirError
+
+QUERIES = ["what is the capital of france", "how do vaccines train the immune system",
+           "does aspirin reduce the risk of heart attack", "why is the sky blue"]
+DOCUMENTS = [{"title": "Paris", "text": "Paris is the capital and largest city of France, on the river Seine."},
+             {"title": "Vaccine", "text": "A vaccine trains the immune system to recognise a virus without disease."},
+             "Low-dose aspirin lowers the risk of a first heart attack in some patients, with a bleeding risk.",
+             "Sunlight is scattered by air molecules; blue light is scattered more than red light."]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="DIR", help="model folder written by an effir stage (e.g. effir drop)")
+    p.add_argument("--reference", default=None,
+                   help="model to rebuild and compare against (default: the source model in DIR's history)")
+    p.add_argument("--atol", type=float, default=1e-5, help="max |embedding difference| allowed (default: 1e-5)")
+    p.add_argument("--device", default="cpu", help="device for the comparisons (default: cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.model_dir)
+    if not (folder / "config.json").is_file():
+        raise EffirError(f"{folder} is not a model folder (no config.json)")
+    meta = read_effir_json(folder)  # a corrupted effir.json is bad input: one line, exit 2
+    if not meta:
+        raise EffirError(f"{folder} has no effir.json; it was not written by effir, nothing to verify")
+    lines: list[tuple[str, str, str]] = []
+    try:
+        encoder = load(folder, device=args.device, dtype="fp32")
+    except EffirError as e:
+        lines.append(("FAIL", "reload", str(e)))
+        return _report(lines)
+    structure = structure_of(encoder.model, encoder.adapter)
+    lines.append(_check_reload(meta, structure))
+    lines.append(_check_weights(folder, encoder, structure))
+    lines.append(_check_parameters(meta, encoder))
+    want = _embeddings(encoder)
+    lines.append(_check_reference(args, meta, encoder, structure, want))
+    lines.append(_check_transformers(folder, meta, encoder, want, args))
+    return _report(lines)
+
+
+def _report(lines) -> int:
+    for status, name, detail in lines:
+        print(f"{status:<5}{name}: {detail}")
+    failed = sum(status == "FAIL" for status, _, _ in lines)
+    print(f"verify: {'FAIL' if failed else 'PASS'} ({failed} of {len(lines)} checks failed)" if failed
+          else f"verify: PASS ({sum(s == 'PASS' for s, _, _ in lines)} passed, "
+               f"{sum(s == 'SKIP' for s, _, _ in lines)} skipped)")
+    return 1 if failed else 0
+
+
+def _describe(structure: dict) -> str:
+    widths = [w for w in structure["mlp_widths"] if w is not None]
+    return (f"{structure['num_layers']} layers, attention dropped {structure['dropped_attention']}, "
+            f"MLP dropped {structure['dropped_mlp']}, MLP widths {min(widths, default=0)}..{max(widths, default=0)}")
+
+
+def _check_reload(meta: dict, structure: dict):
+    recorded = meta.get("structure")
+    if recorded is not None and recorded != structure:
+        return "FAIL", "reload", f"effir.json says {_describe(recorded)} but the reloaded model has {_describe(structure)}"
+    return "PASS", "reload", f"effir.load rebuilt {_describe(structure)}"
+
+
+def _check_weights(folder: Path, encoder: Encoder, structure: dict):
+    prefixes = tuple(dropped_prefixes(encoder.adapter, structure))
+    keys = weight_keys(folder)
+    leaked = [k for k in keys if k.startswith(prefixes)]
+    if leaked:
+        return "FAIL", "weights", f"{len(leaked)} tensors of dropped sub-layers are stored, e.g. {leaked[0]}"
+    return "PASS", "weights", f"{len(keys)} tensors stored, none of the {len(prefixes)} dropped modules/norms"
+
+
+def _check_parameters(meta: dict, encoder: Encoder):
+    counted = count_parameters(encoder.model, encoder.adapter)
+    recorded = meta.get("parameters")
+    if recorded != counted:
+        return "FAIL", "parameters", f"effir.json records {recorded}, the reloaded model has {counted}"
+    return "PASS", "parameters", (f"{counted['total']:,} total, {counted['without_embeddings']:,} without "
+                                  "embeddings, as recorded in effir.json")
+
+
+def _embeddings(encoder: Encoder) -> torch.Tensor:
+    return torch.cat([encoder.encode(QUERIES, "query"), encoder.encode(DOCUMENTS, "document")])  # (8, H)
+
+
+def _check_reference(args, meta: dict, encoder: Encoder, structure: dict, want: torch.Tensor):
+    history = meta.get("history") or []
+    ref = args.reference
+    if ref is None:
+        if not history or not history[0].get("model"):
+            return "SKIP", "reference", "effir.json names no source model; pass --reference MODEL"
+        changed = sorted({h.get("stage", "?") for h in history if h.get("stage") != "drop"})
+        if changed:
+            return "SKIP", "reference", (f"stage(s) {', '.join(changed)} changed the weights after "
+                                         f"{history[0]['model']}; pass --reference MODEL with the same weights")
+        ref = history[0]["model"]
+    reference = load(ref, device=args.device, dtype="fp32")
+    have = structure_of(reference.model, reference.adapter)
+    extra = [(g, i) for g in ("attention", "mlp") for i in have[f"dropped_{g}"] if i not in structure[f"dropped_{g}"]]
+    if have["num_layers"] != structure["num_layers"] or extra:
+        return "FAIL", "reference", f"{ref} does not have the same base structure ({_describe(have)})"
+    drop_sublayers(reference.model, reference.adapter, structure["dropped_attention"], structure["dropped_mlp"])
+    rebuilt = structure_of(reference.model, reference.adapter)
+    if rebuilt["mlp_widths"] != structure["mlp_widths"]:
+        return "SKIP", "reference", (f"MLP widths differ from {ref}'s (width pruning cannot be replayed from the "
+                                     "reference); pass --reference with the pruned model")
+    if count_parameters(reference.model, reference.adapter) != count_parameters(encoder.model, encoder.adapter):
+        return "FAIL", "reference", f"{ref} with this structure has a different parameter count"
+    reference.settings = encoder.settings  # embed exactly as the folder does
+    diff = (_embeddings(reference) - want).abs().max().item()
+    status = "PASS" if diff <= args.atol else "FAIL"
+    return status, "reference", (f"{ref} with the same structure: max |embedding diff| {diff:.2e} "
+                                 f"({'<=' if status == 'PASS' else '>'} {args.atol:g}) over {len(want)} texts")
+
+
+def _check_transformers(folder: Path, meta: dict, encoder: Encoder, want: torch.Tensor, args):
+    if not meta.get("structure"):
+        return "SKIP", "transformers", "not structurally compressed; a plain AutoModel.from_pretrained folder"
+    try:
+        model = load_with_transformers(folder, torch.float32).to(args.device)
+    except Exception as e:  # any failure of the remote-code path is a failed check, reported in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return "FAIL", "transformers", f"AutoModel.from_pretrained(trust_remote_code=True) failed: {first}"
+    plain = Encoder(model, encoder.tokenizer, encoder.settings, encoder.adapter)
+    diff = (_embeddings(plain) - want).abs().max().item()
+    status = "PASS" if diff <= args.atol else "FAIL"
+    return status, "transformers", (f"AutoModel.from_pretrained(DIR, trust_remote_code=True) -> "
+                                    f"{type(model).__name__}: max |embedding diff| {diff:.2e} vs effir.load")

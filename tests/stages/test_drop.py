@@ -1,0 +1,159 @@
+"""`effir drop` end to end on tiny models: which sub-layers go, what is saved, and one-line errors on bad input."""
+
+import json
+
+import pytest
+import torch
+
+import effir
+from effir import cli
+from effir.checkpoint import fingerprint, read_effir_json
+from effir.surgery import drop_sublayers
+
+TEXTS = ["what is the capital of france", "fish", "the river in the city is blue water"]
+SCORES = {"attention": [0.05, 0.9, 0.01, 0.3], "mlp": [0.5, 0.1, 0.3, 0.2], "block": [0.4, 0.2, 0.9, 0.1]}
+
+
+def write_scores(path, model_dir, scores=SCORES, **extra):
+    """A scores.json in `effir analyze`'s format, for the model as `effir drop --device cpu` loads it."""
+    enc = effir.load(model_dir, device="cpu")
+    report = {"format": 1, "model": str(model_dir), "fingerprint": fingerprint(enc), "num_layers": 4,
+              "calibration": {"source": "hand-made"}, "side": "both", "scores": scores,
+              "by_side": {"query": scores, "document": {**scores, "mlp": [0.1, 0.5, 0.3, 0.2]}}, **extra}
+    path.write_text(json.dumps(report))
+    return path
+
+
+def drop(*args):
+    return cli.main(["drop", *map(str, args), "--device", "cpu"])
+
+
+def _embeddings(enc):
+    return torch.cat([enc.encode(TEXTS, "query"), enc.encode(TEXTS, "document")])
+
+
+def test_importance_drops_the_lowest_of_each_group(tiny_model_dir, tmp_path, capsys):
+    scores = write_scores(tmp_path / "scores.json", tiny_model_dir)
+    out = tmp_path / "out"
+    assert drop(tiny_model_dir, "--scores", scores, "--mlp", 2, "--attention", 1, "--output", out) == 0
+    meta = read_effir_json(out)
+    assert meta["structure"]["dropped_mlp"] == [1, 3]  # scores 0.1 and 0.2
+    assert meta["structure"]["dropped_attention"] == [2]  # score 0.01
+    step = meta["history"][-1]
+    assert step["stage"] == "drop" and step["strategy"] == "importance" and step["dropped_mlp"] == [1, 3]
+    assert step["fingerprint"] == json.loads(scores.read_text())["fingerprint"]
+    text = capsys.readouterr().out
+    assert "parameters before:" in text and "parameters after:" in text and "dropped MLP now: [1, 3]" in text
+    assert f"{meta['parameters']['without_embeddings']:,} without embeddings" in text
+    # the saved model is exactly the source model with those sub-layers skipped
+    ref = effir.load(tiny_model_dir, device="cpu", dtype="fp32")
+    drop_sublayers(ref.model, ref.adapter, attention=[2], mlp=[1, 3])
+    torch.testing.assert_close(_embeddings(effir.load(out, device="cpu", dtype="fp32")), _embeddings(ref),
+                               atol=1e-5, rtol=0)
+
+
+def test_blocks_then_groups_and_side_scores(tiny_llama_dir, tmp_path):
+    scores = write_scores(tmp_path / "scores.json", tiny_llama_dir)
+    out = tmp_path / "out"
+    assert drop(tiny_llama_dir, "--scores", scores, "--blocks", 2, "--mlp", 1, "--output", out) == 0
+    s = read_effir_json(out)["structure"]
+    # blocks 3 and 1 (block scores 0.1, 0.2) go whole; then the lowest MLP left by MLP score: layer 2 (0.3 < 0.5)
+    assert s["dropped_attention"] == [1, 3] and s["dropped_mlp"] == [1, 2, 3]
+    assert read_effir_json(out)["history"][-1]["blocks"] == [1, 3]
+    out2 = tmp_path / "doc-side"
+    assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 1, "--side", "document", "--output", out2) == 0
+    assert read_effir_json(out2)["structure"]["dropped_mlp"] == [0]  # document-side MLP scores rank layer 0 first
+
+
+def test_strategy_last_needs_no_scores(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert drop(tiny_llama_dir, "--strategy", "last", "--blocks", 1, "--mlp", 2, "--output", out) == 0
+    s = read_effir_json(out)["structure"]
+    assert s["dropped_attention"] == [3] and s["dropped_mlp"] == [1, 2, 3]
+
+
+def test_dropping_from_a_compressed_model_composes(tiny_llama_dir, tmp_path):
+    first = tmp_path / "first"
+    assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", first) == 0
+    # scores of the compressed model: the dropped MLP 3 scores null (as `effir analyze` writes it)
+    scores = {**SCORES, "mlp": [0.5, 0.1, 0.3, None]}
+    path = write_scores(tmp_path / "scores2.json", first, scores=scores)
+    second = tmp_path / "second"
+    assert drop(first, "--scores", path, "--mlp", 2, "--output", second) == 0
+    meta = read_effir_json(second)
+    assert meta["structure"]["dropped_mlp"] == [1, 2, 3]  # 2 more, by original index
+    assert [h["dropped_mlp"] for h in meta["history"]] == [[3], [1, 2]]
+    ref = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
+    drop_sublayers(ref.model, ref.adapter, mlp=[1, 2, 3])
+    torch.testing.assert_close(_embeddings(effir.load(second, device="cpu", dtype="fp32")), _embeddings(ref),
+                               atol=1e-5, rtol=0)
+    with_last = tmp_path / "third"
+    assert drop(second, "--strategy", "last", "--mlp", 1, "--output", with_last) == 0
+    assert read_effir_json(with_last)["structure"]["dropped_mlp"] == [0, 1, 2, 3]  # the last MLP still there
+
+
+def _one_line_error(capsys, code, match):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("effir")]  # (transformers' progress bars aside)
+    assert len(lines) == 1 and "Traceback" not in err and match in lines[0], err
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--strategy", "last", "--mlp", 5], "cannot drop 5 mlp: the model has 4 layers"),
+    (["--strategy", "last", "--blocks", 5], "cannot drop 5 blocks"),
+    (["--strategy", "last", "--blocks", 4, "--attention", 1], "only 0 attention left"),
+    (["--strategy", "last"], "nothing to drop"),
+    (["--mlp", 1], "needs --scores"),
+    (["--strategy", "last", "--mlp", -1], "--mlp must be >= 0"),
+    (["--mlp", 1, "--scores", "missing.json"], "not found"),
+])
+def test_bad_counts_are_one_line_errors(tiny_llama_dir, tmp_path, capsys, flags, match):
+    _one_line_error(capsys, drop(tiny_llama_dir, *flags, "--output", tmp_path / "out"), match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_scores_of_another_model_are_refused_unless_forced(tiny_llama_dir, tmp_path, capsys):
+    scores = write_scores(tmp_path / "scores.json", tiny_llama_dir)
+    report = json.loads(scores.read_text())
+    report["fingerprint"] = "0123456789abcdef"
+    scores.write_text(json.dumps(report))
+    _one_line_error(capsys, drop(tiny_llama_dir, "--scores", scores, "--mlp", 1, "--output", tmp_path / "o"),
+                    "computed on a different model")
+    assert not (tmp_path / "o").exists()
+    assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 1, "--output", tmp_path / "o", "--force") == 0
+    assert read_effir_json(tmp_path / "o")["structure"]["dropped_mlp"] == [1]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r.update(num_layers=6), "scores 6 layers"),
+    (lambda r: r["scores"].update(mlp=[0.1, 0.2]), "scores.mlp must be 4 finite numbers"),
+    (lambda r: r.update(format=7), "not an effir scores file"),
+    (lambda r: r.pop("by_side"), "no document-side scores"),
+])
+def test_bad_scores_files(tiny_llama_dir, tmp_path, capsys, edit, match):
+    scores = write_scores(tmp_path / "scores.json", tiny_llama_dir)
+    report = json.loads(scores.read_text())
+    edit(report)
+    scores.write_text(json.dumps(report))
+    code = drop(tiny_llama_dir, "--scores", scores, "--mlp", 1, "--side", "document", "--output", tmp_path / "o")
+    _one_line_error(capsys, code, match)
+    scores.write_text("{not json")
+    _one_line_error(capsys, drop(tiny_llama_dir, "--scores", scores, "--mlp", 1, "--output", tmp_path / "o"),
+                    "not valid JSON")
+
+
+def test_existing_output_needs_overwrite(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", out) == 0
+    _one_line_error(capsys, drop(tiny_llama_dir, "--strategy", "last", "--mlp", 2, "--output", out), "--overwrite")
+    assert read_effir_json(out)["structure"]["dropped_mlp"] == [3]  # untouched
+    assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 2, "--output", out, "--overwrite") == 0
+    assert read_effir_json(out)["structure"]["dropped_mlp"] == [2, 3]
+
+
+def test_corrupted_effir_json_in_the_input_model(tiny_llama_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", first) == 0
+    (first / "effir.json").write_text("{oops")
+    _one_line_error(capsys, drop(first, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "o"), "corrupted")

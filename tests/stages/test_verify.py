@@ -1,0 +1,112 @@
+"""`effir verify` on tiny compressed models: PASS on honest folders, FAIL (exit 1) on tampered ones."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import effir
+from effir import cli
+from effir.checkpoint import save
+from effir.surgery import drop_sublayers, slice_mlp
+
+
+def _dropped(src, out, *flags):
+    assert cli.main(["drop", str(src), "--strategy", "last", *map(str, flags), "--output", str(out),
+                     "--device", "cpu"]) == 0
+    return out
+
+
+def verify(*args):
+    return cli.main(["verify", *map(str, args)])
+
+
+def _status(text):
+    """{check name: PASS/FAIL/SKIP} from verify's output."""
+    return {ln.split()[1].rstrip(":"): ln.split()[0] for ln in text.splitlines()
+            if ln.split() and ln.split()[0] in ("PASS", "FAIL", "SKIP")}
+
+
+def test_verify_passes_on_a_dropped_model(tiny_model_dir, tmp_path, capsys):
+    out = _dropped(tiny_model_dir, tmp_path / "out", "--mlp", 2, "--attention", 1)
+    capsys.readouterr()
+    assert verify(out) == 0
+    text = capsys.readouterr().out
+    assert _status(text) == {"reload": "PASS", "weights": "PASS", "parameters": "PASS", "reference": "PASS",
+                             "transformers": "PASS"}, text
+    assert "verify: PASS" in text
+
+
+def test_tampered_parameter_count_fails(tiny_llama_dir, tmp_path, capsys):
+    out = _dropped(tiny_llama_dir, tmp_path / "out", "--mlp", 1)
+    meta = json.loads((out / "effir.json").read_text())
+    meta["parameters"]["total"] += 1
+    (out / "effir.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert _status(text)["parameters"] == "FAIL" and "verify: FAIL" in text
+
+
+def test_changed_weights_fail_the_reference_and_a_wrong_reference_fails(tiny_llama_dir, tmp_path, capsys,
+                                                                       _tiny_models):
+    out = _dropped(tiny_llama_dir, tmp_path / "out", "--mlp", 1)
+    state = load_file(out / "model.safetensors")
+    state["layers.0.mlp.down_proj.weight"] = state["layers.0.mlp.down_proj.weight"] * 1.5
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert verify(out) == 1
+    status = _status(capsys.readouterr().out)
+    assert status["reference"] == "FAIL" and status["transformers"] == "PASS" and status["weights"] == "PASS"
+    # another random llama of the same shape as --reference
+    other = tmp_path / "other"
+    type(_tiny_models["llama"])(_tiny_models["llama"].config).save_pretrained(other)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (other / f).write_bytes((tiny_llama_dir / f).read_bytes())
+    fresh = _dropped(tiny_llama_dir, tmp_path / "fresh", "--mlp", 1)
+    capsys.readouterr()
+    assert verify(fresh, "--reference", other) == 1
+    assert _status(capsys.readouterr().out)["reference"] == "FAIL"
+
+
+def test_stored_weights_of_a_dropped_mlp_fail_the_reload(tiny_llama_dir, tmp_path, capsys):
+    out = _dropped(tiny_llama_dir, tmp_path / "out", "--mlp", 1)  # MLP 3 dropped
+    state = load_file(out / "model.safetensors")
+    state["layers.3.mlp.gate_proj.weight"] = torch.zeros(64, 32)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert _status(text) == {"reload": "FAIL"} and "unexpected" in text
+
+
+def test_later_stages_skip_the_reference_unless_given(tiny_llama_dir, tmp_path, capsys):
+    """A width change (as slimming will make) cannot be replayed from the source model: SKIP, not FAIL."""
+    enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
+    drop_sublayers(enc.model, enc.adapter, mlp=[0])
+    out = save(enc, tmp_path / "a", {"stage": "drop", "model": str(tiny_llama_dir)})
+    enc = effir.load(out, device="cpu", dtype="fp32")
+    slice_mlp(enc.model, enc.adapter, 2, range(16))
+    out = save(enc, tmp_path / "b", {"stage": "slim", "model": str(out)})
+    capsys.readouterr()
+    assert verify(out) == 0
+    status = _status(capsys.readouterr().out)
+    assert status["reference"] == "SKIP" and status["transformers"] == "PASS" and status["parameters"] == "PASS"
+    assert verify(out, "--reference", tiny_llama_dir) == 0
+    assert _status(capsys.readouterr().out)["reference"] == "SKIP"  # widths differ from the reference
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda d: (d / "effir.json").write_text("{broken"), "corrupted"),
+    (lambda d: (d / "effir.json").unlink(), "has no effir.json"),
+    (lambda d: (d / "config.json").unlink(), "not a model folder"),
+])
+def test_bad_folders_are_one_line_errors(tiny_llama_dir, tmp_path, capsys, setup, match):
+    out = _dropped(tiny_llama_dir, tmp_path / "out", "--mlp", 1)
+    setup(out)
+    capsys.readouterr()
+    assert verify(out) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("effir")]
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in err

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from effir.arch import get_adapter, get_path, layer_list
+from effir.gates import MlpGates, global_keep_masks, l0_penalty, uniform_magnitude_masks
+from effir.surgery import slice_mlp
+from effir.utils import EffirError
+
+IDS = torch.tensor([[5, 9, 12, 30, 7, 2], [11, 40, 8, 2, 0, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def _out(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK).last_hidden_state * MASK.unsqueeze(-1)
+
+
+def test_gates_at_one_reproduce_the_base_model_exactly(tiny_model):
+    adapter = get_adapter(tiny_model.config)
+    base = _out(tiny_model)
+    gates = MlpGates(tiny_model, adapter, layers=[0, 1, 2, 3])
+    assert torch.equal(_out(tiny_model), base)
+    gates.remove()
+    assert torch.equal(_out(tiny_model), base)
+
+
+def test_gates_really_gate(tiny_model):
+    adapter = get_adapter(tiny_model.config)
+    base = _out(tiny_model)
+    gates = MlpGates(tiny_model, adapter, layers=[1])
+    with torch.no_grad():
+        gates.z[0].fill_(-1.0)  # ReLU(-1) = 0 closes every neuron of MLP 1
+    closed = _out(tiny_model)
+    assert not torch.allclose(closed, base)
+    # closing all neurons leaves only the down projection's bias (BERT), i.e. the MLP output is constant
+    down = get_path(layer_list(tiny_model, adapter)[1], adapter.down_proj)
+    seen = []
+    h = down.register_forward_hook(lambda m, a, o: seen.append(o))
+    _out(tiny_model)
+    h.remove()
+    bias = down.bias if down.bias is not None else torch.zeros(down.out_features)
+    torch.testing.assert_close(seen[0], bias.expand_as(seen[0]))
+
+
+def test_sliced_model_equals_gated_model_under_the_same_hard_mask(tiny_model):
+    adapter = get_adapter(tiny_model.config)
+    width = tiny_model.config.intermediate_size
+    layers = [0, 2, 3]
+    g = torch.Generator().manual_seed(3)
+    masks = [torch.rand(width, generator=g) > 0.4 for _ in layers]
+    gates = MlpGates(tiny_model, adapter, layers)
+    gates.set_hard_masks(masks)
+    gated = _out(tiny_model)
+    gates.remove()
+    widths = [slice_mlp(tiny_model, adapter, i, torch.nonzero(m).flatten()) for i, m in zip(layers, masks, strict=True)]
+    assert widths == [int(m.sum()) for m in masks]
+    torch.testing.assert_close(_out(tiny_model), gated, atol=1e-5, rtol=1e-5)
+    blocks = layer_list(tiny_model, adapter)
+    for i, w in zip(layers, widths, strict=True):
+        assert get_path(blocks[i], adapter.down_proj).in_features == w
+        rows = sum(get_path(blocks[i], p).out_features for p in adapter.up_projs)
+        assert rows == w * (2 if adapter.fused_gate_up or len(adapter.up_projs) == 2 else 1)
+
+
+def test_global_ranking_removes_the_requested_fraction_and_prefers_deep_low_scores():
+    scores = [torch.linspace(1.0, 2.0, 100), torch.linspace(0.0, 1.0, 100)]  # layer 1 is uniformly weaker
+    masks = global_keep_masks(scores, ratio=0.3)
+    assert sum(int(m.sum()) for m in masks) == 140
+    assert int(masks[0].sum()) == 100 and int(masks[1].sum()) == 40
+    assert masks[1][-40:].all() and not masks[1][:60].any()  # the strongest neurons of layer 1 survive
+
+
+def test_widths_are_multiples_and_fraction_holds_up_to_rounding():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(96, generator=g) * (i + 1) for i in range(4)]
+    masks = global_keep_masks(scores, ratio=0.3, multiple=16)
+    kept = [int(m.sum()) for m in masks]
+    assert all(k % 16 == 0 and k > 0 for k in kept)
+    assert abs(sum(kept) - 0.7 * 384) <= 8 * len(scores)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_ratio_outside_open_interval_is_an_error(ratio):
+    with pytest.raises(EffirError, match=r"ratio must be in \(0, 1\)"):
+        global_keep_masks([torch.ones(8)], ratio=ratio)
+
+
+def test_ratio_that_empties_a_layer_is_an_error():
+    scores = [torch.full((64,), 5.0), torch.full((8,), 0.0)]
+    with pytest.raises(EffirError, match="would empty MLP 1"):
+        global_keep_masks(scores, ratio=0.12)  # drops 9 of 72: all 8 of MLP 1
+
+
+def test_l0_penalty_by_hand():
+    z = [torch.tensor([0.0, 1.0]), torch.tensor([-2.0])]
+    expected = 0.5 + torch.sigmoid(torch.tensor(5.0)) + torch.sigmoid(torch.tensor(10.0))
+    torch.testing.assert_close(l0_penalty(z, beta=5.0), expected)
+
+
+def test_uniform_magnitude_baseline_cuts_every_layer_equally(tiny_model):
+    adapter = get_adapter(tiny_model.config)
+    masks = uniform_magnitude_masks(tiny_model, adapter, [0, 1, 2, 3], ratio=0.25, multiple=8)
+    assert [int(m.sum()) for m in masks] == [48] * 4

@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effir.losses import gather_with_grad, group_scores, info_nce, kl_distill
+
+
+def test_info_nce_equals_cross_entropy_on_hand_built_logits():
+    # 2 queries, group of 2 (positive first): d = [q0+, q0-, q1+, q1-], unit vectors in 2-D.
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.6, 0.8]])
+    t = 0.5
+    # hand-built logits: query i against all 4 docs / t; targets 0 and 2
+    logits = torch.tensor([[1.0, 0.0, 0.0, 0.6], [0.0, 1.0, 1.0, 0.8]]) / t
+    expected = F.cross_entropy(logits, torch.tensor([0, 2]))
+    torch.testing.assert_close(info_nce(q, d, group_size=2, temperature=t), expected)
+    # by hand for query 0: -log(e^2 / (e^2 + e^0 + e^0 + e^1.2))
+    q0 = -math.log(math.exp(2) / (math.exp(2) + 2 + math.exp(1.2)))
+    q1 = -math.log(math.exp(2) / (math.exp(0) + math.exp(2) + math.exp(2) + math.exp(1.6)))
+    assert info_nce(q, d, 2, t).item() == pytest.approx((q0 + q1) / 2, rel=1e-6)
+
+
+def test_info_nce_without_in_batch_uses_own_group_only():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.6, 0.8]])
+    expected = F.cross_entropy(torch.tensor([[1.0, 0.0], [1.0, 0.8]]) / 0.02, torch.tensor([0, 0]))
+    torch.testing.assert_close(info_nce(q, d, 2, 0.02, in_batch=False), expected)
+
+
+def test_info_nce_query_offset_matches_the_full_batch():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(4, 8), dim=-1)
+    d = F.normalize(torch.randn(4 * 3, 8), dim=-1)
+    full = info_nce(q, d, 3)
+    halves = (info_nce(q[:2], d, 3, query_offset=0) + info_nce(q[2:], d, 3, query_offset=2)) / 2
+    torch.testing.assert_close(full, halves)
+    torch.testing.assert_close(group_scores(q[2:], d, 3, query_offset=2), group_scores(q, d, 3)[2:])
+
+
+def test_kl_is_zero_when_student_equals_teacher_and_hand_computed_otherwise():
+    s = torch.tensor([[0.9, 0.1, -0.3], [0.2, 0.5, 0.4]])
+    assert kl_distill(s, s.clone(), 0.02, 0.02).item() == pytest.approx(0.0, abs=1e-7)
+    # same distribution through different temperatures is still 0
+    assert kl_distill(s, s * 50, 0.02, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    # one query, two candidates, temperatures 1: p = softmax([1, 0]), s = softmax([0, 0])
+    p1 = math.exp(1) / (math.exp(1) + 1)
+    expected = p1 * math.log(p1 / 0.5) + (1 - p1) * math.log((1 - p1) / 0.5)
+    got = kl_distill(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]]), 1.0, 1.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert got.item() > 0
+
+
+def test_kl_gradient_reaches_student_only():
+    s = torch.tensor([[0.3, 0.1]], requires_grad=True)
+    t = torch.tensor([[2.0, 0.0]], requires_grad=True)
+    kl_distill(s, t, 1.0, 1.0).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_kl_shape_mismatch():
+    with pytest.raises(ValueError, match="same"):
+        kl_distill(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_gather_alone_is_identity():
+    x = torch.randn(3, 4)
+    assert gather_with_grad(x) is x
