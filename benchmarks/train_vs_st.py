@@ -1,7 +1,7 @@
 """Training throughput: ``effir finetune`` against sentence-transformers' MultipleNegativesRankingLoss, same model,
 batch, data, sequence lengths, temperature and optimiser, in one process.
 
-    python benchmarks/train_vs_st.py                       # minilm-l6, SciFact train pairs, batch 32, 15 steps x 2
+    python benchmarks/train_vs_st.py                       # minilm-l6, SciFact train pairs, batch 16, 8 steps x 2
     python benchmarks/train_vs_st.py --steps 30 --rounds 3 --batch-size 64 --max-length 256
 
 Both sides: full fine-tuning, fp32, AdamW lr 2e-5, in-batch negatives only (query, positive) pairs, temperature 0.05
@@ -54,7 +54,8 @@ def st_round(model_path: str, pairs, args) -> float:
     for step in range(args.steps):
         batch = [pairs[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         t = time.perf_counter()
-        features = [model.tokenize([q for q, _ in batch]), model.tokenize([d for _, d in batch])]
+        prep = getattr(model, "preprocess", model.tokenize)  # ST 6 renamed tokenize -> preprocess
+        features = [prep([q for q, _ in batch]), prep([d for _, d in batch])]
         n_tok = sum(int(f["attention_mask"].sum()) for f in features)
         loss = loss_fn(features, labels=None)
         loss.backward()
@@ -86,8 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="minilm-l6", help="effir reference of a sentence-transformers folder")
     ap.add_argument("--data", default=str(SCIFACT), help="BEIR folder with qrels/train.tsv")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-5)

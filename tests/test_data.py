@@ -171,6 +171,15 @@ def test_fetch_by_name_from_localhost(beir_server, monkeypatch, tmp_path):
     assert load_beir("tinyset").corpus == data.corpus
 
 
+def test_fetch_of_a_non_zip_is_not_cached(beir_server, monkeypatch, tmp_path):
+    url, root = beir_server
+    (root / "broken.zip").write_text("<html>maintenance</html>")
+    monkeypatch.setenv("EFFIR_BEIR_URL", url)
+    with pytest.raises(EffirError, match="is not a readable zip"):
+        load_beir("broken")
+    assert not (tmp_path / "cache" / "datasets" / "broken.zip").exists()
+
+
 def test_fetch_unknown_name_and_no_network(beir_server, monkeypatch):
     url, _ = beir_server
     monkeypatch.setenv("EFFIR_BEIR_URL", url)

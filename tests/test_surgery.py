@@ -223,3 +223,14 @@ def test_apply_structure_rejects_bad_structures(tiny_model, bad, match):
     good = {"num_layers": 4, "dropped_attention": [], "dropped_mlp": [], "mlp_widths": [64] * 4}
     with pytest.raises(EffirError, match=match):
         apply_structure(tiny_model, get_adapter(tiny_model.config), {**good, **bad})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_parameter_counts_never_include_an_lm_head(tie):
+    from conftest import tiny_config
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = tie
+    headless = count_parameters(AutoModel.from_config(cfg))
+    assert count_parameters(AutoModelForCausalLM.from_config(cfg)) == headless == _hand_count(cfg)

@@ -2,13 +2,22 @@ import json
 
 import pytest
 import torch
+from conftest import write_beir
 
 import effir
-from effir.train_data import (TrainExample, cross_encoder_scores, dense_teacher_scores, load_training_data,
-                              mine_bm25, mine_dense, parse_rank_range, random_negatives, text_id, write_flag_jsonl)
+from effir.train_data import (
+    TrainExample,
+    cross_encoder_scores,
+    dense_teacher_scores,
+    load_training_data,
+    mine_bm25,
+    mine_dense,
+    parse_rank_range,
+    random_negatives,
+    text_id,
+    write_flag_jsonl,
+)
 from effir.utils import EffirError
-
-from conftest import write_beir
 
 WORDS = "paris france capital city river water fish sun moon star planet cat dog bird tree leaf".split()
 # 20 documents; q0..q3 each have one or two judged positives, plus a near-duplicate of a positive under another id
@@ -109,9 +118,8 @@ def test_dense_teacher_scores_are_cosines(tiny_llama_dir):
 
 
 def test_cross_encoder_scores_each_pair_once(tiny_tokenizer):
-    from transformers import AutoModelForSequenceClassification
-
     from conftest import tiny_config
+    from transformers import AutoModelForSequenceClassification
 
     cfg = tiny_config("llama")
     cfg.num_labels = 1

@@ -24,6 +24,7 @@ import torch
 
 from .arch import get_adapter
 from .encoder import DEFAULT_TASK, EmbeddingSettings, Encoder, default_settings, prompt_template
+from .export import write_sentence_transformers_files
 from .utils import EffirError, dtype_name, pick_device, pick_dtype
 
 EFFIR_JSON = "effir.json"
@@ -124,8 +125,11 @@ def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
     clean.load_state_dict(quantized.state_dict())
     clean.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # atomic: a killed conversion never leaves a folder that looks complete
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        shutil.rmtree(tmp)  # another process finished the same conversion first: keep its folder
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)  # atomic: a killed conversion never leaves a folder that looks complete
     _quiet_transformers()
     return out
 
@@ -323,6 +327,7 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     encoder.tokenizer.save_pretrained(tmp)
     if structure:
         _add_remote_code(tmp, encoder.adapter, structure)
+    st_export = write_sentence_transformers_files(tmp, encoder)  # SentenceTransformer(out) embeds as effir does
     history = list(encoder.meta.get("history", []))
     if stage:
         history.append(stage)
@@ -334,6 +339,7 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
         "embedding": encoder.settings.to_dict(),
         "parameters": count_parameters(encoder.model, encoder.adapter),
         "history": history,
+        "sentence_transformers": st_export,
     }
     if structure:
         meta["structure"] = structure

@@ -205,7 +205,11 @@ def fetch_beir(name: str, progress: bool = False) -> Path:
     zpath = root / f"{name}.zip"
     if not zpath.is_file():
         _download(url, zpath, name, progress)
-    return extract_zip(zpath, folder)
+    try:
+        return extract_zip(zpath, folder)
+    except EffirError:
+        zpath.unlink(missing_ok=True)  # e.g. an HTML error page served as 200: fetch again next time
+        raise
 
 
 def _download(url: str, dest: Path, name: str, progress: bool) -> None:

@@ -85,6 +85,16 @@ def default_settings(adapter: ArchAdapter, st_pooling: str | None = None) -> Emb
                              query_max_length=128, document_max_length=256)
 
 
+def tokenizer_appends_eos(tokenizer) -> bool:
+    """True when ``tokenizer`` itself ends every encoded text with its EOS token (a post-processor adds it)."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        return False
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[-1] == eos_id and without[-1:] != [eos_id]
+
+
 def document_text(doc) -> str:
     """BEIR documents are ``title + " " + text`` (the paper's convention); plain strings pass through."""
     if isinstance(doc, str):
@@ -163,12 +173,21 @@ class Encoder:
         """Prompted, truncated token ids (EOS appended when the settings say so), unpadded."""
         max_len = self.settings.query_max_length if side == "query" else self.settings.document_max_length
         eos = self.settings.append_eos
+        # A tokenizer that appends EOS itself (as in folders effir exports for sentence-transformers) already keeps
+        # room for it when truncating; otherwise truncate one short and append EOS below.
+        reserve = int(eos and not self._tokenizer_appends_eos())
         ids = self.tokenizer(self.format(texts, side), add_special_tokens=True, truncation=True,
-                             max_length=max_len - int(eos), padding=False)["input_ids"]
+                             max_length=max_len - reserve, padding=False)["input_ids"]
         if eos:
             eos_id = self.tokenizer.eos_token_id
             ids = [seq if seq and seq[-1] == eos_id else seq + [eos_id] for seq in ids]
         return ids
+
+    def _tokenizer_appends_eos(self) -> bool:
+        """:func:`tokenizer_appends_eos`, probed once per tokenizer object (tokenize is on the hot path)."""
+        if getattr(self, "_eos_probe", (None,))[0] is not self.tokenizer:
+            self._eos_probe = (self.tokenizer, tokenizer_appends_eos(self.tokenizer))
+        return self._eos_probe[1]
 
     def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(s) for s in ids)

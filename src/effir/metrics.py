@@ -35,4 +35,5 @@ def _parse(name: str):
     try:
         return ir_measures.parse_measure(name)
     except (ValueError, NameError) as e:
-        raise EffirError(f"unknown measure {name!r} ({e}); use ir-measures names such as nDCG@10, R@100, RR@10") from None
+        raise EffirError(f"unknown measure {name!r} ({e}); use ir-measures names such as nDCG@10, R@100, "
+                         "RR@10") from None

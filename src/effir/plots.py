@@ -81,6 +81,33 @@ def width_plot(layers: Sequence[int], before: Sequence[int], after: Sequence[int
     return _save(fig, path)
 
 
+def quality_speed_plot(points: Mapping[str, tuple[Mapping[str, Mapping[str, float]], float]],
+                       path: str | os.PathLike) -> Path:
+    """Average nDCG@10 against measured speed-up, one panel per side (query, document), one point per model.
+
+    Args:
+        points: ``{label: ({"query": {"speedup": s}, "document": {...}}, avg_ndcg10)}``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sides = [s for s in ("query", "document") if any(s in speed for speed, _ in points.values())]
+    fig = Figure(figsize=(4.2 * len(sides), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sides), squeeze=False)[0]
+    for ax, side in zip(axes, sides, strict=True):
+        for k, (label, (speed, quality)) in enumerate(points.items()):
+            if side in speed:
+                ax.scatter(speed[side]["speedup"], quality, s=30, label=label)
+                ax.annotate(label, (speed[side]["speedup"], quality), fontsize=7, xytext=(4, 3 + 9 * (k % 3)),
+                            textcoords="offset points")  # staggered: models often sit close together
+        ax.axvline(1.0, color="0.7", lw=0.8, ls="--")
+        ax.set_xlabel(f"{side}-side speed-up vs original (x)")
+        ax.set_ylabel("average nDCG@10")
+        ax.set_title(f"{side} side", fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

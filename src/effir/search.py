@@ -73,5 +73,6 @@ def exact_search(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: t
     top = TopK(queries, k, exclude=exclude, query_chunk=query_chunk)
     for start in range(0, len(corpus), corpus_chunk):
         chunk = corpus[start:start + corpus_chunk]
-        top.add(chunk if isinstance(chunk, torch.Tensor) else torch.tensor(chunk), offset=start)  # copy: memmaps are read-only
+        # torch.tensor copies: numpy memmaps are read-only
+        top.add(chunk if isinstance(chunk, torch.Tensor) else torch.tensor(chunk), offset=start)
     return top.result()

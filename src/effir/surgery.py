@@ -285,14 +285,10 @@ def count_parameters(model: nn.Module, adapter: ArchAdapter | None = None) -> di
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     emb_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    total = emb = 0
-    seen: set[int] = set()
-    for p in model.parameters():  # parameters() already de-duplicates shared tensors
-        if id(p) in seen or (id(p) in head_ids and id(p) not in emb_ids):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        emb += p.numel() if id(p) in emb_ids else 0
+    # parameters() yields shared tensors once; a head tied to the input embeddings counts as embeddings
+    params = [p for p in model.parameters() if id(p) not in head_ids or id(p) in emb_ids]
+    total = sum(p.numel() for p in params)
+    emb = sum(p.numel() for p in params if id(p) in emb_ids)
     return {"total": total, "without_embeddings": total - emb}
 
 
@@ -318,7 +314,10 @@ def load_compressed(folder: str | Path, config, structure: dict, torch_dtype: to
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise EffirError(f"the weights in {folder} do not match the structure in its effir.json: "
                          f"{'; '.join(parts)}; the folder is damaged, re-run the stage that wrote it")
-    model.load_state_dict(state, strict=True)
+    # assign=True adopts the loaded tensors instead of copying into the skeleton, whose uninitialised memory is
+    # never touched: peak memory stays ~1x the model. Cast to the skeleton's dtype per tensor first.
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 

@@ -8,6 +8,8 @@ Sources (:func:`load_training_data`):
 
 Everything becomes a list of :class:`TrainExample`; :func:`write_flag_jsonl` writes them back as FlagEmbedding jsonl
 (teacher scores included) so mined data can be reused. Documents are plain strings (BEIR: ``title + " " + text``).
+A FlagEmbedding ``prompt`` is kept and written back, but training formats queries with the model's own query
+template (``EmbeddingSettings.query_template``), so the saved model embeds exactly as it was trained.
 
 Teachers (:func:`dense_teacher_scores`, :func:`cross_encoder_scores`) score each query's candidates once; the
 caller caches the result as FlagEmbedding jsonl. This module imports no ``transformers``: a cross-encoder arrives
@@ -121,7 +123,7 @@ def _from_jsonl(path: Path) -> tuple[list[TrainExample], dict[str, str]]:
                 raise EffirError(f"{path}:{lineno}: unknown layout (keys {sorted(row)}); expected FlagEmbedding "
                                  "(query, pos, neg) or Tevatron (query_id, query, positive_passages)")
             for ids, texts in ((ex.pos_ids, ex.pos), (ex.neg_ids, ex.neg)):
-                corpus.update(zip(ids, texts))
+                corpus.update(zip(ids, texts, strict=True))
             if ex.pos:
                 examples.append(ex)
     return examples, corpus
@@ -133,7 +135,8 @@ def _tevatron_row(row: dict, path: Path, lineno: int) -> TrainExample:
         if not isinstance(items, list):
             raise EffirError(f"{path}:{lineno}: {key} must be a list of {{docid, title, text}}")
         texts = [document_text(p) for p in items]
-        ids = [str(p["docid"]) if p.get("docid") is not None else text_id(t) for p, t in zip(items, texts)]
+        ids = [str(p["docid"]) if p.get("docid") is not None else text_id(t)
+               for p, t in zip(items, texts, strict=True)]
         return texts, ids
 
     pos, pos_ids = passages("positive_passages")
@@ -152,6 +155,8 @@ def _flag_row(row: dict, path: Path, lineno: int) -> TrainExample:
         raise EffirError(f"{path}:{lineno}: pos_scores/neg_scores must both be present with one score per passage")
     pos_ids = row.get("pos_ids") or [text_id(t) for t in pos]
     neg_ids = row.get("neg_ids") or [text_id(t) for t in neg]
+    if len(pos_ids) != len(pos) or len(neg_ids) != len(neg):
+        raise EffirError(f"{path}:{lineno}: pos_ids/neg_ids must have one id per passage")
     return TrainExample(query=row["query"], pos=list(pos), neg=list(neg), pos_ids=[str(i) for i in pos_ids],
                         neg_ids=[str(i) for i in neg_ids], pos_scores=ps, neg_scores=ns, prompt=row.get("prompt"),
                         query_id=None if row.get("query_id") is None else str(row["query_id"]))
@@ -179,7 +184,7 @@ def _pick(ranked_ids: list[str], positives: set[str], lo: int, hi: int, n: int, 
 
 def _attach(examples, ranked: list[list[str]], corpus, lo, hi, n, seed) -> list[TrainExample]:
     rng = random.Random(seed)
-    for ex, ids in zip(examples, ranked):
+    for ex, ids in zip(examples, ranked, strict=True):
         positives = set(ex.pos_ids) | {text_id(t) for t in ex.pos}
         pos_texts = set(ex.pos)
         ids = [d for d in ids if corpus[d] not in pos_texts]  # a duplicate of a positive under another id

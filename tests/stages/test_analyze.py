@@ -161,3 +161,30 @@ def test_scores_are_left_padding_invariant_through_the_stage(tiny_llama_dir, tin
     b = sublayer_importance(left.model, left.adapter, [left.tokenize(texts, "document")])
     for g in GROUPS:
         torch.testing.assert_close(torch.tensor(a[g]), torch.tensor(b[g]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_real_smollm2_on_scifact(tmp_path):
+    """Real weights, real data: both sides of SciFact; the embedding-adjacent first layer is never redundant."""
+    from conftest import SCIFACT
+
+    from effir.checkpoint import BUILTINS, package_file
+    from effir.utils import EffirError
+
+    if not (SCIFACT / "corpus.jsonl").exists():
+        pytest.skip(f"SciFact not found at {SCIFACT}")
+    b = BUILTINS["smollm2-135m"]
+    try:
+        package_file(b.package, b.relpath, b.install)
+    except EffirError:
+        pytest.skip("smollm2-135m weights not installed")
+    out = tmp_path / "real"
+    assert main(["analyze", "smollm2-135m", "--calibration", f"beir:{SCIFACT}", "--samples", "8",
+                 "--document-samples", "4", "--output", str(out), "--device", "cpu"]) == 0
+    r = json.loads((out / "scores.json").read_text())
+    assert r["num_layers"] == 30 and r["calibration"]["by_side"]["document"]["samples"] == 4
+    for g in GROUPS:
+        assert r["drop_order"][g][-1] == 0  # layer 0 rewrites the embeddings: most important in every group
+        assert all(0 < v < 1.5 for v in r["scores"][g])
+    assert r["side_agreement"]["block"] > 0.5
+    _check_png(out / "importance.png")

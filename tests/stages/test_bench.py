@@ -154,6 +154,17 @@ def test_percentiles():
     assert bench._percentile([3.0, 1.0, 2.0], 50) == 2.0
 
 
+def test_compile_path_traces(tmp_path, dropped_dir, tiny_llama_dir):
+    """--compile wraps both models with torch.compile; the eager backend checks the tracing without inductor."""
+    out = tmp_path / "bench"
+    grid = ["--sides", "query", "--query-batch-sizes", "2", *GRID[6:]]
+    assert main(["bench", str(dropped_dir), "--baseline", str(tiny_llama_dir), "--output", str(out), "--compile",
+                 "--compile-backend", "eager", *grid]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["environment"]["compile"] == "eager" and result["environment"]["warmup"] == 2
+    assert result["cells"][0]["predicted_speedup"] == pytest.approx(hand_flops(32, 4) / hand_flops(32, 2))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_on_cuda_measures_memory(tmp_path, dropped_dir, tiny_llama_dir):
@@ -171,4 +182,4 @@ def test_bench_compiled_smollm2(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "smollm2-135m", "--output", str(out), "--sides", "query", "--query-batch-sizes", "1",
                  "--compile", "--repeats", "2", "--min-time", "0", "--device", "cpu", "--dtype", "fp32"]) == 0
-    assert json.loads((out / "bench.json").read_text())["environment"]["compile"] is True
+    assert json.loads((out / "bench.json").read_text())["environment"]["compile"] == "inductor"

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CORPUS, build_tiny_tokenizer, needs_scifact, write_beir
 from safetensors.torch import load_file
 
 import effir
 from effir.cli import main
 
-from conftest import TINY_CORPUS, build_tiny_tokenizer, needs_scifact, write_beir
-
 EXTRA = [{"_id": f"x{i}", "title": w, "text": f"the {w} and the {v} in the city"}
          for i, (w, v) in enumerate(zip("cat dog bird tree leaf star moon planet gene drug".split(),
-                                        "sun fish water river blue green red cell protein risk".split()))]
+                                        "sun fish water river blue green red cell protein risk".split(), strict=True))]
 QUERIES = [{"_id": f"q{i}", "text": t} for i, t in enumerate(
     ["capital of france", "river water", "fish in water", "the sun star", "cell protein gene", "vaccine trial",
      "the cat", "a dog", "bird tree", "green leaf", "the moon", "drug risk"])]
@@ -76,6 +75,8 @@ def test_lora_run_writes_everything_and_changes_only_lora_parameters(tiny_llama_
     for row in map(json.loads, (out / "train_data.jsonl").read_text().splitlines()):
         assert not set(row["neg_ids"]) & set(row["pos_ids"])
     assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 3)) == 2  # finished: refuses to redo
+    assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 1, "--overwrite")) == 0
+    assert len(_log(out)) == 1 and not (out / "checkpoints").exists()
 
 
 def test_full_finetuning_changes_embeddings(tiny_llama_dir, train_dir, tmp_path):
@@ -100,7 +101,8 @@ def test_kill_9_then_same_command_resumes_exactly(tiny_llama_dir, train_dir, tmp
     ref = tmp_path / "ref"
     assert main(_args(tiny_llama_dir, train_dir, ref, "--max-steps", 6, "--save-every", 2)) == 0
     out = tmp_path / "killed"
-    args = _args(tiny_llama_dir, train_dir, out, "--max-steps", 6, "--save-every", 2)
+    # --overwrite must not defeat resuming: it only replaces finished runs or checkpoints of other arguments
+    args = _args(tiny_llama_dir, train_dir, out, "--max-steps", 6, "--save-every", 2, "--overwrite")
     env = dict(_env(), EFFIR_TEST_KILL_AT_STEP="3")  # SIGKILL after step 3: one step past the step-2 checkpoint
     proc = subprocess.run([sys.executable, "-m", "effir", *args], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -125,6 +127,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_d
     assert a[0]["tokens"] == b[0]["tokens"]
     # step 1: same loss with in-batch negatives gathered; step 2: same gradients were applied in step 1
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-5)
+
+
+@pytest.mark.parametrize("variant", [["--grad-accum", "2", "--batch-size", "2"], ["--gradient-checkpointing"]])
+def test_accumulation_and_checkpointing_do_not_change_the_losses(tiny_llama_dir, train_dir, tmp_path, variant):
+    # without in-batch negatives, 2 micro-batches of 2 queries are exactly one batch of 4
+    base = _args(tiny_llama_dir, train_dir, tmp_path / "a", "--max-steps", 2, "--no-in-batch", "--batch-size", 4)
+    assert main(base) == 0
+    assert main([*_args(tiny_llama_dir, train_dir, tmp_path / "b", "--max-steps", 2, "--no-in-batch",
+                        "--batch-size", 4), *variant]) == 0
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-5)
+    assert [r["tokens"] for r in b] == [r["tokens"] for r in a]
 
 
 def test_train_split_without_positives(tiny_llama_dir, tmp_path, capsys):
@@ -178,6 +192,26 @@ def test_flag_jsonl_with_teacher_scores(tiny_llama_dir, tmp_path):
     assert all(r["kl"] is not None and r["kl"] > 0 for r in _log(out))
 
 
+def test_cross_encoder_teacher_scores_once_and_caches(tiny_llama_dir, train_dir, tmp_path):
+    from conftest import tiny_config
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = tiny_config("llama")
+    cfg.num_labels = 1
+    ce = tmp_path / "ce"
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(ce)
+    build_tiny_tokenizer().save_pretrained(ce)
+    out = tmp_path / "o"
+    args = _args(tiny_llama_dir, train_dir, out, "--max-steps", 2, "--teacher", ce)
+    assert main([*args, "--prepare-only"]) == 0
+    rows = [json.loads(line) for line in (out / "train_data.jsonl").read_text().splitlines()]
+    assert all(len(r["neg_scores"]) == len(r["neg"]) == 3 and len(r["pos_scores"]) == len(r["pos"]) for r in rows)
+    stamp = (out / "train_data.jsonl").stat().st_mtime_ns
+    assert main(args) == 0  # the cached scores are reused, not recomputed
+    assert (out / "train_data.jsonl").stat().st_mtime_ns == stamp
+    assert all(r["kl"] is not None for r in _log(out))
+
+
 def test_every_architecture_lora_step(tiny_model_dir, train_dir, tmp_path):
     assert main(_args(tiny_model_dir, train_dir, tmp_path / "o", "--max-steps", 1)) == 0
     assert (tmp_path / "o" / "model" / "effir.json").exists()
@@ -190,8 +224,11 @@ def test_scifact_minilm_finetune_smoke(tmp_path):
 
     out = tmp_path / "minilm"
     assert main(["finetune", "minilm-l6", "--train", str(SCIFACT), "--output", str(out), "--device", "cpu",
-                 "--max-steps", 3, "--batch-size", "4", "--document-max-length", "64", "--no-progress"]) == 0
+                 "--max-steps", "3", "--batch-size", "4", "--document-max-length", "64", "--no-progress"]) == 0
     assert len(_log(out)) == 3
+    rows = [json.loads(line) for line in (out / "train_data.jsonl").read_text().splitlines()]
+    assert len(rows) == 809  # SciFact train queries with a positive
+    assert all(len(r["neg"]) == 7 and not set(r["neg_ids"]) & set(r["pos_ids"]) for r in rows)
 
 
 def test_tokenizer_fixture_is_shared():

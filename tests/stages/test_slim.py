@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import write_beir
 
 import effir
 from effir.cli import main
 from effir.surgery import count_parameters, structure_of
-
-from conftest import write_beir
 
 CORPUS = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate([
     "paris is the capital of france", "the river in the city is blue water", "a fish is in the water of the river",

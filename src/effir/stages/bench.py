@@ -5,12 +5,13 @@
 What is timed: ``Encoder.embed`` (forward pass + pooling + L2 normalisation) on pre-tokenized fixed-length batches
 already on the device; tokenization is excluded. Query side: synthetic queries of ``--query-length`` tokens, or real
 queries from ``--data`` (prompt + EOS, padded to the longest of each batch; batches cycle over up to 1,000 queries).
-Document side: synthetic documents of each ``--doc-lengths``. For every (side, length, batch size) cell, both models
-are warmed up, then timed *interleaved* (candidate, baseline, baseline, candidate, ...) with device synchronisation,
-at least ``--repeats`` times each and until each has run ``--min-time`` seconds. Reported: median and p95 latency,
-sequences/s, tokens/s, peak memory, parameters, and FLOPs per sequence counted from the instantiated modules
-(``effir.flops``), so speed-up / FLOPs-predicted speed-up = efficiency. Writes ``OUT/bench.md`` and, last,
-``OUT/bench.json``; prints one summary line per side.
+Document side: synthetic documents of each ``--doc-lengths`` (random token ids, EOS last). For every (side, length,
+batch size) cell, both models are warmed up, then timed *interleaved* (candidate, baseline, baseline, candidate,
+...) with device synchronisation, at least ``--repeats`` times each and until each has run ``--min-time`` seconds.
+Reported per cell: median and p95 latency, sequences/s, tokens/s, peak memory (CUDA: measured; CPU: an estimate,
+see ``memory_method``) and FLOPs per sequence counted from the instantiated modules (``effir.flops``); with a
+baseline, measured speed-up / FLOPs-predicted speed-up = efficiency, and per side the geometric means over its cells.
+Writes ``OUT/bench.md`` and, last, ``OUT/bench.json``; prints one summary line per side.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-length", default="32", help="tokens per synthetic query, EOS included (default: 32)")
     p.add_argument("--doc-lengths", default="256,512", help="tokens per document, comma-separated (default: 256,512)")
     p.add_argument("--query-batch-sizes", default="1,8,32", help="query batch sizes (default: 1,8,32)")
-    p.add_argument("--doc-batch-sizes", default=None, help="document batch sizes (default: 1,8,32 on GPU, 1,8 on CPU)")
+    p.add_argument("--doc-batch-sizes", default=None, help="document batch sizes (default: 1,8,32 on GPU, 1,4 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per model and cell (default: 1 CPU, 3 GPU)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed calls per model and cell (default: 5)")
     p.add_argument("--max-repeats", type=int, default=200, help="maximum timed calls per model and cell")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     candidate = load(args.model, device=args.device, dtype=args.dtype)
     baseline = load(args.baseline, device=args.device, dtype=args.dtype) if args.baseline else None
     if cfg["doc_batch_sizes"] is None:
-        cfg["doc_batch_sizes"] = [1, 8, 32] if candidate.device.type == "cuda" else [1, 8]
+        cfg["doc_batch_sizes"] = [1, 8, 32] if candidate.device.type == "cuda" else [1, 4]
     result = bench_encoders(candidate, baseline, cfg, queries=queries)
     result["models"]["candidate"]["reference"] = args.model
     if baseline is not None:
@@ -339,12 +340,22 @@ def _environment(enc: Encoder, warmup: int, cfg: dict) -> dict:
     import transformers
 
     device = enc.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": str(device), "device_name": name, "dtype": dtype_name(enc.dtype),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
             "compile": cfg["compile"], "warmup": warmup, "min_repeats": cfg["repeats"],
             "max_repeats": cfg["max_repeats"], "min_time_s": cfg["min_time"], "seed": cfg["seed"],
             "query_source": cfg["query_source"]}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # -- reporting ----------------------------------------------------------------------------------------------------

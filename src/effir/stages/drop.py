@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     counts = {"attention": args.attention, "mlp": args.mlp, "block": args.blocks}
     _check_args(args, counts)
     report = _read_scores(Path(args.scores)) if args.strategy == "importance" else None
+    if args.scores and not report:
+        print(f"effir drop: note: --strategy last ignores --scores {args.scores}", file=sys.stderr)
     t0 = time.perf_counter()
     encoder = load(args.model, device=args.device, dtype=args.dtype)
     load_s = time.perf_counter() - t0

@@ -3,9 +3,10 @@
     effir eval MODEL --data DIR|ZIP|NAME --split test --output OUT
 
 Documents are encoded chunk by chunk and searched exactly (chunked matmul) as they arrive, so memory stays bounded;
-their embeddings are cached under ``$EFFIR_CACHE/embeddings``, keyed by the model fingerprint and the corpus hash,
-so evaluating the same model again does not re-encode. Under ``torchrun`` / ``accelerate launch`` each process
-encodes a shard of every chunk; rank 0 gathers, searches and writes ``OUT/run.trec`` and, last, ``OUT/results.json``.
+their embeddings are cached in ``embeddings/`` of the effir cache ($EFFIR_CACHE, default ~/.cache/effir), keyed by
+the model fingerprint, the corpus hash and the dtype, so evaluating the same model again does not re-encode.
+Under ``torchrun`` / ``accelerate launch`` each process encodes a shard of every chunk; rank 0 gathers, searches and
+writes ``OUT/run.trec`` and, last, ``OUT/results.json``.
 BEIR conventions: title + " " + text, qrels score 0 = non-relevant, a document whose id equals the query id is
 never retrieved.
 """
@@ -95,7 +96,8 @@ def _run(args) -> int:
     doc_index = {d: i for i, d in enumerate(doc_ids)}
     exclude = torch.tensor([doc_index.get(q, -1) for q in query_ids])  # BEIR: never retrieve doc id == query id
     top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)
-    cache = None if args.no_cache else _cache_path(encoder, data)
+    model_id = fingerprint(encoder)
+    cache = None if args.no_cache else _cache_path(model_id, encoder, data)
     hit = _broadcast(cache is not None and cache.exists())
     t = time.perf_counter()
     if hit:
@@ -128,7 +130,7 @@ def _run(args) -> int:
         "device": str(encoder.device),
         "dtype": dtype_name(encoder.dtype),
         "top_k": args.top_k,
-        "fingerprint": fingerprint(encoder),
+        "fingerprint": model_id,
         "embedding": encoder.settings.to_dict(),
         "data": {"path": str(data.path), **data.report},
     }
@@ -168,8 +170,8 @@ def _warn_missing(data: BeirData, rank: int) -> None:
               file=sys.stderr)
 
 
-def _cache_path(encoder: Encoder, data: BeirData) -> Path:
-    key = f"{fingerprint(encoder)}-{data.report['corpus_sha256'][:16]}-{dtype_name(encoder.dtype)}"
+def _cache_path(model_id: str, encoder: Encoder, data: BeirData) -> Path:
+    key = f"{model_id}-{data.report['corpus_sha256'][:16]}-{dtype_name(encoder.dtype)}"
     return cache_dir() / "embeddings" / f"{key}.npy"
 
 
@@ -228,7 +230,8 @@ def _encode_sharded(encoder: Encoder, docs: list, batch_size: int, desc: str) ->
 def _to_run(query_ids, doc_ids, scores: torch.Tensor, indices: torch.Tensor) -> dict[str, dict[str, float]]:
     run_ = {}
     for qi, q in enumerate(query_ids):
-        run_[q] = {doc_ids[j]: float(s) for s, j in zip(scores[qi].tolist(), indices[qi].tolist(), strict=True) if j >= 0}
+        pairs = zip(scores[qi].tolist(), indices[qi].tolist(), strict=True)
+        run_[q] = {doc_ids[j]: float(s) for s, j in pairs if j >= 0}
     return run_
 
 

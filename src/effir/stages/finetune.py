@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,8 +34,17 @@ import torch
 from ..checkpoint import fingerprint, load, save
 from ..encoder import POOLINGS, Encoder
 from ..losses import gather_with_grad, group_scores, info_nce, kl_distill
-from ..train_data import (TrainExample, cross_encoder_scores, dense_teacher_scores, load_training_data, mine_bm25,
-                          mine_dense, parse_rank_range, random_negatives, write_flag_jsonl)
+from ..train_data import (
+    TrainExample,
+    cross_encoder_scores,
+    dense_teacher_scores,
+    load_training_data,
+    mine_bm25,
+    mine_dense,
+    parse_rank_range,
+    random_negatives,
+    write_flag_jsonl,
+)
 from ..utils import EffirError, cpu_supports_bf16, seed_everything, write_json
 
 KILL_ENV = "EFFIR_TEST_KILL_AT_STEP"  # tests: SIGKILL this process right after step k (a real, uncatchable kill)
@@ -54,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", default=None,
                    help="'data' (scores in the jsonl), a cross-encoder folder, or a dense model (e.g. the "
                         "uncompressed parent) for the KL term")
-    g.add_argument("--teacher-kind", default="auto", choices=["auto", "dense", "cross-encoder"])
+    g.add_argument("--teacher-kind", default="auto", choices=["auto", "dense", "cross-encoder"],
+                   help="auto: cross-encoder when the folder's config.json names a *ForSequenceClassification")
     g.add_argument("--kl-weight", type=float, default=None, help="KL weight (default: 1 with a teacher, else 0)")
     g.add_argument("--kl-teacher-temperature", type=float, default=None,
                    help="teacher softmax temperature (default: --temperature for a dense teacher, else 1)")
@@ -68,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated module names, default: all the architecture table names")
     g.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature (paper: 0.02)")
     g.add_argument("--no-in-batch", action="store_true", help="score each query against its own candidates only")
+    g.add_argument("--no-gather", action="store_true",
+                   help="in-batch negatives from this process only (default: gathered from every process)")
     g.add_argument("--pooling", choices=POOLINGS, default=None, help="train (and save) with this pooling")
     g.add_argument("--query-max-length", type=int, default=None, help="training query length (default: model's)")
     g.add_argument("--document-max-length", type=int, default=None, help="training document length; the saved "
@@ -91,24 +104,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", default=None, help="checkpoint folder to resume from (default: newest in DIR)")
     g.add_argument("--encode-batch-size", type=int, default=32, help="batch for mining / teacher scoring")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="cpu forces CPU; default: accelerate gives each process its GPU (or the CPU)")
     g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--overwrite", action="store_true", help="delete DIR first and start over")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run, or checkpoints of other arguments, in DIR (a killed run with the "
+                        "same arguments still resumes)")
 
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     _check_args(args)
-    if args.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    acc = Accelerator(cpu=args.device == "cpu", mixed_precision=_mixed_precision(args))
+    # Without CUDA, accelerate must be told "cpu", or each launched process trains alone.
+    acc = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available(),
+                      mixed_precision=_mixed_precision(args))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise EffirError(f"the launcher started {launched} processes but accelerate joined {acc.num_processes}; "
+                         "check the launch command (docs/distributed.md)")
     try:
-        return _run(args, acc)
-    finally:
+        rc = _run(args, acc)
+        acc.wait_for_everyone()
+        return rc
+    finally:  # no barrier on errors: a failed process exits and the launcher stops the others
         if torch.distributed.is_initialized():
-            acc.wait_for_everyone()
-            acc.end_training()
+            torch.distributed.destroy_process_group()
 
 
 def _run(args, acc) -> int:
@@ -116,9 +137,12 @@ def _run(args, acc) -> int:
     _prepare_output(args, out, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
-    encoder = load(args.model, device=str(acc.device), dtype="fp32", pooling=args.pooling)
+    # Full fine-tuning keeps fp32 master weights; under LoRA the frozen base may sit in bf16 on GPUs (peft keeps the
+    # adapter in fp32), which halves memory for 7B backbones. On this kind of CPU "auto" is fp32 anyway.
+    encoder = load(args.model, device=str(acc.device), dtype="fp32" if args.full else "auto", pooling=args.pooling)
     saved_settings = encoder.settings
-    encoder.settings = replace(saved_settings, query_max_length=args.query_max_length or saved_settings.query_max_length,
+    encoder.settings = replace(saved_settings,  # training lengths; the saved model keeps saved_settings
+                               query_max_length=args.query_max_length or saved_settings.query_max_length,
                                document_max_length=args.document_max_length or saved_settings.document_max_length)
     model_fp = fingerprint(encoder)
     examples, teacher_t = _training_data(args, encoder, acc, out)
@@ -167,8 +191,8 @@ def _prepare_output(args, out: Path, acc) -> None:
     if acc.is_main_process:
         if out.exists() and not out.is_dir():
             raise EffirError(f"--output {out} exists and is not a folder")
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
+        if args.overwrite and (out / "finetune.json").exists():
+            shutil.rmtree(out)  # a finished run; an unfinished one is resumed, or replaced in _resume
         if (out / "finetune.json").exists():
             raise EffirError(f"{out} already holds a finished fine-tune ({out / 'model'}); pass --overwrite to "
                              "train again or choose another --output")
@@ -183,7 +207,8 @@ def _training_data(args, encoder: Encoder, acc, out: Path) -> tuple[list[TrainEx
     prep = {k: getattr(args, k) for k in ("train", "split", "negatives", "num_negatives", "mine_range", "mine_model",
                                            "teacher", "teacher_kind", "seed")}
     prep["model"] = str(args.model)
-    prep["document_max_length"] = encoder.settings.document_max_length
+    prep.update(document_max_length=encoder.settings.document_max_length, pooling=encoder.settings.pooling,
+                query_max_length=encoder.settings.query_max_length)
     kind = _teacher_kind(args)
     if acc.is_main_process:
         fresh = not (path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == prep)
@@ -217,6 +242,14 @@ def _teacher_kind(args) -> str | None:
 
 
 def _prepare_examples(args, encoder: Encoder, kind: str | None) -> list[TrainExample]:
+    teacher = None
+    if kind == "dense":  # checked before any mining, which can take long
+        teacher = load(args.teacher, device=str(encoder.device))
+        if teacher.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
+            raise EffirError(f"teacher {args.teacher} uses another tokenizer than {args.model}; a dense teacher must "
+                             "be the student's uncompressed parent (same tokenizer); for any other model pass a "
+                             "cross-encoder with --teacher-kind cross-encoder")
+        teacher.settings = encoder.settings
     examples, corpus = load_training_data(args.train, args.split)
     lo_hi, n, show = parse_rank_range(args.mine_range), args.num_negatives, not args.no_progress
     how = args.negatives
@@ -228,13 +261,7 @@ def _prepare_examples(args, encoder: Encoder, kind: str | None) -> list[TrainExa
         miner = encoder if args.mine_model is None else load(args.mine_model, device=str(encoder.device))
         mine_dense(examples, corpus, miner, lo_hi, n, args.seed, args.encode_batch_size, show)
     random_negatives(examples, corpus, n, seed=args.seed)  # tops up short lists ("random": all of them)
-    if kind == "dense":
-        teacher = load(args.teacher, device=str(encoder.device))
-        if teacher.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
-            raise EffirError(f"teacher {args.teacher} uses another tokenizer than {args.model}; a dense teacher must "
-                             "be the student's uncompressed parent (same tokenizer); for any other model pass a "
-                             "cross-encoder with --teacher-kind cross-encoder")
-        teacher.settings = encoder.settings
+    if teacher is not None:
         dense_teacher_scores(examples, teacher, args.encode_batch_size, show)
     elif kind == "cross-encoder":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -250,7 +277,10 @@ def _wrap_model(args, encoder: Encoder) -> list[torch.nn.Parameter]:
     model = encoder.model
     model.train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.full:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -260,7 +290,9 @@ def _wrap_model(args, encoder: Encoder) -> list[torch.nn.Parameter]:
     targets = _lora_targets(args, encoder)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, bias="none")
-    encoder.model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        encoder.model = get_peft_model(model, config)
     encoder.model.train()
     return [p for p in encoder.model.parameters() if p.requires_grad]
 
@@ -314,9 +346,9 @@ def _lr_lambda(args, total: int):
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 RUN_KEYS = ("train", "split", "negatives", "num_negatives", "mine_range", "mine_model", "teacher", "teacher_kind",
             "kl_weight", "kl_teacher_temperature", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-            "temperature", "no_in_batch", "pooling", "query_max_length", "document_max_length", "lr", "weight_decay",
-            "schedule", "warmup_ratio", "batch_size", "grad_accum", "epochs", "max_steps", "max_grad_norm",
-            "precision", "seed")
+            "temperature", "no_in_batch", "no_gather", "pooling", "query_max_length", "document_max_length", "lr",
+            "weight_decay", "schedule", "warmup_ratio", "batch_size", "grad_accum", "epochs", "max_steps",
+            "max_grad_norm", "precision", "seed")
 
 
 def _run_key(args, world: int, model_fp: str, data_path: Path, total: int) -> dict:
@@ -346,6 +378,12 @@ def _resume(args, out: Path, acc, model, optimizer, scheduler, key: dict) -> int
         raise EffirError(f"--resume {ckpt} is not a finished effir checkpoint (no state.json)")
     state = json.loads((ckpt / "state.json").read_text())
     diff = [k for k in sorted(set(key) | set(state["key"])) if key.get(k) != state["key"].get(k)]
+    if diff and args.overwrite and not args.resume:
+        if acc.is_main_process:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "train_log.jsonl").unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        return 0
     if diff:
         shown = ", ".join(f"{k}: {state['key'].get(k)!r} -> {key.get(k)!r}" for k in diff[:4])
         raise EffirError(f"checkpoint {ckpt} belongs to another run ({shown}); use the same arguments, or "
@@ -357,6 +395,8 @@ def _resume(args, out: Path, acc, model, optimizer, scheduler, key: dict) -> int
     model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu"))
+    if (ckpt / "scaler.pt").exists() and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(torch.load(ckpt / "scaler.pt"))
     rng = torch.load(ckpt / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -395,6 +435,8 @@ def _save_checkpoint(out: Path, acc, model, optimizer, scheduler, step: int, key
         torch.save(_trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if getattr(acc, "scaler", None) is not None:  # fp16 loss scaling
+            torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -434,8 +476,11 @@ def _micro_step(args, acc, encoder: Encoder, examples, idx, epoch, teacher_t) ->
     with acc.autocast():
         q = encoder.embed(**q_batch)  # (b, H)
         d = encoder.embed(**d_batch)  # (b * G, H)
-    d_all = gather_with_grad(d.float().contiguous())  # (world * b * G, H)
-    offset = acc.process_index * len(idx)
+    if args.no_gather:
+        d_all, offset = d.float(), 0  # (b * G, H)
+    else:
+        d_all = gather_with_grad(d.float().contiguous())  # (world * b * G, H)
+        offset = acc.process_index * len(idx)
     nce = info_nce(q.float(), d_all, g, args.temperature, in_batch=not args.no_in_batch, query_offset=offset)
     loss, parts = nce, {"info_nce": nce.detach()}
     weight = args.kl_weight if args.kl_weight is not None else (1.0 if args.teacher else 0.0)
@@ -511,7 +556,7 @@ def _finish(args, encoder: Encoder, base, settings, out: Path, stats, total: int
     if not args.full:
         model = model.merge_and_unload()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,145 @@
+"""The ``effir run`` configuration: one YAML file for the whole pipeline. Imports no torch, so validation is instant.
+
+Top-level keys are the fields of :class:`RunConfig`. Each stage section (``analyze``, ``drop``, ``slim``,
+``finetune``, ``eval``, ``bench``) holds that stage's command-line options with ``_`` or ``-`` (``gate_steps: 50``
+is ``--gate-steps 50``; ``true`` is a bare flag); the stage's own parser checks the names, so a misspelled key is an
+error that names it. Options the pipeline wires itself (model, output, data, scores, baseline) are not allowed there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .utils import EffirError
+
+STAGES = ("analyze", "drop", "slim", "finetune", "eval", "bench")
+WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", "teacher"}
+BASELINES = ("original", "full", "drop_mlp", "drop_blocks", "drop_last", "drop_attention")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``effir run`` needs. Stage sections map option names to values."""
+
+    model: str
+    """The model to compress: built-in name, folder, .gguf or hub id."""
+    output: str
+    """Run folder; every stage writes into its own subfolder."""
+    train: str | None = None
+    """Training data for slim and finetune (BEIR folder, Tevatron / FlagEmbedding jsonl); ``demo`` = built-in ICT."""
+    datasets: list[str] = field(default_factory=lambda: ["demo"])
+    """BEIR folders (or official names, or ``demo``) to evaluate on."""
+    split: str = "test"
+    """qrels split evaluated."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Stages to run, in pipeline order."""
+    teacher: str | None = None
+    """KL teacher for finetune: ``parent`` (the uncompressed model), a model reference, ``data``, or none."""
+    baselines: dict = field(default_factory=dict)
+    """Baselines trained and evaluated the same way: ``full: true`` (the uncompressed model fine-tuned),
+    ``drop_blocks: K|auto`` (Drop-kB by importance), ``drop_last: K|auto`` (Drop-LastkB), ``drop_attention: K``
+    (Drop-kA); ``auto`` = as many blocks as match the EffiR model's parameter count. ``original: true`` also
+    evaluates the untouched model (no training)."""
+    launcher: str | None = None
+    """Command prefix for the training and evaluation stages, e.g. ``accelerate launch --num_processes 8`` or
+    ``torchrun --nproc_per_node 8`` (default: one process)."""
+    demo: dict = field(default_factory=dict)
+    """Size of the built-in ICT data set: ``train_queries``, ``test_queries``, ``passage_words``, ``max_passages``."""
+    analyze: dict = field(default_factory=dict)
+    drop: dict = field(default_factory=dict)
+    slim: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    bench: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        order = [s for s in STAGES if s in self.stages]
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise EffirError(f"unknown stage(s) {unknown} in 'stages'; the pipeline is {' -> '.join(STAGES)}")
+        if order != list(self.stages) or len(set(self.stages)) != len(self.stages):
+            raise EffirError(f"stages {self.stages} are out of order; they run as {' -> '.join(STAGES)}")
+        if "drop" in self.stages and "analyze" not in self.stages and self.drop.get("strategy", "importance") == \
+                "importance":
+            raise EffirError("stage 'drop' ranks by importance scores, so 'analyze' must run before it (or set "
+                             "drop.strategy: last)")
+        if {"slim", "finetune"} & set(self.stages) and not self.train and self.slim.get("method") != "magnitude":
+            raise EffirError("stages slim/finetune need training data: set 'train' (a BEIR folder, a jsonl, or demo)")
+        if "eval" in self.stages and not self.datasets:
+            raise EffirError("stage 'eval' needs at least one entry in 'datasets'")
+        for name in STAGES:
+            section = getattr(self, name)
+            if not isinstance(section, dict):
+                raise EffirError(f"section '{name}' must be a mapping of option: value, not {type(section).__name__}")
+            wired = sorted(WIRED & {k.replace("-", "_") for k in section})
+            if wired:
+                raise EffirError(f"'{name}.{wired[0]}' is set by the pipeline itself; remove it from the config")
+        bad = sorted(set(self.baselines) - set(BASELINES))
+        if bad:
+            raise EffirError(f"unknown baseline '{bad[0]}'; known: {', '.join(BASELINES)}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        if not isinstance(data, dict):
+            raise EffirError("the config must be a YAML mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EffirError(f"unknown config key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+        missing = [k for k in ("model", "output") if k not in data]
+        if missing:
+            raise EffirError(f"the config needs '{missing[0]}'")
+        if isinstance(data.get("datasets"), str):
+            data = {**data, "datasets": [data["datasets"]]}
+        return cls(**copy.deepcopy(data))
+
+    def to_dict(self) -> dict:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config and apply ``key=value`` / ``section.key=value`` overrides (values parsed as YAML)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise EffirError(f"config {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise EffirError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EffirError(f"override {item!r} is not KEY=VALUE (e.g. slim.ratio=0.5)")
+        set_key(data, key, yaml.safe_load(value))
+    return RunConfig.from_dict(data)
+
+
+def set_key(data: dict, dotted: str, value) -> None:
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        data[head] = value
+        return
+    section = data.setdefault(head, {})
+    if not isinstance(section, dict):
+        raise EffirError(f"cannot set {dotted}: '{head}' is not a section")
+    set_key(section, rest, value)
+
+
+def stage_argv(section: dict) -> list[str]:
+    """``{"gate_steps": 50, "no_progress": True}`` -> ``["--gate-steps", "50", "--no-progress"]``."""
+    argv = []
+    for key, value in section.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

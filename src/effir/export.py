@@ -1,0 +1,196 @@
+"""sentence-transformers files for an effir model folder: ``SentenceTransformer(folder)`` then embeds as effir does.
+
+:func:`write_sentence_transformers_files` runs inside :func:`effir.checkpoint.save`, on the folder being written,
+after the weights and the tokenizer. It adds what sentence-transformers (ST) 6 itself writes for an equivalent model:
+
+- ``modules.json``: Transformer (the folder root) -> Pooling (``1_Pooling``) -> Normalize (``2_Normalize``, only
+  when effir normalises);
+- ``sentence_bert_config.json``: the token budgets. ST truncates ``encode_query`` to ``query_length`` and
+  ``encode_document`` to ``document_length`` (keys of ST >= 6.0; ST 5.x raises a TypeError on them, so these folders
+  need ST 6). A plain ``encode`` call names no side, so ``max_seq_length`` is the *document* budget there;
+- ``config_sentence_transformers.json``: ``prompts`` {"query", "document"} = effir's templates up to ``{text}``;
+- ``1_Pooling/config.json``: effir's pooling with ``include_prompt: true`` (effir pools over prompt tokens too);
+- in ``tokenizer_config.json``: a pad token (EOS, as effir falls back to) when there is none, and right padding.
+
+Two things ST cannot be told through its own config:
+
+- **EOS.** effir's last-token recipe appends EOS to every input; ST tokenises with the folder's tokenizer only. So
+  the saved ``tokenizer.json`` gets a post-processor that appends EOS (after whatever it already adds, e.g. BOS).
+  The tokenizers library counts post-processor tokens when it truncates, so a long text keeps ``max_length - 1``
+  tokens plus EOS, exactly as effir truncates. effir's own :class:`~effir.encoder.Encoder` sees that the tokenizer
+  already appends EOS and does not add a second one, so effir's token ids are unchanged. The edit is checked by
+  reloading the saved tokenizer; if it does not reproduce effir's ids, the tokenizer files are restored and the
+  ST files are not written.
+- **A template with text after** ``{text}`` (ST prompts are prefixes only).
+
+When the ST files cannot be written, the function says why; ``save`` records that in ``effir.json`` under
+``sentence_transformers`` (``{"exported": false, "reason": ...}``), so a folder without ``modules.json`` explains
+itself. Compressed folders load with ``SentenceTransformer(folder, trust_remote_code=True)``: ST passes
+``trust_remote_code`` on to ``AutoConfig`` / ``AutoModel``, which run the folder's ``modeling_effir.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+from .encoder import tokenizer_appends_eos
+
+ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling",
+            "2_Normalize")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Probe texts for checking the edited tokenizer: a short one, and one far longer than the probe budget.
+_PROBES = ("Paris is the capital of France.", " ".join(["the river water is blue and a fish is in it."] * 20))
+_PROBE_MAX_LENGTH = 9
+
+
+def write_sentence_transformers_files(folder: str | Path, encoder) -> dict:
+    """Make ``folder`` (an effir model folder being saved) loadable by sentence-transformers with effir's embeddings.
+
+    Args:
+        folder: the folder; it already holds the HF weights, ``config.json`` and the tokenizer files.
+        encoder: the :class:`~effir.encoder.Encoder` being saved (its settings and tokenizer).
+
+    Returns:
+        What ``effir.json`` records under ``sentence_transformers``: ``{"exported": True, "prompts": ...,
+        "tokenizer_appends_eos": ...}``, or ``{"exported": False, "reason": "..."}`` when ST cannot reproduce effir's
+        embeddings (nothing ST-specific is then written and the tokenizer files are as the tokenizer saved them).
+    """
+    folder = Path(folder)
+    s = encoder.settings
+    prompts = {}
+    for side, template in (("query", s.query_template), ("document", s.document_template)):
+        prefix, _, suffix = template.partition("{text}")
+        if suffix:
+            return {"exported": False, "reason": f"the {side} template {template!r} has text after {{text}}; "
+                                                 "sentence-transformers prompts can only be prefixes"}
+        prompts[side] = prefix
+    if s.pooling not in ST_POOLING:
+        return {"exported": False, "reason": f"pooling {s.pooling!r} has no sentence-transformers equivalent"}
+    if s.append_eos and not tokenizer_appends_eos(encoder.tokenizer):
+        reason = _append_eos_in_tokenizer(folder, encoder.tokenizer)
+        if reason:
+            return {"exported": False, "reason": reason}
+    _tidy_tokenizer_config(folder, encoder.tokenizer)
+    _write_st_config(folder, encoder, prompts)
+    return {"exported": True, "prompts": prompts, "tokenizer_appends_eos": s.append_eos}
+
+
+# -- tokenizer ------------------------------------------------------------------------------------------------------
+def _append_eos_in_tokenizer(folder: Path, tokenizer) -> str | None:
+    """Give the saved tokenizer a post-processor that appends EOS; ``None`` on success, else why not (files restored)."""
+    from tokenizers import Tokenizer, processors
+
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return "the tokenizer has no tokenizer.json, so EOS cannot be appended for sentence-transformers"
+    backup = {name: (folder / name).read_text() for name in _TOKENIZER_FILES if (folder / name).exists()}
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    backend = Tokenizer.from_file(str(path))
+    append = processors.TemplateProcessing(single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
+                                           special_tokens=[(eos, eos_id)])
+    old = backend.post_processor
+    backend.post_processor = append if old is None else processors.Sequence([old, append])
+    backend.save(str(path))
+    config_path = folder / "tokenizer_config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        # transformers 5 rebuilds the post-processor from these flags when either is present; keep them in step
+        if "add_bos_token" in config or "add_eos_token" in config:
+            config["add_eos_token"] = True
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        reloaded = type(tokenizer).from_pretrained(str(folder))
+        ok = all(reloaded(text, truncation=True, max_length=n)["input_ids"] == _effir_ids(tokenizer, text, n)
+                 for text in _PROBES for n in (_PROBE_MAX_LENGTH, 512))
+    except Exception as e:  # any failure to reload means the edit is not usable; say so rather than crash the save
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "the reloaded tokenizer's ids differ from effir's"
+    if ok:
+        return None
+    for name, text in backup.items():
+        (folder / name).write_text(text)
+    return f"could not make the saved tokenizer append EOS ({why}); sentence-transformers would embed differently"
+
+
+def _effir_ids(tokenizer, text: str, max_length: int) -> list[int]:
+    """The ids effir feeds the model: truncate to ``max_length - 1``, then append EOS (as Encoder.token_ids does)."""
+    ids = tokenizer(text, truncation=True, max_length=max_length - 1)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def _tidy_tokenizer_config(folder: Path, tokenizer) -> None:
+    """ST pads with the tokenizer: it needs a pad token (effir falls back to EOS) and right padding.
+
+    Right padding keeps positions 0..n-1 for every text, as effir's explicit ``position_ids`` do; left padding
+    would shift them for models without relative positions.
+    """
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    changed = False
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        config["pad_token"], changed = str(tokenizer.eos_token), True
+    if config.get("padding_side", "right") != "right":
+        config["padding_side"], changed = "right", True
+    if changed:
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+# -- sentence-transformers config files ------------------------------------------------------------------------------
+def _write_st_config(folder: Path, encoder, prompts: dict) -> None:
+    s = encoder.settings
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"}]
+    if s.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.base.modules.normalize.Normalize"})
+    _dump(folder / "modules.json", modules)
+    _dump(folder / "sentence_bert_config.json", {
+        "transformer_task": "feature-extraction",
+        "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        "module_output_name": "token_embeddings",
+        # encode_query / encode_document truncate to these; a plain encode() names no side and gets max_seq_length,
+        # the document budget (ST has a single budget outside the two side-specific calls)
+        "query_length": s.query_max_length,
+        "document_length": s.document_max_length,
+        "max_seq_length": s.document_max_length,
+        "do_lower_case": False,
+    })
+    _dump(folder / "config_sentence_transformers.json", {
+        "__version__": _versions(),
+        "model_type": "SentenceTransformer",
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if s.normalize else "dot",
+    })
+    _dump(folder / "1_Pooling" / "config.json", {
+        "embedding_dimension": encoder.dim,
+        "pooling_mode": ST_POOLING[s.pooling],
+        "include_prompt": True,  # effir pools over the prompt tokens too
+    })
+    if s.normalize:
+        _dump(folder / "2_Normalize" / "config.json",
+              {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
+
+
+def _versions() -> dict:
+    import torch
+
+    out = {"pytorch": torch.__version__}
+    for key, dist in (("sentence_transformers", "sentence-transformers"), ("transformers", "transformers")):
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _dump(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,114 @@
+"""The run report: one table over the EffiR model and every baseline (parameters, nDCG@10 per data set, retention,
+query/document speed-ups), plots, written as ``report.md`` + ``report.json`` in the run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .plots import quality_speed_plot
+from .utils import write_json
+
+LABELS = {"effir": "EffiR (drop + slim)", "original": "original, not fine-tuned", "full": "full model, fine-tuned"}
+
+
+def write_report(cfg, out: Path, steps) -> Path:
+    """Collect the outputs of ``steps`` (eval results, bench summaries) into ``out/report.{md,json}``."""
+    variants = _collect(steps)
+    reference = variants.get("full", {}).get("avg_ndcg10")
+    for v in variants.values():
+        if reference and v.get("avg_ndcg10") is not None:
+            v["retention"] = v["avg_ndcg10"] / reference
+    figures = _figures(out, variants)
+    report = {"model": cfg.model, "datasets": cfg.datasets, "split": cfg.split, "variants": variants,
+              "figures": figures}
+    write_json(out / "report.json", report)
+    path = out / "report.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(_markdown(cfg, variants, figures))
+    tmp.replace(path)
+    return path
+
+
+def _collect(steps) -> dict[str, dict]:
+    variants: dict[str, dict] = {}
+    for step in steps:
+        v = variants.setdefault(step.variant, {"label": _label(step.variant), "ndcg10": {}, "metrics": {}})
+        if step.stage == "eval" and (step.folder / "results.json").exists():
+            res = json.loads((step.folder / "results.json").read_text())
+            name = step.name.split(":", 1)[1]
+            v["ndcg10"][name] = res["metrics"]["nDCG@10"]
+            v["metrics"][name] = res["metrics"]
+        elif step.stage == "bench" and (step.folder / "bench.json").exists():
+            bench = json.loads((step.folder / "bench.json").read_text())
+            v["parameters"] = bench["models"]["candidate"]["parameters"]
+            v["baseline_parameters"] = bench["models"].get("baseline", {}).get("parameters")
+            v["speed"] = {side: {k: s[k] for k in ("speedup", "predicted_speedup", "efficiency")}
+                          for side, s in bench["summary"].items()}
+        elif step.stage == "slim" and (step.folder / "slim.json").exists():
+            slim = json.loads((step.folder / "slim.json").read_text())
+            v["widths"] = slim["widths_after"]
+            v["parameters"] = v.get("parameters") or slim["parameters_after"]
+    for v in variants.values():
+        scores = list(v["ndcg10"].values())
+        v["avg_ndcg10"] = sum(scores) / len(scores) if scores else None
+    return variants
+
+
+def _label(variant: str) -> str:
+    if variant in LABELS:
+        return LABELS[variant]
+    for prefix, text in (("drop_mlp", "Drop-{}M"), ("drop_blocks", "Drop-{}B (importance)"), ("drop_last", "Drop-Last{}B"),
+                         ("drop_attention", "Drop-{}A")):
+        if variant.startswith(prefix):
+            return text.format(variant[len(prefix):])
+    return variant
+
+
+def _figures(out: Path, variants: dict) -> dict:
+    figures = {}
+    heatmap = next(iter(sorted((out / "analyze").glob("*.png"))), None) if (out / "analyze").exists() else None
+    if heatmap:
+        figures["importance"] = str(heatmap.relative_to(out))
+    if (out / "slim" / "widths.png").exists():
+        figures["widths"] = "slim/widths.png"
+    points = {v["label"]: (v["speed"], v["avg_ndcg10"]) for v in variants.values()
+              if v.get("speed") and v.get("avg_ndcg10") is not None}
+    if points:
+        quality_speed_plot(points, out / "quality_vs_speed.png")
+        figures["quality_vs_speed"] = "quality_vs_speed.png"
+    return figures
+
+
+def _fmt(x, spec=".3f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def _markdown(cfg, variants: dict, figures: dict) -> str:
+    datasets = sorted({d for v in variants.values() for d in v["ndcg10"]})
+    lines = [f"# effir report: {cfg.model}", "",
+             f"Split `{cfg.split}`; nDCG@10 from `effir eval`, speed-ups from `effir bench` against the original "
+             "model (measured / FLOPs-predicted = efficiency). Retention is relative to the fine-tuned full model.",
+             "", "| model | params (no emb.) | " + " | ".join(f"nDCG@10 {d}" for d in datasets)
+             + " | avg | retention | query speed-up | doc speed-up |",
+             "|---|---:|" + "---:|" * len(datasets) + "---:|---:|---:|---:|"]
+    for v in variants.values():
+        params = v.get("parameters", {}).get("without_embeddings")
+        speed = v.get("speed", {})
+        cells = [_fmt(v["ndcg10"].get(d)) for d in datasets]
+        q, d = speed.get("query"), speed.get("document")
+        lines.append(f"| {v['label']} | {_fmt(params, ',')} | " + " | ".join(cells)
+                     + f" | {_fmt(v['avg_ndcg10'])} | {_fmt(v.get('retention'), '.1%')} | "
+                     + f"{_speed(q)} | {_speed(d)} |")
+    lines.append("")
+    for key, title in (("quality_vs_speed", "Quality against speed"), ("importance", "Sub-layer importance"),
+                       ("widths", "MLP widths after slimming")):
+        if key in figures:
+            lines += [f"## {title}", "", f"![{title}]({figures[key]})", ""]
+    return "\n".join(lines)
+
+
+def _speed(s) -> str:
+    if not s:
+        return "-"
+    return f"{s['speedup']:.2f}x (pred. {s['predicted_speedup']:.2f}x)"

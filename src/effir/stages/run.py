@@ -1,0 +1,298 @@
+"""The whole pipeline from one YAML file: analyze -> drop -> slim -> finetune -> eval -> bench, then a report.
+
+    effir run CONFIG.yaml [--set slim.ratio=0.5 ...] [--from STAGE]
+    effir run demo            # a shipped config by name: demo, smollm2-scifact, mistral-7b-effir
+    effir demo                # = effir run demo: the whole pipeline on smollm2-135m and built-in Wikipedia data
+
+Each stage runs as its own process (``python -m effir VERB ...``, or under the config's ``launcher``) and writes into
+its own subfolder of the run folder, with a completion marker written last. Rerunning the same command skips the
+finished stages and resumes an interrupted one (slim and finetune continue from their checkpoints); a changed
+option re-runs that stage and everything after it; ``--from STAGE`` redoes STAGE and what follows. The resolved
+config is saved as RUN/config.yaml. The report is RUN/report.md + RUN/report.json with plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import STAGES, RunConfig, load_config, stage_argv
+from ..utils import EffirError, write_json
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MARKER = ".effir-done.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help=f"YAML config, or a shipped one by name ({', '.join(shipped_configs())})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set slim.ratio=0.5 --set output=runs/x (repeatable)")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
+                   help="redo this stage and every stage after it")
+    p.add_argument("--output", default=None, help="run folder (overrides the config's 'output')")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the stage commands; run nothing")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+def run(args: argparse.Namespace) -> int:
+    ref = args.config or ("demo" if args.verb == "demo" else None)
+    if ref is None:
+        raise EffirError("give a config file or one of the shipped configs: " + ", ".join(shipped_configs()))
+    overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
+    cfg = load_config(resolve_config(ref), overrides)
+    check_stage_options(cfg)
+    out = Path(cfg.output)
+    t0 = time.perf_counter()
+    if args.dry_run:
+        for step in main_steps(cfg, out):
+            print(" ".join(shlex.quote(a) for a in step.command(cfg)))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    _save_config(cfg, out / "config.yaml")
+    prepare_data(cfg, out)
+    steps = main_steps(cfg, out)
+    execute(steps, cfg, args.from_stage)
+    baseline_steps = plan_baselines(cfg, out)
+    execute(baseline_steps, cfg, args.from_stage)
+    from ..report import write_report
+
+    report = write_report(cfg, out, steps + baseline_steps)
+    print(f"effir {args.verb}: finished in {time.perf_counter() - t0:.0f}s; report: {report}")
+    return 0
+
+
+def resolve_config(ref: str) -> Path:
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    shipped = CONFIGS / f"{ref}.yaml"
+    if not shipped.exists():
+        raise EffirError(f"config {ref!r} not found: not a file and not a shipped config "
+                         f"({', '.join(shipped_configs())})")
+    return shipped
+
+
+def check_stage_options(cfg: RunConfig) -> None:
+    """Every option in a stage section must be a real option of that stage (misspellings name the key)."""
+    from ..cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for stage in STAGES:
+        known = {opt for action in subparsers[stage]._actions for opt in action.option_strings}
+        for key in getattr(cfg, stage):
+            if "--" + key.replace("_", "-") not in known:
+                raise EffirError(f"unknown option '{stage}.{key}' for `effir {stage}` ({COMMANDS[stage][1]}); "
+                                 f"see effir {stage} -h")
+
+
+def _save_config(cfg: RunConfig, path: Path) -> None:
+    import yaml
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# resolved config of this run (effir run)\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def prepare_data(cfg: RunConfig, out: Path) -> None:
+    """Build the built-in ICT data set once if the config names ``demo`` (train or datasets)."""
+    if "demo" not in [cfg.train, *cfg.datasets]:
+        return
+    folder = demo_folder(out)
+    marker = folder.parent / MARKER
+    key = _key(["demo-data", json.dumps(cfg.demo, sort_keys=True)], "")
+    if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        return
+    from ..calibration import wiki_articles
+    from ..synthetic import build_ict_beir
+
+    print("effir: building the demo data set (inverse cloze over the built-in Wikipedia excerpt)")
+    build_ict_beir(wiki_articles(), folder, **cfg.demo)
+    write_json(marker, {"key": key})
+
+
+def demo_folder(out: Path) -> Path:
+    return out / "data" / "demo"
+
+
+def _data_ref(ref: str, out: Path) -> str:
+    return str(demo_folder(out)) if ref == "demo" else ref
+
+
+def _dataset_name(ref: str) -> str:
+    return Path(ref.rstrip("/")).stem or ref
+
+
+# -- steps ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One stage invocation: ``effir VERB ARGV`` writing into ``folder`` (the marker goes there, last)."""
+
+    name: str
+    stage: str
+    argv: list[str]
+    folder: Path
+    variant: str = "effir"
+    upstream: list[Step] = field(default_factory=list)
+    done_file: str | None = None
+    """The stage's own completion file (slim.json / finetune.json), for stages that resume by themselves."""
+
+    @property
+    def key(self) -> str:
+        return _key(self.argv, "".join(u.key for u in self.upstream))
+
+    def command(self, cfg: RunConfig) -> list[str]:
+        launch = shlex.split(cfg.launcher) if cfg.launcher and self.stage in ("slim", "finetune", "eval") else None
+        prefix = [*launch, "-m", "effir"] if launch else [sys.executable, "-m", "effir"]
+        return [*prefix, self.stage, *self.argv]
+
+
+def _key(argv: list[str], upstream: str) -> str:
+    return hashlib.sha256(json.dumps([argv, upstream]).encode()).hexdigest()[:16]
+
+
+def main_steps(cfg: RunConfig, out: Path) -> list[Step]:
+    """The EffiR pipeline as configured: each stage consumes the previous stage's model."""
+    steps: list[Step] = []
+    model, prev = cfg.model, []
+    if "analyze" in cfg.stages:
+        steps.append(Step("analyze", "analyze", [cfg.model, "--output", str(out / "analyze"),
+                                                 *stage_argv(cfg.analyze)], out / "analyze"))
+        prev = [steps[-1]]
+    if "drop" in cfg.stages:
+        scores = ["--scores", str(out / "analyze" / "scores.json")] if "analyze" in cfg.stages else []
+        steps.append(Step("drop", "drop", [model, *scores, "--output", str(out / "drop" / "model"),
+                                           *stage_argv(cfg.drop)], out / "drop", upstream=prev))
+        model, prev = str(out / "drop" / "model"), [steps[-1]]
+    steps += _train_eval_bench(cfg, out, model, prev, "effir", out)
+    return steps
+
+
+def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], variant: str, base: Path,
+                      slim: bool = True) -> list[Step]:
+    steps = []
+    train = _data_ref(cfg.train, out) if cfg.train else None
+    if slim and "slim" in cfg.stages:
+        train_args = ["--train", train] if train else []
+        steps.append(Step("slim", "slim", [model, *train_args, "--output", str(base / "slim"),
+                                           *stage_argv(cfg.slim)], base / "slim", variant, prev, "slim.json"))
+        model, prev = str(base / "slim" / "model"), [steps[-1]]
+    if "finetune" in cfg.stages and variant != "original":
+        teacher = cfg.model if cfg.teacher == "parent" else cfg.teacher
+        teacher_args = ["--teacher", teacher] if teacher else []
+        steps.append(Step("finetune", "finetune", [model, "--train", train, "--output", str(base / "finetune"),
+                                                   *teacher_args, *stage_argv(cfg.finetune)],
+                          base / "finetune", variant, prev, "finetune.json"))
+        model, prev = str(base / "finetune" / "model"), [steps[-1]]
+    if "eval" in cfg.stages:
+        for ref in cfg.datasets:
+            folder = base / "eval" / _dataset_name(ref)
+            steps.append(Step(f"eval:{_dataset_name(ref)}", "eval",
+                              [model, "--data", _data_ref(ref, out), "--split", cfg.split, "--output", str(folder),
+                               *stage_argv(cfg.eval)], folder, variant, prev))
+    if "bench" in cfg.stages and variant != "original":
+        steps.append(Step("bench", "bench", [model, "--baseline", cfg.model, "--output", str(base / "bench"),
+                                             *stage_argv(cfg.bench)], base / "bench", variant, prev))
+    return steps
+
+
+def plan_baselines(cfg: RunConfig, out: Path) -> list[Step]:
+    """Baselines trained, evaluated and timed exactly like the EffiR model (no slimming)."""
+    steps: list[Step] = []
+    b = cfg.baselines
+    if b.get("original"):
+        steps += _train_eval_bench(cfg, out, cfg.model, [], "original", out / "baselines" / "original", slim=False)
+    if b.get("full"):
+        steps += _train_eval_bench(cfg, out, cfg.model, [], "full", out / "baselines" / "full", slim=False)
+    for name, flag, strategy in (("drop_mlp", "--mlp", "importance"), ("drop_blocks", "--blocks", "importance"),
+                                 ("drop_last", "--blocks", "last"), ("drop_attention", "--attention", "importance")):
+        for k in b.get(name) if isinstance(b.get(name), list) else [b.get(name)]:
+            if k:
+                steps += _drop_baseline(cfg, out, name, flag, strategy, k)
+    return steps
+
+
+def _drop_baseline(cfg: RunConfig, out: Path, name: str, flag: str, strategy: str, k) -> list[Step]:
+    """Drop K sub-layers or blocks from the original model, then fine-tune, evaluate and time it like EffiR."""
+    k = _auto_blocks(cfg, out) if k == "auto" else int(k)
+    variant = f"{name}{k}"
+    base = out / "baselines" / variant
+    scores = ["--scores", str(out / "analyze" / "scores.json")] if strategy == "importance" else []
+    if strategy == "importance" and "analyze" not in cfg.stages:
+        raise EffirError(f"baseline {name} ranks by importance and needs stage 'analyze'")
+    shared = stage_argv({key: v for key, v in cfg.drop.items() if key in ("device", "dtype", "side", "force")})
+    drop = Step("drop", "drop", [cfg.model, *scores, flag, str(k), "--strategy", strategy, "--output",
+                                 str(base / "drop" / "model"), *shared], base / "drop", variant)
+    return [drop, *_train_eval_bench(cfg, out, str(base / "drop" / "model"), [drop], variant, base, False)]
+
+
+def _auto_blocks(cfg: RunConfig, out: Path) -> int:
+    """Blocks to drop so a Drop-kB model has about the EffiR model's parameter count (without embeddings)."""
+    import effir
+    from effir.surgery import count_parameters
+
+    final = next((p for p in (out / "finetune" / "model", out / "slim" / "model", out / "drop" / "model")
+                  if (p / "config.json").exists()), None)
+    if final is None:
+        raise EffirError("baseline K 'auto' needs the EffiR model; run its stages first or give K as a number")
+    full = effir.load(cfg.model, device="cpu", dtype="fp32")
+    n_full = count_parameters(full.model, full.adapter)["without_embeddings"]
+    layers = full.model.config.num_hidden_layers
+    small = effir.load(final, device="cpu", dtype="fp32")
+    n_small = count_parameters(small.model, small.adapter)["without_embeddings"]
+    return max(1, min(layers - 1, round((n_full - n_small) / (n_full / layers))))
+
+
+# -- execution ------------------------------------------------------------------------------------------------------
+OVERWRITE = {"analyze", "drop", "slim", "finetune", "eval"}  # stages that refuse an existing output without it
+
+
+def _in_process(argv: list[str]) -> int:
+    """Run one stage in this process (no launcher): same CLI, no interpreter start-up per stage."""
+    import gc
+
+    from ..cli import main as cli_main
+
+    try:
+        return cli_main(argv)
+    finally:
+        gc.collect()
+
+
+def execute(steps: list[Step], cfg: RunConfig, from_stage: str | None) -> None:
+    redo = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
+    for step in steps:
+        marker = step.folder / MARKER
+        done = json.loads(marker.read_text()) if marker.exists() else None
+        if done and done.get("key") == step.key and step.stage not in redo:
+            print(f"effir run: [{step.variant}] {step.name}: done, skipped")
+            continue
+        stale = done is not None or step.stage in redo
+        if step.done_file and not stale and (step.folder / step.done_file).exists():
+            write_json(marker, {"key": step.key, "finished": time.time()})  # finished just before a kill
+            continue
+        marker.unlink(missing_ok=True)
+        argv = list(step.argv)
+        if (stale or step.done_file is None) and step.stage in OVERWRITE:
+            argv.append("--overwrite")  # stages that resume by themselves keep their checkpoints otherwise
+        cmd = Step(step.name, step.stage, argv, step.folder).command(cfg)
+        print(f"effir run: [{step.variant}] {step.name}: effir " + " ".join(shlex.quote(a) for a in cmd[3:]),
+              flush=True)
+        rc = subprocess.call(cmd) if cfg.launcher else _in_process(cmd[3:])
+        if rc != 0:
+            raise EffirError(f"stage {step.name} of {step.variant} failed (exit {rc}); fix what it printed above "
+                             "and rerun the same command to continue from there")
+        step.folder.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"key": step.key, "finished": time.time()})  # last: the stage is complete

@@ -1,0 +1,108 @@
+"""`effir run` end to end on the tiny model: every stage as its own process, markers, resume, report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import TINY_QRELS, write_beir
+
+from effir.cli import main
+from effir.stages.run import MARKER
+
+FAST = {
+    "analyze": {"samples": 2, "seq_len": 16, "device": "cpu"},
+    "drop": {"mlp": 1},
+    "slim": {"gate_steps": 2, "batch_size": 2, "num_negatives": 1, "width_multiple": 8, "device": "cpu",
+             "no_progress": True},
+    "finetune": {"max_steps": 3, "batch_size": 2, "num_negatives": 1, "negatives": "random", "device": "cpu",
+                 "no_progress": True, "save_every": 1, "lr": 1e-3},
+    "eval": {"device": "cpu"},
+    "bench": {"query_length": 8, "doc_lengths": "16", "query_batch_sizes": "2", "doc_batch_sizes": "2",
+              "warmup": 1, "repeats": 2, "min_time": 0, "device": "cpu"},
+}
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = write_beir(tmp_path / "beir", split="train")
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in TINY_QRELS))
+    return folder
+
+
+def _config(tmp_path, model, data, **over):
+    cfg = {"model": str(model), "output": str(tmp_path / "run"), "train": str(data), "datasets": [str(data)],
+           "analyze": {**FAST["analyze"], "calibration": f"beir:{data}"}, **{k: v for k, v in FAST.items()
+                                                                             if k != "analyze"}}
+    cfg.update(over)
+    path = tmp_path / "run.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_full_pipeline_with_baselines_and_report(tiny_llama_dir, data, tmp_path):
+    cfg = _config(tmp_path, tiny_llama_dir, data, baselines={"original": True, "full": True, "drop_last": 1})
+    assert main(["run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    variants = report["variants"]
+    assert set(variants) == {"effir", "original", "full", "drop_last1"}
+    for name in ("effir", "full", "drop_last1"):
+        assert variants[name]["speed"]["document"]["speedup"] > 0
+    assert variants["full"]["retention"] == pytest.approx(1.0)
+    assert variants["effir"]["parameters"]["total"] < variants["full"]["parameters"]["total"]
+    md = (run / "report.md").read_text()
+    assert "EffiR (drop + slim)" in md and "Drop-Last1B" in md and "quality_vs_speed.png" in md
+    assert (run / "quality_vs_speed.png").exists() and (run / "config.yaml").exists()
+    # a second run skips every finished stage
+    out = subprocess.run([sys.executable, "-m", "effir", "run", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.count("done, skipped") == len(list(run.rglob(MARKER)))
+
+
+def test_killed_mid_stage_then_rerun_gives_the_same_metrics(tiny_llama_dir, data, tmp_path):
+    stages = {"stages": ["finetune", "eval"]}
+    plain = _config(tmp_path / "a", tiny_llama_dir, data, **stages)
+    assert main(["run", str(plain)]) == 0
+    killed = _config(tmp_path / "b", tiny_llama_dir, data, **stages)
+    # stages run inside the `effir run` process, so finetune's SIGKILL after step 2 is a kill -9 of the whole run
+    env = {**os.environ, "EFFIR_TEST_KILL_AT_STEP": "2"}
+    out = subprocess.run([sys.executable, "-m", "effir", "run", str(killed)], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == -9
+    assert not (tmp_path / "b" / "run" / "finetune" / MARKER).exists()
+    assert main(["run", str(killed)]) == 0
+    metrics = [json.loads((tmp_path / x / "run" / "eval" / "beir" / "results.json").read_text())["metrics"]
+               for x in ("a", "b")]
+    assert metrics[0] == metrics[1]
+
+
+def test_from_stage_redoes_that_stage_only(tiny_llama_dir, data, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "eval"], drop={"mlp": 1, "strategy": "last"})
+    assert main(["run", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--from", "eval"]) == 0
+    printed = capsys.readouterr().out
+    assert "drop: done, skipped" in printed and "eval:beir: done, skipped" not in printed
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"modle": "x"}, "unknown config key 'modle'"),
+    ({"stages": ["eval", "drop"]}, "out of order"),
+    ({"slim": {"ratoi": 0.3}}, "unknown option 'slim.ratoi'"),
+])
+def test_bad_config_is_one_line_exit_2(tiny_llama_dir, data, tmp_path, capsys, over, message):
+    cfg = _config(tmp_path, tiny_llama_dir, data, **over)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_is_one_line_exit_2(tiny_llama_dir, data, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["eval"], datasets=[str(tmp_path / "nope")])
+    assert main(["run", str(cfg)]) == 2
+    assert "failed" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+"""Every shipped config loads, validates against the stage parsers, and opens with its launch command."""
+
+from pathlib import Path
+
+import pytest
+
+from effir.config import RunConfig, load_config, stage_argv
+from effir.stages.run import CONFIGS, check_stage_options
+from effir.utils import EffirError
+
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_the_three_configs_ship():
+    assert {p.stem for p in SHIPPED} >= {"demo", "smollm2-scifact", "mistral-7b-effir"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_is_valid_and_documented(path: Path):
+    cfg = load_config(path)
+    check_stage_options(cfg)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# effir "), f"{path.name} must open with its launch command"
+
+
+def test_mistral_config_is_the_papers_recipe():
+    cfg = load_config(CONFIGS / "mistral-7b-effir.yaml")
+    assert cfg.drop["mlp"] == 16 and cfg.slim["ratio"] == 0.3
+    assert cfg.finetune["lora_r"] == 32 and cfg.finetune["lora_alpha"] == 64
+    assert cfg.finetune["temperature"] == 0.02 and cfg.finetune["num_negatives"] == 7
+    assert "num_processes 8" in cfg.launcher
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["slim.ratio=0.5", "output=x", "datasets=[a, b]"])
+    assert cfg.slim["ratio"] == 0.5 and cfg.output == "x" and cfg.datasets == ["a", "b"]
+    with pytest.raises(EffirError, match="unknown config key 'modle'"):
+        RunConfig.from_dict({"modle": "x", "model": "y", "output": "o"})
+    cfg = load_config(CONFIGS / "demo.yaml", ["slim.rato=0.5"])
+    with pytest.raises(EffirError, match=r"unknown option 'slim.rato'"):
+        check_stage_options(cfg)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"stages": ["drop", "analyze"]}, "out of order"),
+    ({"stages": ["compress"]}, "unknown stage"),
+    ({"stages": ["drop"]}, "'analyze' must run before it"),
+    ({"stages": ["finetune"], "train": None}, "need training data"),
+    ({"drop": {"output": "x"}}, "set by the pipeline"),
+    ({"baselines": {"drop_everything": 3}}, "unknown baseline"),
+])
+def test_bad_configs(data, message):
+    base = {"model": "m", "output": "o", "train": "demo"}
+    with pytest.raises(EffirError, match=message):
+        RunConfig.from_dict({**base, **data})
+
+
+def test_stage_argv():
+    assert stage_argv({"gate_steps": 5, "compile": True, "no_cache": False, "doc_lengths": [128, 256]}) == [
+        "--gate-steps", "5", "--compile", "--doc-lengths", "128,256"]
