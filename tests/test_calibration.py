@@ -106,7 +106,7 @@ def test_bad_files(tmp_path, tiny_beir):
     with pytest.raises(EffirError, match="line 2 has no 'text'"):
         load_texts(str(bad))
     bad.write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(EffirError, match="line 2 is not valid JSON"):
+    with pytest.raises(EffirError, match=":2: not valid JSON"):
         load_texts(str(bad))
     with pytest.raises(EffirError, match="unknown BEIR part"):
         load_texts(f"beir:{tiny_beir}:qrels")

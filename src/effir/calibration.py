@@ -22,7 +22,6 @@ import bz2
 import functools
 import html
 import importlib.util
-import json
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_corpus, load_queries
+from .data import load_corpus, load_queries, read_jsonl
 from .encoder import Encoder, document_text
 from .utils import EffirError
 
@@ -182,14 +181,8 @@ def _txt_texts(path: Path) -> list[str]:
 
 def _jsonl_texts(path: Path, what: str = "calibration file") -> list[str]:
     texts = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EffirError(f"{what} {path} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for n, record in read_jsonl(path, f"{what} not found"):
+        if not isinstance(record.get("text"), str):
             raise EffirError(f"{what} {path} line {n} has no 'text' string field; each line must be "
                              '{"text": "..."}')
         text = document_text(record).strip()

@@ -95,7 +95,7 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
 def load_corpus(path: str | os.PathLike) -> dict[str, dict]:
     """``corpus.jsonl`` -> {doc id: {"title", "text"}} in file order (a repeated id keeps its last line)."""
     corpus = {}
-    for lineno, row in _jsonl(Path(path)):
+    for lineno, row in read_jsonl(Path(path)):
         corpus[_id(row, path, lineno)] = {"title": _str(row, "title", path, lineno),
                                           "text": _str(row, "text", path, lineno)}
     if not corpus:
@@ -105,7 +105,7 @@ def load_corpus(path: str | os.PathLike) -> dict[str, dict]:
 
 def load_queries(path: str | os.PathLike) -> dict[str, str]:
     """``queries.jsonl`` -> {query id: text}."""
-    queries = {_id(row, path, lineno): _str(row, "text", path, lineno) for lineno, row in _jsonl(Path(path))}
+    queries = {_id(row, path, lineno): _str(row, "text", path, lineno) for lineno, row in read_jsonl(Path(path))}
     if not queries:
         raise EffirError(f"{path} holds no queries")
     return queries
@@ -146,9 +146,13 @@ def corpus_hash(corpus: dict[str, dict]) -> str:
     return h.hexdigest()
 
 
-def _jsonl(path: Path):
+BEIR_LAYOUT = "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
+
+
+def read_jsonl(path: Path, what: str = BEIR_LAYOUT):
+    """Yield ``(line number, object)`` for each non-blank line; a bad line is an error naming ``path:line``."""
     if not path.is_file():
-        raise EffirError(f"{path} not found; a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+        raise EffirError(f"{path} not found; {what}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

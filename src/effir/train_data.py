@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .data import read_jsonl
 from .encoder import Encoder, document_text
 from .search import exact_search
 from .utils import EffirError
@@ -105,27 +106,18 @@ def _from_beir(folder: Path, split: str) -> tuple[list[TrainExample], dict[str, 
 
 def _from_jsonl(path: Path) -> tuple[list[TrainExample], dict[str, str]]:
     examples, corpus = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EffirError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise EffirError(f"{path}:{lineno}: expected a JSON object")
-            if "positive_passages" in row:
-                ex = _tevatron_row(row, path, lineno)
-            elif "pos" in row and "query" in row:
-                ex = _flag_row(row, path, lineno)
-            else:
-                raise EffirError(f"{path}:{lineno}: unknown layout (keys {sorted(row)}); expected FlagEmbedding "
-                                 "(query, pos, neg) or Tevatron (query_id, query, positive_passages)")
-            for ids, texts in ((ex.pos_ids, ex.pos), (ex.neg_ids, ex.neg)):
-                corpus.update(zip(ids, texts, strict=True))
-            if ex.pos:
-                examples.append(ex)
+    for lineno, row in read_jsonl(path, "pass a BEIR folder, a Tevatron or a FlagEmbedding jsonl"):
+        if "positive_passages" in row:
+            ex = _tevatron_row(row, path, lineno)
+        elif "pos" in row and "query" in row:
+            ex = _flag_row(row, path, lineno)
+        else:
+            raise EffirError(f"{path}:{lineno}: unknown layout (keys {sorted(row)}); expected FlagEmbedding "
+                             "(query, pos, neg) or Tevatron (query_id, query, positive_passages)")
+        for ids, texts in ((ex.pos_ids, ex.pos), (ex.neg_ids, ex.neg)):
+            corpus.update(zip(ids, texts, strict=True))
+        if ex.pos:
+            examples.append(ex)
     return examples, corpus
 
 
