@@ -153,10 +153,11 @@ class Step:
     def key(self) -> str:
         return _key(self.argv, "".join(u.key for u in self.upstream))
 
-    def command(self, cfg: RunConfig) -> list[str]:
+    def command(self, cfg: RunConfig, argv: list[str] | None = None) -> list[str]:
+        """The process to start: ``python -m effir STAGE ARGV``, under the config's launcher where it applies."""
         launch = shlex.split(cfg.launcher) if cfg.launcher and self.stage in ("slim", "finetune", "eval") else None
         prefix = [*launch, "-m", "effir"] if launch else [sys.executable, "-m", "effir"]
-        return [*prefix, self.stage, *self.argv]
+        return [*prefix, self.stage, *(self.argv if argv is None else argv)]
 
 
 def _key(argv: list[str], upstream: str) -> str:
@@ -287,10 +288,9 @@ def execute(steps: list[Step], cfg: RunConfig, from_stage: str | None) -> None:
         argv = list(step.argv)
         if (stale or step.done_file is None) and step.stage in OVERWRITE:
             argv.append("--overwrite")  # stages that resume by themselves keep their checkpoints otherwise
-        cmd = Step(step.name, step.stage, argv, step.folder).command(cfg)
-        print(f"effir run: [{step.variant}] {step.name}: effir " + " ".join(shlex.quote(a) for a in cmd[3:]),
+        print(f"effir run: [{step.variant}] {step.name}: effir {step.stage} " + " ".join(map(shlex.quote, argv)),
               flush=True)
-        rc = subprocess.call(cmd) if cfg.launcher else _in_process(cmd[3:])
+        rc = subprocess.call(step.command(cfg, argv)) if cfg.launcher else _in_process([step.stage, *argv])
         if rc != 0:
             raise EffirError(f"stage {step.name} of {step.variant} failed (exit {rc}); fix what it printed above "
                              "and rerun the same command to continue from there")
