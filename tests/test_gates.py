@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from effir.arch import get_adapter, get_path, layer_list
-from effir.gates import MlpGates, global_keep_masks, l0_penalty, uniform_magnitude_masks
+from effir.gates import MlpGates, global_keep_masks, l0_penalty, super_neurons, uniform_magnitude_masks
 from effir.surgery import slice_mlp
 from effir.utils import EffirError
 
@@ -101,3 +101,34 @@ def test_uniform_magnitude_baseline_cuts_every_layer_equally(tiny_model):
     adapter = get_adapter(tiny_model.config)
     masks = uniform_magnitude_masks(tiny_model, adapter, [0, 1, 2, 3], ratio=0.25, multiple=8)
     assert [int(m.sum()) for m in masks] == [48] * 4
+
+
+def test_super_neurons_are_found_and_always_kept(tiny_model):
+    """A neuron with a 10^4 times larger down-projection column writes a massive activation: it is found, and both
+    maskers keep it even when its own score is the lowest."""
+    adapter = get_adapter(tiny_model.config)
+    layers = list(range(len(layer_list(tiny_model, adapter))))
+    ids = torch.randint(3, 128, (2, 9))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    assert not any(m.any() for m in super_neurons(tiny_model, adapter, layers, batches))  # random weights: none
+    down = get_path(layer_list(tiny_model, adapter)[1], adapter.down_proj)
+    with torch.no_grad():
+        down.weight[:, 5] *= 1e4
+    found = super_neurons(tiny_model, adapter, layers, batches)
+    assert [torch.nonzero(m).flatten().tolist() for m in found] == [[], [5], [], []]
+    assert not any(m.any() for m in super_neurons(tiny_model, adapter, layers, batches, factor=0))
+
+    widths = [m.numel() for m in found]
+    scores = [torch.arange(w, dtype=torch.float32) + 1 for w in widths]
+    scores[1][5] = 0.0  # the lowest score of all
+    assert not global_keep_masks(scores, 0.5)[1][5]
+    kept = global_keep_masks(scores, 0.5, protect=found)
+    assert kept[1][5] and sum(int(m.sum()) for m in kept) == sum(widths) - round(0.5 * sum(widths))
+    from effir.gates import neuron_magnitude
+
+    weakest = [torch.nn.functional.one_hot(neuron_magnitude(layer_list(tiny_model, adapter)[i], adapter).argmin(),
+                                           widths[i]).bool() for i in layers]
+    plain = uniform_magnitude_masks(tiny_model, adapter, layers, 0.5)
+    assert not any(m[w].any() for m, w in zip(plain, weakest, strict=True))
+    protected = uniform_magnitude_masks(tiny_model, adapter, layers, 0.5, protect=weakest)
+    assert all(m[w].all() and m.sum() == w.numel() // 2 for m, w in zip(protected, weakest, strict=True))

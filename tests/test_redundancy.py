@@ -4,8 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effir.arch import get_adapter
-from effir.redundancy import combine, drop_order, rank_correlation, ranks, sublayer_importance
+from effir.arch import get_adapter, get_path, layer_list
+from effir.redundancy import (
+    MASSIVE_GROWTH,
+    _hook_points,
+    combine,
+    drop_order,
+    massive_sources,
+    rank_correlation,
+    ranks,
+    sublayer_importance,
+)
 
 
 def _record_layer_calls(model, layers):
@@ -102,6 +111,68 @@ def test_pad_tokens_excluded(tiny_model):
             torch.testing.assert_close(torch.tensor(got[g]), torch.tensor(alone[g]), atol=1e-5, rtol=1e-4)
 
 
+def test_massive_activation_source_is_flagged(tiny_model):
+    """A sub-layer that blows up one token's largest activation (an attention sink) is flagged, whatever its mean
+    score; growth is measured on the stream each group's score uses, so this holds for every family."""
+    adapter = get_adapter(tiny_model.config)
+    ids = torch.randint(3, 128, (2, 9))
+    plain = sublayer_importance(tiny_model, adapter, [_batch(ids)])
+
+    def plant(module, args, output):  # token 0 of every sequence gets a 10^4 times larger output
+        out = output[0] if isinstance(output, tuple) else output
+        out = out.clone()
+        out[:, 0] *= 1e4
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    out_mod = _hook_points(layer_list(tiny_model, adapter)[2], adapter, "mlp")[1]
+    handle = out_mod.register_forward_hook(plant)
+    try:
+        planted = sublayer_importance(tiny_model, adapter, [_batch(ids)])
+    finally:
+        handle.remove()
+    growth = planted["peak_growth"]
+    assert growth["mlp"][2] >= MASSIVE_GROWTH and growth["mlp"][2] >= 10 * plain["peak_growth"]["mlp"][2]
+    assert growth["block"][2] >= MASSIVE_GROWTH  # the block holding it grows too
+    for g in ("attention", "mlp"):  # nothing before the planted sub-layer changes
+        assert growth[g][:2] == plain["peak_growth"][g][:2]
+    assert 2 in massive_sources(growth)["mlp"] and 2 not in massive_sources(plain["peak_growth"])["mlp"]
+    # the mean score barely notices one token in 9 per sequence: 1 - cos is at most 2 per token
+    assert planted["mlp"][2] <= plain["mlp"][2] + 2 * 2 / 18
+
+
+def test_super_neuron_ratio_matches_gates_and_flags_the_mlp(tiny_model):
+    """The per-MLP ratio is the largest neuron contribution over the median, as effir.gates.super_neurons counts it."""
+    from effir.gates import super_neurons
+
+    adapter = get_adapter(tiny_model.config)
+    ids = torch.randint(3, 128, (2, 9))
+    layers = layer_list(tiny_model, adapter)
+    with torch.no_grad():
+        get_path(layers[1], adapter.down_proj).weight[:, 7] *= 1e4
+    got = sublayer_importance(tiny_model, adapter, [_batch(ids)])
+    ratio = got["super_neuron_ratio"]
+    assert ratio[1] >= 1e3 and all(r < 100 for k, r in enumerate(ratio) if k != 1)
+    assert 1 in massive_sources(got["peak_growth"], ratio)["mlp"]
+    found = super_neurons(tiny_model, adapter, list(range(len(layers))), [_batch(ids)], factor=ratio[1] * 0.999)
+    assert torch.nonzero(found[1]).flatten().tolist() == [7]  # the same neuron, at the same ratio
+    assert not any(m.any() for k, m in enumerate(found) if k != 1)
+
+
+def test_massive_sources_and_combined_peaks():
+    growth = {"attention": [3.0, None, 150.0], "mlp": [20.0, 853.0, 99.9], "block": [1.0, 900.0, 2.0]}
+    # a block counts when it or one of its sub-layers does
+    assert massive_sources(growth) == {"attention": [2], "mlp": [1], "block": [1, 2]}
+    assert massive_sources(growth, threshold=10) == {"attention": [2], "mlp": [0, 1, 2], "block": [0, 1, 2]}
+    assert massive_sources(growth, [120.0, None, 5.0])["mlp"] == [0, 1]  # a super neuron in MLP 0
+    r = {"attention": [0.1], "mlp": [0.2], "block": [0.3], "tokens": 1}
+    both = combine([{**r, "peak_growth": {"attention": [2.0], "mlp": [500.0], "block": [None]},
+                     "super_neuron_ratio": [30.0]},
+                    {**r, "peak_growth": {"attention": [7.0], "mlp": [3.0], "block": [None]},
+                     "super_neuron_ratio": [40.0]}])
+    assert both["peak_growth"] == {"attention": [7.0], "mlp": [500.0], "block": [None]}
+    assert both["super_neuron_ratio"] == [40.0]
+
+
 def test_dropped_sublayers_are_null(tiny_llama_dir):
     from transformers import AutoModel
 
@@ -109,6 +180,8 @@ def test_dropped_sublayers_are_null(tiny_llama_dir):
     ids = torch.randint(3, 128, (1, 6))
     got = sublayer_importance(model, get_adapter(model.config), [_batch(ids)], dropped={"mlp": [1], "attention": [3]})
     assert got["mlp"][1] is None and got["attention"][3] is None
+    assert got["peak_growth"]["mlp"][1] is None and got["peak_growth"]["attention"][3] is None
+    assert got["super_neuron_ratio"][1] is None and got["super_neuron_ratio"][0] > 1
     assert None not in got["block"] and got["mlp"][0] is not None
     assert 1 not in drop_order(got["mlp"]) and len(drop_order(got["mlp"])) == 3
 

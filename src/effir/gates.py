@@ -6,6 +6,13 @@ The gate of a layer is a vector ``z`` over its intermediate neurons, applied as
 that intermediate activation (Llama-like, Gemma, Phi3's fused gate_up and BERT's ``output.dense`` alike), so the
 gate is a forward pre-hook on the down projection: one mechanism for every architecture, and peft's LoRA still
 sees the original Linear modules.
+
+Super neurons. A handful of MLP neurons write the massive activations that attention uses as a sink (see
+:mod:`effir.redundancy`); pruning one breaks the whole model, yet nothing in an InfoNCE-trained gate protects it
+(measured on SmolLM2-135M: slimming 30 % of the MLP width took the sink token's largest activation from 22,552 to
+2,993). :func:`super_neurons` finds them from one calibration pass: the neuron's peak activation times its largest
+down-projection weight, against the layer's median (SmolLM2: MLP 11's two sink neurons at 24,000x and 9,200x the
+median, MLP 28's at 4,400x; in the layers without one, no neuron above 88x). The maskers below always keep them.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from torch import nn
 
 from .arch import ArchAdapter, get_path, layer_list
 from .utils import EffirError
+
+SUPER_NEURON_FACTOR = 100.0
+"""A neuron whose peak contribution reaches this multiple of its layer's median is kept (module docstring)."""
 
 
 class MlpGates(nn.Module):
@@ -62,11 +72,54 @@ def l0_penalty(zs: list[torch.Tensor], beta: float = 5.0) -> torch.Tensor:
     return sum(torch.sigmoid(beta * z.abs()).sum() for z in zs)
 
 
-def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 1) -> list[torch.Tensor]:
+@torch.no_grad()
+def super_neurons(model: nn.Module, adapter: ArchAdapter, layers: list[int], batches,
+                  factor: float = SUPER_NEURON_FACTOR) -> list[torch.Tensor]:
+    """Boolean masks (one per layer in ``layers``) of the neurons that carry massive activations.
+
+    A neuron's contribution is its peak ``|activation|`` over the non-pad tokens of ``batches`` (dicts with
+    ``input_ids`` and ``attention_mask``) times the largest ``|weight|`` of its down-projection column; it is a super
+    neuron when that reaches ``factor`` times the median contribution of its layer. ``factor <= 0`` flags none.
+    """
+    blocks = layer_list(model, adapter)
+    downs = [get_path(blocks[i], adapter.down_proj) for i in layers]
+    peaks = [torch.zeros(d.in_features) for d in downs]
+    state = {"mask": None}
+
+    def record(k: int):
+        def hook(_module, args):
+            x = args[0].float().abs() * state["mask"][..., None]  # (B, T, d_ff); pad positions count 0
+            peaks[k] = torch.maximum(peaks[k], x.amax(dim=(0, 1)).cpu())
+
+        return hook
+
+    if factor <= 0:
+        return [torch.zeros(d.in_features, dtype=torch.bool) for d in downs]
+    handles = [d.register_forward_pre_hook(record(k)) for k, d in enumerate(downs)]
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            mask = batch["attention_mask"].to(device)
+            state["mask"] = mask.float()
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for d, peak in zip(downs, peaks, strict=True):
+        contribution = peak * d.weight.detach().float().abs().amax(dim=0).cpu()  # (d_ff,)
+        out.append(contribution >= factor * contribution.median().clamp(min=1e-12))
+    return out
+
+
+def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 1,
+                      protect: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Rank neuron ``scores`` (e.g. ``ReLU(z)``) across *all* layers and drop the lowest ``ratio`` of them.
 
     Each layer's kept count is then rounded to the nearest multiple of ``multiple`` (so matmuls keep hardware-
-    friendly shapes), keeping that layer's top-scoring neurons. Returns one boolean keep-mask per layer.
+    friendly shapes), keeping that layer's top-scoring neurons. Neurons in ``protect`` (boolean masks, e.g. from
+    :func:`super_neurons`) rank above all others. Returns one boolean keep-mask per layer.
 
     Raises:
         EffirError: ``ratio`` outside (0, 1), or a layer would be left with no neuron.
@@ -75,6 +128,7 @@ def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 
         raise EffirError(f"ratio must be in (0, 1), got {ratio}")
     if multiple < 1:
         raise EffirError(f"width multiple must be >= 1, got {multiple}")
+    scores = _protected(scores, protect)
     flat = torch.cat([s.detach().float().flatten() for s in scores])
     n_drop = int(round(ratio * flat.numel()))
     # Stable global order: sort by score, ties broken by position, so equal scores give a deterministic cut.
@@ -97,8 +151,15 @@ def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 
     return masks
 
 
+def _protected(scores: list[torch.Tensor], protect: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    if protect is None:
+        return scores
+    return [s.detach().float().flatten().masked_fill(p.to(s.device).flatten(), float("inf"))
+            for s, p in zip(scores, protect, strict=True)]
+
+
 def uniform_magnitude_masks(model: nn.Module, adapter: ArchAdapter, layers: list[int], ratio: float,
-                            multiple: int = 1) -> list[torch.Tensor]:
+                            multiple: int = 1, protect: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Baseline ("homogeneous width", Minitron-style): drop the same fraction of every layer, by weight magnitude.
 
     A neuron's magnitude is the L2 norm of its down-projection column times that of its up-projection row(s).
@@ -107,8 +168,10 @@ def uniform_magnitude_masks(model: nn.Module, adapter: ArchAdapter, layers: list
         raise EffirError(f"ratio must be in (0, 1), got {ratio}")
     blocks = layer_list(model, adapter)
     masks = []
-    for i in layers:
+    for k, i in enumerate(layers):
         score = neuron_magnitude(blocks[i], adapter)
+        if protect is not None:
+            score = score.masked_fill(protect[k], float("inf"))
         n = score.numel()
         keep = min(n, multiple * round(n * (1 - ratio) / multiple))
         if keep <= 0:

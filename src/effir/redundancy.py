@@ -14,6 +14,19 @@ What ``x_in`` and ``x_out`` are, per group:
   the sub-layer in a post-norm model, so this is the change the next sub-layer actually receives.
 - **block**: the layer's input against the layer's output (forward pre-hook and hook on the layer). For pre-norm
   layers that is the attention's ``x_in`` against the MLP's ``x_out``.
+
+Massive activations. Decoder LLMs grow a few huge activations (thousands of times the typical size) on one token,
+usually the first, which attention then uses as a sink (Sun et al., "Massive Activations in Large Language Models",
+2024), written by a few "super neurons" in a few MLPs. Such an MLP's mean ``1 - cos`` is low, because it changes a
+few tokens of thousands, yet dropping it breaks every attention layer after it. Measured on SmolLM2-135M: MLP 11
+multiplies one token's largest activation 853x (every other sub-layer at most 27x) and ranks 10th least important;
+MLP 2 holds neurons at 824x their layer's median contribution and ranks 16th. In 60 LoRA steps on SciFact, a
+15-MLP model that drops 2, 9 and 11 collapses to constant embeddings (InfoNCE stuck at ln(#candidates)); keeping
+11 alone still collapses; keeping 2 and 11 collapses and recovers after 27 steps; keeping every MLP flagged below
+never collapses and reaches the best score. So the analysis also records, per sub-layer, its **peak growth** (the largest ``max|x_out| / max|x_in|``
+over tokens) and, per MLP, its **super-neuron ratio** (the largest neuron contribution, peak ``|activation|`` times
+largest ``|down weight|``, over the layer's median; see :func:`effir.gates.super_neurons`), and
+:func:`massive_sources` names the sub-layers where either reaches :data:`MASSIVE_GROWTH`; `effir drop` keeps them.
 """
 
 from __future__ import annotations
@@ -27,6 +40,10 @@ from .arch import ArchAdapter, get_path, layer_list
 from .utils import EffirError
 
 GROUPS = ("attention", "mlp", "block")
+MASSIVE_GROWTH = 100.0
+"""Peak growth or super-neuron ratio from which a sub-layer counts as a massive-activation source (SmolLM2-135M:
+growth 853 for MLP 11, <= 27 for every other sub-layer; super-neuron ratios 24,063 (MLP 11), 4,356 (28), 824 (2),
+572 (9), 401 (29), 283 (1), 208 (10), then <= 88)."""
 
 
 @torch.inference_mode()
@@ -42,8 +59,10 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
             sub-layers whose modules are missing) score ``None``.
 
     Returns:
-        ``{"attention": [L], "mlp": [L], "block": [L], "tokens": n}``: mean ``1 - cos`` per layer (``None`` where
-        dropped) and the number of non-pad tokens scored.
+        ``{"attention": [L], "mlp": [L], "block": [L], "tokens": n, "peak_growth": {group: [L]},
+        "super_neuron_ratio": [L]}``: mean ``1 - cos`` per layer (``None`` where dropped), the number of non-pad
+        tokens scored, each sub-layer's largest per-token growth of the largest activation, and each MLP's largest
+        neuron contribution over its median (module docstring).
 
     Raises:
         EffirError: the batches hold no non-pad token.
@@ -52,7 +71,8 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
     n = len(layers)
     dropped = {g: set(dropped.get(g, ())) if dropped else set() for g in ("attention", "mlp")}
     device = next(model.parameters()).device
-    state: dict = {"mask": None, "sums": None, "x_in": {}}
+    state: dict = {"mask": None, "sums": None, "x_in": {}, "peak": torch.zeros(len(GROUPS), n, device=device),
+                   "neurons": {}}
     handles = []
     present = {"block": [True] * n, "attention": [False] * n, "mlp": [False] * n}
     try:
@@ -64,6 +84,9 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
                     present[group][i] = True
                     in_mod, out_mod, adds_branch = points
                     handles += _hook(state, in_mod, out_mod, (GROUPS.index(group), i), adds_branch)
+            down = None if i in dropped["mlp"] else get_path(layer, adapter.down_proj)
+            if down is not None:
+                handles.append(down.register_forward_pre_hook(_neuron_peaks(state, i)))
         model.eval()
         totals = torch.zeros(len(GROUPS), n, dtype=torch.float64)
         tokens = 0
@@ -82,9 +105,30 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
     if tokens == 0:
         raise EffirError("the calibration batches contain no (non-pad) tokens; give more or longer texts")
     means = (totals / tokens).tolist()
+    peak = state["peak"].tolist()
+    ratio = [_super_ratio(state["neurons"][i], get_path(layers[i], adapter.down_proj)) if i in state["neurons"]
+             else None for i in range(n)]
     out = {g: [means[k][i] if present[g][i] else None for i in range(n)] for k, g in enumerate(GROUPS)}
     out["tokens"] = tokens
+    out["peak_growth"] = {g: [peak[k][i] if present[g][i] else None for i in range(n)] for k, g in enumerate(GROUPS)}
+    out["super_neuron_ratio"] = ratio
     return out
+
+
+def _neuron_peaks(state: dict, i: int):
+    """Pre-hook on MLP ``i``'s down projection: per-neuron peak ``|activation|`` over non-pad tokens."""
+
+    def hook(_module, args):
+        x = args[0].detach().float().abs() * state["mask"][..., None]  # (B, T, d_ff)
+        peak = x.amax(dim=(0, 1))
+        state["neurons"][i] = peak if i not in state["neurons"] else torch.maximum(state["neurons"][i], peak)
+
+    return hook
+
+
+def _super_ratio(peaks: torch.Tensor, down) -> float:
+    contribution = peaks * down.weight.detach().float().abs().amax(dim=0)  # (d_ff,)
+    return float(contribution.max() / contribution.median().clamp(min=1e-12))
 
 
 def _hook_points(layer, adapter: ArchAdapter, group: str):
@@ -113,6 +157,8 @@ def _hook(state: dict, in_mod, out_mod, key: tuple[int, int], adds_branch: bool)
         x_out = x_in + out if adds_branch else out
         cos = F.cosine_similarity(x_in, x_out, dim=-1)  # (B, T)
         state["sums"][key] += ((1.0 - cos) * state["mask"]).sum()
+        growth = x_out.abs().amax(-1) / x_in.abs().amax(-1).clamp(min=1e-6)  # (B, T)
+        state["peak"][key] = torch.maximum(state["peak"][key], (growth * state["mask"]).max())
 
     return [in_mod.register_forward_pre_hook(take_in, with_kwargs=True), out_mod.register_forward_hook(score)]
 
@@ -136,7 +182,27 @@ def combine(results: Sequence[dict]) -> dict:
         out[g] = [None if any(v is None for v in col) else
                   sum(v * r["tokens"] for v, r in zip(col, results, strict=True)) / total for col in cols]
     out["tokens"] = total
+    if all("peak_growth" in r for r in results):
+        out["peak_growth"] = {g: _column_max([r["peak_growth"][g] for r in results]) for g in GROUPS}
+        out["super_neuron_ratio"] = _column_max([r["super_neuron_ratio"] for r in results])
     return out
+
+
+def _column_max(rows: Sequence[Sequence[float | None]]) -> list[float | None]:
+    return [None if any(v is None for v in col) else max(col) for col in zip(*rows, strict=True)]
+
+
+def massive_sources(peak_growth: Mapping[str, Sequence[float | None]], super_ratio: Sequence[float | None] = (),
+                    threshold: float = MASSIVE_GROWTH) -> dict[str, list[int]]:
+    """Per group, the layers whose sub-layer creates a massive activation: peak growth or (MLPs) super-neuron ratio
+    at or above ``threshold``. A block counts when it or one of its sub-layers does."""
+    def over(values):
+        return {i for i, v in enumerate(values or []) if v is not None and v >= threshold}
+
+    out = {g: over(peak_growth.get(g)) for g in GROUPS}
+    out["mlp"] |= over(super_ratio)
+    out["block"] |= out["attention"] | out["mlp"]
+    return {g: sorted(v) for g, v in out.items()}
 
 
 def drop_order(scores: Sequence[float | None]) -> list[int]:

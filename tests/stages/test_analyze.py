@@ -8,7 +8,7 @@ import torch
 import effir
 from effir.checkpoint import fingerprint
 from effir.cli import main
-from effir.redundancy import sublayer_importance
+from effir.redundancy import massive_sources, sublayer_importance
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GROUPS = ("attention", "mlp", "block")
@@ -33,7 +33,11 @@ def test_both_sides_every_architecture(tiny_model_dir, tiny_beir, tmp_path, caps
                     "--document-samples", "4") == 0
     r = json.loads((out / "scores.json").read_text())
     assert set(r) == {"format", "model", "fingerprint", "num_layers", "calibration", "side", "scores", "by_side",
-                      "side_agreement", "drop_order"}
+                      "side_agreement", "drop_order", "peak_growth", "super_neuron_ratio", "massive"}
+    assert r["massive"] == {"threshold": 100.0, **massive_sources(r["peak_growth"], r["super_neuron_ratio"])}
+    assert len(r["super_neuron_ratio"]) == 4 and all(v >= 1 for v in r["super_neuron_ratio"])
+    for g in GROUPS:
+        assert len(r["peak_growth"][g]) == 4 and all(v > 0 for v in r["peak_growth"][g])
     assert r["format"] == 1 and r["model"] == str(tiny_model_dir) and r["num_layers"] == 4 and r["side"] == "both"
     assert r["fingerprint"] == fingerprint(effir.load(tiny_model_dir, device="cpu", dtype="fp32"))
     c = r["calibration"]

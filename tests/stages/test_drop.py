@@ -65,6 +65,22 @@ def test_blocks_then_groups_and_side_scores(tiny_llama_dir, tmp_path):
     assert read_effir_json(out2)["structure"]["dropped_mlp"] == [0]  # document-side MLP scores rank layer 0 first
 
 
+def test_massive_activation_sources_are_kept_unless_asked(tiny_llama_dir, tmp_path, capsys):
+    massive = {"threshold": 100.0, "attention": [], "mlp": [1], "block": []}
+    scores = write_scores(tmp_path / "scores.json", tiny_llama_dir, massive=massive)
+    assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 2, "--output", tmp_path / "kept") == 0
+    assert read_effir_json(tmp_path / "kept")["structure"]["dropped_mlp"] == [2, 3]  # 1 (0.1) is kept
+    assert "keeping mlp 1: massive-activation source" in capsys.readouterr().err
+    assert drop(tiny_llama_dir, "--scores", scores, "--blocks", 2, "--output", tmp_path / "blocks") == 0
+    assert read_effir_json(tmp_path / "blocks")["history"][-1]["blocks"] == [0, 3]  # block 1 holds the source
+    assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 2, "--drop-massive", "--output", tmp_path / "all") == 0
+    assert read_effir_json(tmp_path / "all")["structure"]["dropped_mlp"] == [1, 3]
+    capsys.readouterr()
+    assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 4, "--output", tmp_path / "too-many") == 2
+    err = capsys.readouterr().err
+    assert "only 3 mlp left to drop (1 kept as massive-activation sources; --drop-massive allows them)" in err
+
+
 def test_strategy_last_needs_no_scores(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert drop(tiny_llama_dir, "--strategy", "last", "--blocks", 1, "--mlp", 2, "--output", out) == 0

@@ -1,5 +1,6 @@
 """``effir finetune`` end to end on tiny models: outputs, LoRA vs full, resume after kill -9, 2 processes, errors."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -233,3 +234,35 @@ def test_scifact_minilm_finetune_smoke(tmp_path):
 
 def test_tokenizer_fixture_is_shared():
     assert build_tiny_tokenizer().get_vocab() == build_tiny_tokenizer().get_vocab()
+
+
+def test_mean_pairwise_cosine_by_hand():
+    from effir.stages.finetune import mean_pairwise_cosine
+
+    x = torch.tensor([[1.0, 0.0], [3.0, 4.0], [0.0, -2.0]])  # unit: (1,0), (.6,.8), (0,-1)
+    pairs = [0.6, 0.0, -0.8]  # (0,1), (0,2), (1,2)
+    assert mean_pairwise_cosine(x).item() == pytest.approx(sum(pairs) / 3)
+    assert mean_pairwise_cosine(torch.ones(5, 3) * torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.eye(4)).item() == pytest.approx(0.0)
+
+
+def test_collapse_is_logged_and_warned_once(tiny_llama_dir, train_dir, tmp_path, capsys):
+    from effir.stages.finetune import COLLAPSE_STEPS, _watch_collapse
+
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 2)) == 0
+    assert all(-1.0 <= r["doc_cos"] <= 1.0 for r in _log(out))
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["final_doc_cos"] == _log(out)[-1]["doc_cos"] and summary["collapsed"] is False
+    capsys.readouterr()
+
+    stats = {"collapsed_steps": 0, "collapse_warned": False}
+    args = argparse.Namespace(lr=1e-3)
+    cosines = [0.999] * (COLLAPSE_STEPS - 1) + [0.5] + [0.9995] * (COLLAPSE_STEPS + 3)
+    warned_at = []
+    for step, c in enumerate(cosines, 1):
+        _watch_collapse(stats, {"step": step, "doc_cos": c, "info_nce": 2.77}, args, main=True)
+        if "warning: the embeddings have collapsed" in capsys.readouterr().err:
+            warned_at.append(step)
+    # a dip below the threshold resets the count; then exactly one warning, COLLAPSE_STEPS steps in
+    assert warned_at == [2 * COLLAPSE_STEPS] and stats["collapsed_steps"] == COLLAPSE_STEPS + 3

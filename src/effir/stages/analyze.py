@@ -8,6 +8,9 @@ Sides (--side): `text` joins the texts and cuts them into --samples blocks of --
 `query` / `document` encode --samples texts one by one exactly as retrieval does (prompt template, per-side max
 length, EOS); `both` scores queries and documents separately so you can see whether they disagree (the headline
 scores are then their token-weighted mean). Default (`auto`): `both` for beir:DIR (queries vs corpus), else `text`.
+It also flags the sub-layers that create a massive activation (an attention sink: one token's largest activation
+grows >= 100x across the sub-layer, or an MLP neuron contributes >= 100x its layer's median); their score looks
+redundant but `effir drop` keeps them (see effir.redundancy).
 Writes OUT/importance.png (layer x {attention, MLP, block}, one panel per side, annotated with the drop order) and,
 last, OUT/scores.json, which `effir drop` reads for any number of dropped layers. Prints a table.
 """
@@ -24,7 +27,16 @@ from tqdm.auto import tqdm
 from ..calibration import block_batches, load_texts, sample_texts, side_batches, token_blocks
 from ..checkpoint import fingerprint, load
 from ..plots import importance_heatmap
-from ..redundancy import GROUPS, combine, drop_order, rank_correlation, ranks, sublayer_importance
+from ..redundancy import (
+    GROUPS,
+    MASSIVE_GROWTH,
+    combine,
+    drop_order,
+    massive_sources,
+    rank_correlation,
+    ranks,
+    sublayer_importance,
+)
 from ..surgery import structure_of
 from ..utils import EffirError, write_json
 
@@ -151,6 +163,10 @@ def _report(args, encoder, side: str, scores: dict, results: dict, calib: dict) 
         report["side_agreement"] = {g: rank_correlation(results["query"][g], results["document"][g])
                                     for g in GROUPS}  # Spearman rank correlation, query vs document
     report["drop_order"] = {g: drop_order(scores[g]) for g in GROUPS}
+    report["peak_growth"] = scores["peak_growth"]
+    report["super_neuron_ratio"] = scores["super_neuron_ratio"]
+    report["massive"] = {"threshold": MASSIVE_GROWTH,
+                         **massive_sources(scores["peak_growth"], scores["super_neuron_ratio"])}
     return report
 
 
@@ -165,11 +181,20 @@ def _print_table(report: dict, out: Path) -> None:
         for g in GROUPS:
             v = report["scores"][g][i]
             row += f" | {'dropped':>9} {'':>3}" if v is None else f" | {v:9.5f} {rank[g][i]:3d}"
+            row += "!" if i in report["massive"][g] else " "
             if both:
                 row += "".join(f" {_fmt(side_rank[(s, g)][i])}" for s in ("query", "document"))
         lines.append(row)
     lines.append("drop order (least important first):")
     lines += [f"  {g:9}: {' '.join(map(str, report['drop_order'][g]))}" for g in GROUPS]
+    def strength(g, i):
+        growth = report["peak_growth"][g][i]
+        ratio = report["super_neuron_ratio"][i] if g == "mlp" else None
+        return f"growth {growth:.0f}x" + (f", super neuron {ratio:.0f}x" if ratio else "")
+
+    sources = [f"{g} {i} ({strength(g, i)})" for g in ("attention", "mlp") for i in report["massive"][g]]
+    if sources:
+        lines.append(f"! massive-activation source (kept by `effir drop`): {', '.join(sources)}")
     if both:
         agree = report["side_agreement"]
         lines.append("query vs document rank correlation (Spearman): "

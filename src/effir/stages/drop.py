@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="importance: lowest scores first (default); last: the last layers, no scores")
     p.add_argument("--side", choices=("query", "document"), default=None,
                    help="rank by one side's scores from a two-sided scores.json (default: the combined scores)")
+    p.add_argument("--drop-massive", action="store_true",
+                   help="also drop sub-layers that create a massive activation (attention sink); by default "
+                        "--strategy importance keeps them, because dropping one breaks every attention after it")
     p.add_argument("--output", required=True, help="folder for the compressed model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
     p.add_argument("--force", action="store_true", help="use scores computed on a different model (fingerprint)")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     n = before["num_layers"]
     fp = fingerprint(encoder) if report else None
     scores = _pick_scores(report, args, n, fp) if report else None
-    new = choose_drops(before, counts, scores)
+    keep = {} if args.drop_massive or not report else _massive(report)
+    new = choose_drops(before, counts, scores, keep)
     params_before = count_parameters(encoder.model, adapter)
     drop_sublayers(encoder.model, adapter, attention=new["attention"], mlp=new["mlp"])
     encoder.meta["structure"] = after = structure_of(encoder.model, adapter)
@@ -131,29 +135,48 @@ def _pick_scores(report: dict, args, n: int, fp: str) -> dict:
     return tables[f"by_side.{args.side}" if args.side else "scores"]
 
 
-def choose_drops(structure: dict, counts: dict, scores: dict | None) -> dict:
+def _massive(report: dict) -> dict[str, set[int]]:
+    """Sub-layers the scores flag as massive-activation sources (none for scores written before effir 0.1.0 had
+    the flag); a block holding one is kept too. Says which it keeps."""
+    flagged = report.get("massive") or {}
+    keep = {g: set(flagged.get(g) or []) for g in ("attention", "mlp", "block")}
+    keep["block"] |= keep["attention"] | keep["mlp"]
+    named = [f"{g} {i}" for g in ("attention", "mlp") for i in sorted(keep[g])]
+    if named:
+        print(f"effir drop: keeping {', '.join(named)}: massive-activation source (attention sink) in the scores; "
+              "--drop-massive to allow dropping", file=sys.stderr)
+    return keep
+
+
+def choose_drops(structure: dict, counts: dict, scores: dict | None, keep: dict | None = None) -> dict:
     """Layer indices to drop now: ``{"block": [...], "attention": [...], "mlp": [...]}`` (attention/mlp include
-    the blocks' sub-layers). ``scores`` None means the ``last`` strategy. Sub-layers dropped before are skipped."""
+    the blocks' sub-layers). ``scores`` None means the ``last`` strategy. Sub-layers dropped before, and those in
+    ``keep`` (``{group: layer indices}``, importance strategy only), are never picked."""
     n = structure["num_layers"]
+    keep = keep or {}
     gone = {"attention": set(structure["dropped_attention"]), "mlp": set(structure["dropped_mlp"])}
     new = {"block": [], "attention": set(), "mlp": set()}
     if counts["block"]:
-        candidates = [i for i in range(n) if not (i in gone["attention"] and i in gone["mlp"])]
-        new["block"] = sorted(_pick(candidates, counts["block"], scores and scores["block"], "blocks", n))
+        candidates = [i for i in range(n) if not (i in gone["attention"] and i in gone["mlp"])
+                      and i not in keep.get("block", ())]
+        new["block"] = sorted(_pick(candidates, counts["block"], scores and scores["block"], "blocks", n,
+                                     len(keep.get("block", ()))))
         for group in ("attention", "mlp"):
             new[group] |= set(new["block"]) - gone[group]
             gone[group] |= set(new["block"])
     for group in ("attention", "mlp"):
         if counts[group]:
-            candidates = [i for i in range(n) if i not in gone[group]]
-            new[group] |= set(_pick(candidates, counts[group], scores and scores[group], group, n))
+            candidates = [i for i in range(n) if i not in gone[group] and i not in keep.get(group, ())]
+            new[group] |= set(_pick(candidates, counts[group], scores and scores[group], group, n,
+                                         len(keep.get(group, ()))))
     return {g: sorted(v) for g, v in new.items()}
 
 
-def _pick(candidates: list[int], k: int, scores: list | None, what: str, n: int) -> list[int]:
+def _pick(candidates: list[int], k: int, scores: list | None, what: str, n: int, kept: int = 0) -> list[int]:
     if k > len(candidates):
+        why = f" ({kept} kept as massive-activation sources; --drop-massive allows them)" if kept else ""
         raise EffirError(f"cannot drop {k} {what}: the model has {n} layers and only {len(candidates)} "
-                         f"{what} left to drop; use a smaller K")
+                         f"{what} left to drop{why}; use a smaller K")
     if scores is None:  # strategy "last"
         return candidates[len(candidates) - k:]
     unscored = [i for i in candidates if scores[i] is None]

@@ -233,7 +233,8 @@ def _drop_baseline(cfg: RunConfig, out: Path, name: str, flag: str, strategy: st
     scores = ["--scores", str(out / "analyze" / "scores.json")] if strategy == "importance" else []
     if strategy == "importance" and "analyze" not in cfg.stages:
         raise EffirError(f"baseline {name} ranks by importance and needs stage 'analyze'")
-    shared = stage_argv({key: v for key, v in cfg.drop.items() if key in ("device", "dtype", "side", "force")})
+    shared = stage_argv({key: v for key, v in cfg.drop.items()
+                         if key.replace("-", "_") in ("device", "dtype", "side", "force", "drop_massive")})
     drop = Step("drop", "drop", [cfg.model, *scores, flag, str(k), "--strategy", strategy, "--output",
                                  str(base / "drop" / "model"), *shared], base / "drop", variant)
     return [drop, *_train_eval_bench(cfg, out, str(base / "drop" / "model"), [drop], variant, base, False)]

@@ -9,6 +9,8 @@
 and the lowest --ratio of neurons is masked, so layers end up with different widths. --recover-steps trains the
 masked model with the retrieval loss (LoRA), then the masked rows and columns are removed physically.
 --method magnitude cuts the same fraction of every layer by weight magnitude (Minitron-style), for comparison.
+Both keep the few "super neurons" that write the model's massive activations (attention sinks), found on the
+built-in prose in one forward pass (effir.gates.super_neurons; --super-neuron-factor 0 turns this off).
 
 Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
 hardware runs fast (see benchmarks/width_multiple.py). Writes DIR/model (compressed-model format with per-layer
@@ -27,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
-from ..gates import MlpGates, global_keep_masks, uniform_magnitude_masks
+from ..gates import SUPER_NEURON_FACTOR, MlpGates, global_keep_masks, super_neurons, uniform_magnitude_masks
 from ..losses import info_nce
 from ..plots import width_plot
 from ..surgery import count_parameters, slice_mlp, structure_of
@@ -49,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "an H200 in bf16 (benchmarks/width_multiple.py, widths 1005-1145): widths that are not a "
                         "multiple of 8 cost 3.6x more time per neuron; multiples of 8/16/32/64 cost 1.08/1.06/1.04/"
                         "1.06x the best. 32 also keeps fp32 rows whole AVX-512 vectors on CPUs")
+    p.add_argument("--super-neuron-factor", type=float, default=SUPER_NEURON_FACTOR,
+                   help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
+                        f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
     p.add_argument("--train", help="training data (BEIR folder / Tevatron / FlagEmbedding jsonl); needed by --method "
                                    "learned")
     p.add_argument("--split", default="train")
@@ -96,10 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if not layers:
         raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
     widths_before = [structure["mlp_widths"][i] for i in layers]
+    protect = _super_neurons(args, encoder, layers)
     if learned:
-        masks, z = _learned_masks(args, encoder, layers, out)
+        masks, z = _learned_masks(args, encoder, layers, out, protect)
     else:
-        masks, z = uniform_magnitude_masks(encoder.model, adapter, layers, args.ratio, args.width_multiple), None
+        masks = uniform_magnitude_masks(encoder.model, adapter, layers, args.ratio, args.width_multiple, protect)
+        z = None
     for i, mask in zip(layers, masks, strict=True):
         slice_mlp(encoder.model, adapter, i, torch.nonzero(mask).flatten())
     encoder.model.eval()
@@ -117,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
     removed = 1 - sum(widths_after) / sum(widths_before)
     summary = {**stage, "model": str(args.model), "output": str(out / "model"), "layers": layers,
                "widths_before": widths_before, "widths_after": widths_after, "removed_fraction": round(removed, 4),
-               "parameters_before": before, "parameters_after": after, "wall_s": round(time.perf_counter() - t0, 1)}
+               "parameters_before": before, "parameters_after": after,
+               "super_neurons": {str(i): torch.nonzero(m).flatten().tolist() for i, m in zip(layers, protect, strict=True)
+                                 if m.any()},
+               "wall_s": round(time.perf_counter() - t0, 1)}
     if z is not None:
         summary["gate_stats"] = [{"layer": i, "mean_relu_z": round(float(torch.relu(v).mean()), 4)}
                                  for i, v in zip(layers, z, strict=True)]
@@ -153,7 +164,22 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 
 # -- learned gates --------------------------------------------------------------------------------------------------
-def _learned_masks(args, encoder, layers: list[int], out: Path):
+def _super_neurons(args, encoder, layers: list[int]) -> list[torch.Tensor]:
+    """Super-neuron masks from 4 blocks of 256 tokens of the built-in prose (any text shows the sink)."""
+    if args.super_neuron_factor <= 0:
+        return [torch.zeros(w, dtype=torch.bool) for w in structure_of(encoder.model, encoder.adapter)["mlp_widths"]
+                if w is not None]
+    blocks = token_blocks(encoder.tokenizer, load_texts("wiki").documents, 4, 256, seed=args.seed)
+    encoder.model.eval()
+    protect = super_neurons(encoder.model, encoder.adapter, layers, block_batches(blocks, 2, encoder.pad_id),
+                            args.super_neuron_factor)
+    found = [f"{i}:{int(m.sum())}" for i, m in zip(layers, protect, strict=True) if m.any()]
+    print(f"effir slim: keeping {sum(int(m.sum()) for m in protect)} super neuron(s) (layer:count "
+          f"{' '.join(found) or '-'})")
+    return protect
+
+
+def _learned_masks(args, encoder, layers: list[int], out: Path, protect: list[torch.Tensor]):
     """Train z (phase 1), rank ReLU(z) globally into masks, optionally train the masked model (phase 2)."""
     from dataclasses import replace
 
@@ -185,7 +211,7 @@ def _learned_masks(args, encoder, layers: list[int], out: Path):
 
     _train(args, encoder, examples, gates, "gates", phase1, args.gate_steps, penalty, ckpt, out, key)
     z = [v.detach().clone() for v in gates.z]
-    masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple)
+    masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple, protect)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
         _train(args, encoder, examples, gates, "recover", [{"params": lora_params, "lr": args.lr}],
