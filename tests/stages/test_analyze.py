@@ -191,4 +191,7 @@ def test_real_smollm2_on_scifact(tmp_path):
         assert r["drop_order"][g][-1] == 0  # layer 0 rewrites the embeddings: most important in every group
         assert all(0 < v < 1.5 for v in r["scores"][g])
     assert r["side_agreement"]["block"] > 0.5
+    # the attention sink: MLP 11 writes SmolLM2's massive activation (853x on prose); flagged whatever its score
+    assert 11 in r["massive"]["mlp"] and r["peak_growth"]["mlp"][11] >= 100 and r["super_neuron_ratio"][11] >= 1000
+    assert r["massive"]["attention"] == [] and 0 not in r["massive"]["mlp"]
     _check_png(out / "importance.png")
