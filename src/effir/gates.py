@@ -77,25 +77,18 @@ def super_neurons(model: nn.Module, adapter: ArchAdapter, layers: list[int], bat
                   factor: float = SUPER_NEURON_FACTOR) -> list[torch.Tensor]:
     """Boolean masks (one per layer in ``layers``) of the neurons that carry massive activations.
 
-    A neuron's contribution is its peak ``|activation|`` over the non-pad tokens of ``batches`` (dicts with
-    ``input_ids`` and ``attention_mask``) times the largest ``|weight|`` of its down-projection column; it is a super
-    neuron when that reaches ``factor`` times the median contribution of its layer. ``factor <= 0`` flags none.
+    A neuron's contribution (:func:`neuron_contribution`) is its peak ``|activation|`` over the non-pad tokens of
+    ``batches`` (dicts with ``input_ids`` and ``attention_mask``) times the largest ``|weight|`` of its
+    down-projection column; it is a super neuron when that reaches ``factor`` times the median contribution of its
+    layer. ``factor <= 0`` flags none.
     """
     blocks = layer_list(model, adapter)
     downs = [get_path(blocks[i], adapter.down_proj) for i in layers]
-    peaks = [torch.zeros(d.in_features) for d in downs]
-    state = {"mask": None}
-
-    def record(k: int):
-        def hook(_module, args):
-            x = args[0].float().abs() * state["mask"][..., None]  # (B, T, d_ff); pad positions count 0
-            peaks[k] = torch.maximum(peaks[k], x.amax(dim=(0, 1)).cpu())
-
-        return hook
-
     if factor <= 0:
         return [torch.zeros(d.in_features, dtype=torch.bool) for d in downs]
-    handles = [d.register_forward_pre_hook(record(k)) for k, d in enumerate(downs)]
+    peaks: dict[int, torch.Tensor] = {}
+    state = {"mask": None}
+    handles = [d.register_forward_pre_hook(neuron_peak_hook(peaks, k, state)) for k, d in enumerate(downs)]
     device = next(model.parameters()).device
     try:
         for batch in batches:
@@ -107,10 +100,26 @@ def super_neurons(model: nn.Module, adapter: ArchAdapter, layers: list[int], bat
         for h in handles:
             h.remove()
     out = []
-    for d, peak in zip(downs, peaks, strict=True):
-        contribution = peak * d.weight.detach().float().abs().amax(dim=0).cpu()  # (d_ff,)
+    for k, d in enumerate(downs):
+        contribution = neuron_contribution(peaks[k], d) if k in peaks else torch.zeros(d.in_features)
         out.append(contribution >= factor * contribution.median().clamp(min=1e-12))
     return out
+
+
+def neuron_peak_hook(store: dict, key, state: dict):
+    """Forward pre-hook for a down projection: ``store[key]`` becomes the per-neuron peak ``|input|`` over the
+    tokens where ``state["mask"]`` ``(B, T)`` is 1, accumulated over calls."""
+
+    def hook(_module, args):
+        peak = (args[0].detach().float().abs() * state["mask"][..., None]).amax(dim=(0, 1))  # (d_ff,)
+        store[key] = peak if key not in store else torch.maximum(store[key], peak)
+
+    return hook
+
+
+def neuron_contribution(peak: torch.Tensor, down: nn.Module) -> torch.Tensor:
+    """Each neuron's peak ``|activation|`` times the largest ``|weight|`` of its down-projection column: ``(d_ff,)``."""
+    return peak.float().cpu() * down.weight.detach().float().abs().amax(dim=0).cpu()
 
 
 def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 1,

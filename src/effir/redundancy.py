@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import ArchAdapter, get_path, layer_list
+from .gates import neuron_contribution, neuron_peak_hook
 from .utils import EffirError
 
 GROUPS = ("attention", "mlp", "block")
@@ -86,7 +87,7 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
                     handles += _hook(state, in_mod, out_mod, (GROUPS.index(group), i), adds_branch)
             down = None if i in dropped["mlp"] else get_path(layer, adapter.down_proj)
             if down is not None:
-                handles.append(down.register_forward_pre_hook(_neuron_peaks(state, i)))
+                handles.append(down.register_forward_pre_hook(neuron_peak_hook(state["neurons"], i, state)))
         model.eval()
         totals = torch.zeros(len(GROUPS), n, dtype=torch.float64)
         tokens = 0
@@ -115,19 +116,8 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
     return out
 
 
-def _neuron_peaks(state: dict, i: int):
-    """Pre-hook on MLP ``i``'s down projection: per-neuron peak ``|activation|`` over non-pad tokens."""
-
-    def hook(_module, args):
-        x = args[0].detach().float().abs() * state["mask"][..., None]  # (B, T, d_ff)
-        peak = x.amax(dim=(0, 1))
-        state["neurons"][i] = peak if i not in state["neurons"] else torch.maximum(state["neurons"][i], peak)
-
-    return hook
-
-
 def _super_ratio(peaks: torch.Tensor, down) -> float:
-    contribution = peaks * down.weight.detach().float().abs().amax(dim=0)  # (d_ff,)
+    contribution = neuron_contribution(peaks, down)  # (d_ff,)
     return float(contribution.max() / contribution.median().clamp(min=1e-12))
 
 

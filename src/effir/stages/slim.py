@@ -166,13 +166,10 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 # -- learned gates --------------------------------------------------------------------------------------------------
 def _super_neurons(args, encoder, layers: list[int]) -> list[torch.Tensor]:
     """Super-neuron masks from 4 blocks of 256 tokens of the built-in prose (any text shows the sink)."""
-    if args.super_neuron_factor <= 0:
-        return [torch.zeros(w, dtype=torch.bool) for w in structure_of(encoder.model, encoder.adapter)["mlp_widths"]
-                if w is not None]
-    blocks = token_blocks(encoder.tokenizer, load_texts("wiki").documents, 4, 256, seed=args.seed)
+    factor = args.super_neuron_factor
+    blocks = token_blocks(encoder.tokenizer, load_texts("wiki").documents, 4, 256, seed=args.seed) if factor > 0 else []
     encoder.model.eval()
-    protect = super_neurons(encoder.model, encoder.adapter, layers, block_batches(blocks, 2, encoder.pad_id),
-                            args.super_neuron_factor)
+    protect = super_neurons(encoder.model, encoder.adapter, layers, block_batches(blocks, 2, encoder.pad_id), factor)
     found = [f"{i}:{int(m.sum())}" for i, m in zip(layers, protect, strict=True) if m.any()]
     print(f"effir slim: keeping {sum(int(m.sum()) for m in protect)} super neuron(s) (layer:count "
           f"{' '.join(found) or '-'})")
