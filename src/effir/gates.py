@@ -11,8 +11,8 @@ Super neurons. A handful of MLP neurons write the massive activations that atten
 :mod:`effir.redundancy`); pruning one breaks the whole model, yet nothing in an InfoNCE-trained gate protects it
 (measured on SmolLM2-135M: slimming 30 % of the MLP width took the sink token's largest activation from 22,552 to
 2,993). :func:`super_neurons` finds them from one calibration pass: the neuron's peak activation times its largest
-down-projection weight, against the layer's median (SmolLM2: MLP 11's two sink neurons at 24,000x and 9,200x the
-median, MLP 28's at 4,400x; in the layers without one, no neuron above 88x). The maskers below always keep them.
+down-projection weight, against the layer's median (SmolLM2, as `effir analyze` reports it: MLP 11's strongest at
+20,799x, MLP 28's at 3,401x; in the MLPs without one, no neuron above 69x). The maskers below always keep them.
 """
 
 from __future__ import annotations

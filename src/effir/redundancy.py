@@ -20,7 +20,7 @@ usually the first, which attention then uses as a sink (Sun et al., "Massive Act
 2024), written by a few "super neurons" in a few MLPs. Such an MLP's mean ``1 - cos`` is low, because it changes a
 few tokens of thousands, yet dropping it breaks every attention layer after it. Measured on SmolLM2-135M: MLP 11
 multiplies one token's largest activation 853x (every other sub-layer at most 27x) and ranks 10th least important;
-MLP 2 holds neurons at 824x their layer's median contribution and ranks 16th. In 60 LoRA steps on SciFact, a
+MLP 2 holds a neuron at 706x its layer's median contribution and ranks 16th (numbers: :data:`MASSIVE_GROWTH`). In 60 LoRA steps on SciFact, a
 15-MLP model that drops 2, 9 and 11 collapses to constant embeddings (InfoNCE stuck at ln(#candidates)); keeping
 11 alone still collapses; keeping 2 and 11 collapses and recovers after 27 steps; keeping every MLP flagged below
 never collapses and reaches the best score. So the analysis also records, per sub-layer, its **peak growth** (the largest ``max|x_out| / max|x_in|``
