@@ -39,6 +39,10 @@ def test_save_reload_with_effir_is_exact(tiny_model_dir, tmp_path):
     again = effir.load(out, device="cpu", dtype="fp32")
     torch.testing.assert_close(_embeddings(again), before, atol=1e-5, rtol=0)
     assert fingerprint(again) == fp  # same config, structure, settings and weights
+    assert fingerprint(effir.load(out, device="cpu", dtype="bf16")) == fp  # analyze on GPU (bf16), drop on CPU
+    with torch.no_grad():
+        next(p for p in again.model.parameters() if p.dim() == 2)[0, 0] += 1.0
+    assert fingerprint(again) != fp
     assert again.meta["structure"] == {"num_layers": 4, "dropped_attention": [1], "dropped_mlp": [0, 2],
                                        "mlp_widths": [None, 64, None, 20]}
     meta = read_effir_json(out)

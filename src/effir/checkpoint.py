@@ -274,20 +274,30 @@ def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task
 
 
 
-def fingerprint(encoder: Encoder) -> str:
+QUERY_ONLY_SETTINGS = ("query_template", "query_max_length")
+
+
+def fingerprint(encoder: Encoder, documents_only: bool = False) -> str:
     """A short, stable identity for a loaded model: config, structure, embedding settings and the weights.
 
     The weights enter through a strided sample of every tensor (first/last elements plus a stride of 4096), so two
-    fine-tunes of the same architecture differ, while hashing stays fast for 7B models.
+    fine-tunes of the same architecture differ, while hashing stays fast for 7B models. The load dtype does not
+    enter: the config's dtype is left out and the samples are rounded to bf16, so `effir analyze` on a GPU (bf16)
+    and `effir drop` on a CPU (fp32) see the same model. ``documents_only`` leaves out the settings that only
+    change queries (the key of cached corpus embeddings: a new query prompt must not re-encode the corpus).
     """
     h = hashlib.sha256()
-    h.update(json.dumps(encoder.model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in encoder.model.config.to_diff_dict().items() if k not in ("dtype", "torch_dtype")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(json.dumps(encoder.meta.get("structure"), sort_keys=True).encode())
-    h.update(json.dumps(encoder.settings.to_dict(), sort_keys=True).encode())
+    settings = {k: v for k, v in encoder.settings.to_dict().items()
+                if not (documents_only and k in QUERY_ONLY_SETTINGS)}
+    h.update(json.dumps(settings, sort_keys=True).encode())
     with torch.no_grad():
         for name, tensor in sorted(encoder.model.state_dict().items()):
             flat = tensor.detach().reshape(-1)
-            sample = torch.cat([flat[:8], flat[-8:], flat[:: max(1, flat.numel() // 4096)]]).float().cpu()
+            sample = torch.cat([flat[:8], flat[-8:], flat[:: max(1, flat.numel() // 4096)]])
+            sample = sample.to(torch.bfloat16).float().cpu() if sample.is_floating_point() else sample.float().cpu()
             h.update(name.encode())
             h.update(str(tuple(tensor.shape)).encode())
             h.update(sample.numpy().tobytes())

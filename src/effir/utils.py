@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -87,14 +88,36 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed_from_env() -> bool:
-    """Join the process group that torchrun / accelerate launch describe in the environment, if any."""
+def init_distributed_from_env(device: str | None = None) -> bool:
+    """Join the process group that torchrun / accelerate launch describe in the environment, if any.
+
+    nccl only moves CUDA tensors, so the group uses gloo when ``device`` is the CPU, even on a GPU machine.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         return torch.distributed.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"
     torch.distributed.init_process_group(backend=backend)
     return True
 
 
 def is_main_process() -> bool:
     return dist_info()[0] == 0
+
+
+def lr_schedule(warmup_ratio: float, schedule: str, total: int):
+    """Multiplier of the peak lr at each step: linear warm-up over ``warmup_ratio`` of ``total`` steps, then
+    linear or cosine decay to 0, or constant (shared with effir slim's recovery phase)."""
+    warmup = int(warmup_ratio * total)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f

@@ -89,6 +89,13 @@ def test_cache_reused_and_bypassed(tiny_llama_dir, tiny_beir, tmp_path):
     assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "c", "--pooling", "mean") == 0
     assert not json.loads((tmp_path / "c" / "results.json").read_text())["corpus_cached"]
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 2
+    # a query-only setting changes queries, not the corpus: cached documents, different run
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "q", "--query-prompt", "question: {text}",
+                 "--query-max-length", "20") == 0
+    q = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert q["corpus_cached"] and q["fingerprint"] != a["fingerprint"]
+    assert (tmp_path / "q" / "run.trec").read_text() != (tmp_path / "a" / "run.trec").read_text()
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 2
     assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "d", "--no-cache") == 0
     assert not json.loads((tmp_path / "d" / "results.json").read_text())["corpus_cached"]
 

@@ -54,12 +54,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     already = torch.distributed.is_available() and torch.distributed.is_initialized()
-    owns_group = init_distributed_from_env() and not already
+    owns_group = init_distributed_from_env(_requested_device(args.device)) and not already
     try:
         return _run(args)
     finally:
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _requested_device(name: str | None) -> str | None:
+    try:
+        return str(torch.device(name)) if name else None
+    except RuntimeError:
+        return None  # reported as one line by _run
 
 
 def _run(args) -> int:
@@ -97,7 +104,7 @@ def _run(args) -> int:
     exclude = torch.tensor([doc_index.get(q, -1) for q in query_ids])  # BEIR: never retrieve doc id == query id
     top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)
     model_id = fingerprint(encoder)
-    cache = None if args.no_cache else _cache_path(model_id, encoder, data)
+    cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
     hit = _broadcast(cache is not None and cache.exists())
     t = time.perf_counter()
     if hit:
@@ -170,8 +177,8 @@ def _warn_missing(data: BeirData, rank: int) -> None:
               file=sys.stderr)
 
 
-def _cache_path(model_id: str, encoder: Encoder, data: BeirData) -> Path:
-    key = f"{model_id}-{data.report['corpus_sha256'][:16]}-{dtype_name(encoder.dtype)}"
+def _cache_path(documents_id: str, encoder: Encoder, data: BeirData) -> Path:
+    key = f"{documents_id}-{data.report['corpus_sha256'][:16]}-{dtype_name(encoder.dtype)}"
     return cache_dir() / "embeddings" / f"{key}.npy"
 
 
