@@ -11,6 +11,7 @@ from effir.redundancy import (
     combine,
     drop_order,
     massive_sources,
+    neuron_importance,
     rank_correlation,
     ranks,
     sublayer_importance,
@@ -156,6 +157,61 @@ def test_super_neuron_ratio_matches_gates_and_flags_the_mlp(tiny_model):
     found = super_neurons(tiny_model, adapter, list(range(len(layers))), [_batch(ids)], factor=ratio[1] * 0.999)
     assert torch.nonzero(found[1]).flatten().tolist() == [7]  # the same neuron, at the same ratio
     assert not any(m.any() for k, m in enumerate(found) if k != 1)
+
+
+@torch.no_grad()
+def test_neuron_importance_is_the_relative_change_of_removing_one_neuron(tiny_model):
+    """Score of neuron j = mean over real tokens of ||what removing j alone changes in the MLP output||^2 /
+    ||stream entering the MLP||^2, measured here by actually zeroing j; pads excluded (every family)."""
+    from effir.gates import MlpGates
+
+    adapter = get_adapter(tiny_model.config)
+    layers = layer_list(tiny_model, adapter)
+    ids = torch.randint(3, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding on the second sequence
+    batch = _batch(ids, mask)
+    got = neuron_importance(tiny_model, adapter, [1, 3], [batch])
+    assert [g.shape[0] for g in got] == [get_path(layers[i], adapter.down_proj).in_features for i in (1, 3)]
+
+    def run(zero: int | None):
+        seen = {}
+        in_mod = _hook_points(layers[3], adapter, "mlp")[0]
+        down = get_path(layers[3], adapter.down_proj)
+        gates = MlpGates(tiny_model, adapter, [3])
+        if zero is not None:
+            gates.z[0][zero] = 0.0
+        take_x = lambda m, a, k: seen.__setitem__("x", a[0] if a else k["hidden_states"])  # noqa: E731
+        handles = [in_mod.register_forward_pre_hook(take_x, with_kwargs=True),
+                   down.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))]
+        tiny_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   use_cache=False)
+        for h in handles:
+            h.remove()
+        gates.remove()
+        return seen
+
+    full = run(None)
+    real = mask.bool()
+    for j in (0, 5, 17):
+        cut = run(j)
+        change = (full["out"] - cut["out"]).double().pow(2).sum(-1) / full["x"].double().pow(2).sum(-1)
+        torch.testing.assert_close(got[1][j].double(), change[real].mean(), rtol=1e-4, atol=1e-12)
+    assert (got[0] > 0).all() and (got[1] > 0).all()
+
+
+def test_neuron_importance_rejects_dropped_mlp_and_empty_batches(tiny_llama_dir):
+    from effir.checkpoint import load
+    from effir.surgery import drop_sublayers
+    from effir.utils import EffirError
+
+    enc = load(tiny_llama_dir, device="cpu", dtype="fp32")
+    ids = torch.randint(3, 128, (1, 5))
+    with pytest.raises(EffirError, match="no .*tokens"):
+        neuron_importance(enc.model, enc.adapter, [0], [_batch(ids, torch.zeros_like(ids))])
+    drop_sublayers(enc.model, enc.adapter, mlp=[2])
+    with pytest.raises(EffirError, match="MLP 2 is dropped"):
+        neuron_importance(enc.model, enc.adapter, [2], [_batch(ids)])
 
 
 def test_massive_sources_and_combined_peaks():

@@ -35,6 +35,9 @@ class RunConfig:
     """qrels split evaluated."""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """Stages to run, in pipeline order."""
+    slim_after_finetune: bool = False
+    """Slim the fine-tuned retriever (drop -> finetune -> slim) instead of the raw LLM (drop -> slim -> finetune, the
+    paper's order); see docs/results/smollm2-slim-order-cpu.md for why."""
     teacher: str | None = None
     """KL teacher for finetune: ``parent`` (the uncompressed model), a model reference, ``data``, or none."""
     baselines: dict = field(default_factory=dict)
@@ -55,17 +58,22 @@ class RunConfig:
     bench: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        order = [s for s in STAGES if s in self.stages]
+        pipeline = self.pipeline()
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
-            raise EffirError(f"unknown stage(s) {unknown} in 'stages'; the pipeline is {' -> '.join(STAGES)}")
-        if order != list(self.stages) or len(set(self.stages)) != len(self.stages):
-            raise EffirError(f"stages {self.stages} are out of order; they run as {' -> '.join(STAGES)}")
+            raise EffirError(f"unknown stage(s) {unknown} in 'stages'; the pipeline is {' -> '.join(pipeline)}")
+        # slim and finetune may be listed either way round: slim_after_finetune decides which runs first
+        rank = [STAGES.index("slim") if s == "finetune" else STAGES.index(s) for s in self.stages]
+        if rank != sorted(rank) or len(set(self.stages)) != len(self.stages):
+            raise EffirError(f"stages {self.stages} are out of order; they run as {' -> '.join(pipeline)}")
         if "drop" in self.stages and "analyze" not in self.stages and self.drop.get("strategy", "importance") == \
                 "importance":
             raise EffirError("stage 'drop' ranks by importance scores, so 'analyze' must run before it (or set "
                              "drop.strategy: last)")
-        if {"slim", "finetune"} & set(self.stages) and not self.train and self.slim.get("method") != "magnitude":
+        if self.slim_after_finetune and not {"slim", "finetune"} <= set(self.stages):
+            raise EffirError("slim_after_finetune: true needs both stages 'finetune' and 'slim'")
+        learned_slim = "slim" in self.stages and self.slim.get("method", "learned") == "learned"
+        if not self.train and ("finetune" in self.stages or learned_slim):
             raise EffirError("stages slim/finetune need training data: set 'train' (a BEIR folder, a jsonl, or demo)")
         if "eval" in self.stages and not self.datasets:
             raise EffirError("stage 'eval' needs at least one entry in 'datasets'")
@@ -79,6 +87,12 @@ class RunConfig:
         bad = sorted(set(self.baselines) - set(BASELINES))
         if bad:
             raise EffirError(f"unknown baseline '{bad[0]}'; known: {', '.join(BASELINES)}")
+
+    def pipeline(self) -> list[str]:
+        """The stage order: STAGES, with finetune before slim under ``slim_after_finetune``."""
+        if not self.slim_after_finetune:
+            return list(STAGES)
+        return ["finetune" if s == "slim" else "slim" if s == "finetune" else s for s in STAGES]
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:

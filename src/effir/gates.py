@@ -89,13 +89,8 @@ def super_neurons(model: nn.Module, adapter: ArchAdapter, layers: list[int], bat
     peaks: dict[int, torch.Tensor] = {}
     state = {"mask": None}
     handles = [d.register_forward_pre_hook(neuron_peak_hook(peaks, k, state)) for k, d in enumerate(downs)]
-    device = next(model.parameters()).device
     try:
-        for batch in batches:
-            mask = batch["attention_mask"].to(device)
-            state["mask"] = mask.float()
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        calibration_passes(model, batches, state)
     finally:
         for h in handles:
             h.remove()
@@ -104,6 +99,24 @@ def super_neurons(model: nn.Module, adapter: ArchAdapter, layers: list[int], bat
         contribution = neuron_contribution(peaks[k], d) if k in peaks else torch.zeros(d.in_features)
         out.append(contribution >= factor * contribution.median().clamp(min=1e-12))
     return out
+
+
+def calibration_passes(model: nn.Module, batches, state: dict, after_batch=None) -> int:
+    """Run ``model`` over ``batches`` (dicts with ``input_ids`` and ``attention_mask``) for the hooks a caller has
+    registered: ``state["mask"]`` holds the current ``(B, T)`` mask as floats, ``after_batch()`` runs after each
+    forward. Positions count real tokens only, as in Encoder.embed (left padding == right padding). Returns the
+    number of non-pad tokens."""
+    device = next(model.parameters()).device
+    tokens = 0
+    for batch in batches:
+        mask = batch["attention_mask"].to(device)
+        state["mask"] = mask.float()
+        model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+              position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        if after_batch is not None:
+            after_batch()
+        tokens += int(mask.sum())
+    return tokens
 
 
 def neuron_peak_hook(store: dict, key, state: dict):

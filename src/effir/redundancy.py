@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import ArchAdapter, get_path, layer_list
-from .gates import neuron_contribution, neuron_peak_hook
+from .gates import calibration_passes, neuron_contribution, neuron_peak_hook
 from .utils import EffirError
 
 GROUPS = ("attention", "mlp", "block")
@@ -91,16 +91,14 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
                 handles.append(down.register_forward_pre_hook(neuron_peak_hook(state["neurons"], i, state)))
         model.eval()
         totals = torch.zeros(len(GROUPS), n, dtype=torch.float64)
-        tokens = 0
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
-            state["mask"] = mask.float()  # (B, T)
-            state["sums"] = torch.zeros(len(GROUPS), n, dtype=torch.float32, device=device)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as Encoder.embed: left padding == right padding
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        state["sums"] = torch.zeros(len(GROUPS), n, dtype=torch.float32, device=device)
+
+        def accumulate():  # per batch in float32 on the device, across batches in float64
+            nonlocal totals
             totals += state["sums"].double().cpu()
-            tokens += int(mask.sum())
+            state["sums"].zero_()
+
+        tokens = calibration_passes(model, batches, state, accumulate)
     finally:
         for h in handles:
             h.remove()
@@ -115,6 +113,62 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
     out["peak_growth"] = {g: [peak[k][i] if present[g][i] else None for i in range(n)] for k, g in enumerate(GROUPS)}
     out["super_neuron_ratio"] = ratio
     return out
+
+
+@torch.inference_mode()
+def neuron_importance(model, adapter: ArchAdapter, layers: Sequence[int],
+                      batches: Iterable[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """How much each neuron of the MLPs ``layers`` changes the residual stream, comparable *across* layers.
+
+    For neuron ``j`` with activation ``h_j(t)`` (the down projection's input) the score is the mean over non-pad
+    tokens of ``h_j(t)^2 * ||W_down[:, j]||^2 / ||x_in(t)||^2``: the squared size of what the neuron writes into the
+    stream, relative to the stream it writes into (``x_in`` as for the sub-layer score above). Relative, because the
+    stream grows with depth, so raw contributions would always prune the first layers; per token, so the sink
+    token's huge stream does not swamp the mean. It is the calibration-based global ranking of
+    ``effir slim --method activation`` (the neuron-level counterpart of ``1 - cos``; no training).
+
+    Returns one float tensor ``(d_ff,)`` per entry of ``layers``.
+
+    Raises:
+        EffirError: the batches hold no non-pad token.
+    """
+    blocks = layer_list(model, adapter)
+    state: dict = {"mask": None, "inv": {}}
+    sums: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def take_in(k):
+        def hook(_module, args, kwargs):
+            x = _first_tensor(args, kwargs).float()
+            state["inv"][k] = state["mask"] / x.pow(2).sum(-1).clamp(min=1e-12)  # (B, T); 0 on pads
+
+        return hook
+
+    def take_neurons(k, column_sq):
+        def hook(_module, args):
+            h2 = args[0].float().pow(2)  # (B, T, d_ff)
+            s = torch.einsum("btf,bt->f", h2, state["inv"].pop(k)) * column_sq
+            sums[k] = s if k not in sums else sums[k] + s
+
+        return hook
+
+    try:
+        for k, i in enumerate(layers):
+            points = _hook_points(blocks[i], adapter, "mlp")
+            down = get_path(blocks[i], adapter.down_proj)
+            if points is None or down is None:
+                raise EffirError(f"MLP {i} is dropped; it has no neurons to score")
+            column_sq = down.weight.detach().float().pow(2).sum(0)  # (d_ff,)
+            handles.append(points[0].register_forward_pre_hook(take_in(k), with_kwargs=True))
+            handles.append(down.register_forward_pre_hook(take_neurons(k, column_sq)))
+        model.eval()
+        tokens = calibration_passes(model, batches, state)
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise EffirError("the calibration batches contain no (non-pad) tokens; give more or longer texts")
+    return [(sums[k] / tokens).cpu() for k in range(len(layers))]
 
 
 def _super_ratio(peaks: torch.Tensor, down) -> float:

@@ -15,6 +15,8 @@ LABELS = {"effir": "EffiR (drop + slim)", "original": "original, not fine-tuned"
 def write_report(cfg, out: Path, steps) -> Path:
     """Collect the outputs of ``steps`` (eval results, bench summaries) into ``out/report.{md,json}``."""
     variants = _collect(steps)
+    if getattr(cfg, "slim_after_finetune", False) and "effir" in variants:
+        variants["effir"]["label"] = "EffiR (drop, fine-tune, then slim)"
     reference = variants.get("full", {}).get("avg_ndcg10")
     for v in variants.values():
         if reference and v.get("avg_ndcg10") is not None:

@@ -89,7 +89,32 @@ def test_from_stage_redoes_that_stage_only(tiny_llama_dir, data, tmp_path, capsy
     assert "drop: done, skipped" in printed and "eval:beir: done, skipped" not in printed
 
 
+def test_slim_after_finetune_slims_the_retriever_and_reruns_downstream(tiny_llama_dir, data, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "finetune", "slim", "eval"],
+                  drop={"mlp": 1, "strategy": "last"}, slim={**FAST["slim"], "method": "activation",
+                                                            "calibration_samples": 2, "seq_len": 16},
+                  slim_after_finetune=True)
+    assert main(["run", str(cfg), "--dry-run"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    verbs = [c.split(" effir ", 1)[1].split()[0] for c in commands]
+    assert verbs == ["drop", "finetune", "slim", "eval"]
+    run = tmp_path / "run"
+    assert f"slim {run / 'finetune' / 'model'} " in commands[2] and str(run / "slim" / "model") in commands[3]
+    assert main(["run", str(cfg)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["variants"]["effir"]["label"] == "EffiR (drop, fine-tune, then slim)"
+    assert report["variants"]["effir"]["widths"]
+    capsys.readouterr()
+    # redoing finetune redoes what consumes it (slim, eval), although slim comes after it in this order only
+    assert main(["run", str(cfg), "--from", "finetune"]) == 0
+    printed = capsys.readouterr().out
+    assert "drop: done, skipped" in printed
+    assert not any(f"{s}: done, skipped" in printed for s in ("finetune", "slim", "eval:beir"))
+
+
 @pytest.mark.parametrize("over, message", [
+    ({"slim_after_finetune": True, "stages": ["drop", "slim", "eval"], "drop": {"mlp": 1, "strategy": "last"}},
+     "needs both stages 'finetune' and 'slim'"),
     ({"modle": "x"}, "unknown config key 'modle'"),
     ({"stages": ["eval", "drop"]}, "out of order"),
     ({"slim": {"ratoi": 0.3}}, "unknown option 'slim.ratoi'"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -46,7 +45,7 @@ from ..train_data import (
     random_negatives,
     write_flag_jsonl,
 )
-from ..utils import EffirError, cpu_supports_bf16, seed_everything, write_json
+from ..utils import EffirError, cpu_supports_bf16, lr_schedule, seed_everything, write_json
 
 KILL_ENV = "EFFIR_TEST_KILL_AT_STEP"  # tests: SIGKILL this process right after step k (a real, uncatchable kill)
 COLLAPSE_COS = 0.99
@@ -160,7 +159,7 @@ def _run(args, acc) -> int:
     seed_everything(args.seed)
     trainable = _wrap_model(args, encoder)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_ratio, args.schedule, total))
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
     start = _resume(args, out, acc, encoder.model, optimizer, scheduler, key)
     model, optimizer = acc.prepare(encoder.model, optimizer)
@@ -334,21 +333,6 @@ def _schedule_lengths(args, n: int, world: int) -> tuple[int, int]:
     total = args.max_steps or max(1, int(round(args.epochs * steps_per_epoch)))
     return steps_per_epoch, total
 
-
-def _lr_lambda(args, total: int):
-    warmup = int(args.warmup_ratio * total)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if args.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if args.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    return f
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The whole pipeline from one YAML file: analyze -> drop -> slim -> finetune -> eval -> bench, then a report.
+"""The whole pipeline from one YAML file: analyze -> drop -> slim -> finetune -> eval -> bench, then a report
+(``slim_after_finetune: true`` swaps slim and finetune: the fine-tuned retriever is slimmed).
 
     effir run CONFIG.yaml [--set slim.ratio=0.5 ...] [--from STAGE]
     effir run demo            # a shipped config by name: demo, smollm2-scifact, mistral-7b-effir
@@ -185,18 +186,20 @@ def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], v
                       slim: bool = True) -> list[Step]:
     steps = []
     train = _data_ref(cfg.train, out) if cfg.train else None
-    if slim and "slim" in cfg.stages:
-        train_args = ["--train", train] if train else []
-        steps.append(Step("slim", "slim", [model, *train_args, "--output", str(base / "slim"),
-                                           *stage_argv(cfg.slim)], base / "slim", variant, prev, "slim.json"))
-        model, prev = str(base / "slim" / "model"), [steps[-1]]
-    if "finetune" in cfg.stages and variant != "original":
-        teacher = cfg.model if cfg.teacher == "parent" else cfg.teacher
-        teacher_args = ["--teacher", teacher] if teacher else []
-        steps.append(Step("finetune", "finetune", [model, "--train", train, "--output", str(base / "finetune"),
-                                                   *teacher_args, *stage_argv(cfg.finetune)],
-                          base / "finetune", variant, prev, "finetune.json"))
-        model, prev = str(base / "finetune" / "model"), [steps[-1]]
+    order = ("finetune", "slim") if cfg.slim_after_finetune else ("slim", "finetune")
+    for stage in order:
+        if stage == "slim" and slim and "slim" in cfg.stages:
+            train_args = ["--train", train] if train else []
+            steps.append(Step("slim", "slim", [model, *train_args, "--output", str(base / "slim"),
+                                               *stage_argv(cfg.slim)], base / "slim", variant, prev, "slim.json"))
+            model, prev = str(base / "slim" / "model"), [steps[-1]]
+        elif stage == "finetune" and "finetune" in cfg.stages and variant != "original":
+            teacher = cfg.model if cfg.teacher == "parent" else cfg.teacher
+            teacher_args = ["--teacher", teacher] if teacher else []
+            steps.append(Step("finetune", "finetune", [model, "--train", train, "--output", str(base / "finetune"),
+                                                       *teacher_args, *stage_argv(cfg.finetune)],
+                              base / "finetune", variant, prev, "finetune.json"))
+            model, prev = str(base / "finetune" / "model"), [steps[-1]]
     if "eval" in cfg.stages:
         for ref in cfg.datasets:
             folder = base / "eval" / _dataset_name(ref)
@@ -245,7 +248,7 @@ def _auto_blocks(cfg: RunConfig, out: Path) -> int:
     import effir
     from effir.surgery import count_parameters
 
-    final = next((p for p in (out / "finetune" / "model", out / "slim" / "model", out / "drop" / "model")
+    final = next((p for p in (out / "slim" / "model", out / "finetune" / "model", out / "drop" / "model")
                   if (p / "config.json").exists()), None)
     if final is None:
         raise EffirError("baseline K 'auto' needs the EffiR model; run its stages first or give K as a number")
@@ -274,14 +277,18 @@ def _in_process(argv: list[str]) -> int:
 
 
 def execute(steps: list[Step], cfg: RunConfig, from_stage: str | None) -> None:
-    redo = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
+    order = cfg.pipeline()
+    redo = set(order[order.index(from_stage):]) if from_stage else set()
+    rerun: set[int] = set()  # steps run now: whatever consumes their output runs again too, in either stage order
     for step in steps:
         marker = step.folder / MARKER
         done = json.loads(marker.read_text()) if marker.exists() else None
-        if done and done.get("key") == step.key and step.stage not in redo:
+        forced = step.stage in redo or any(id(u) in rerun for u in step.upstream)
+        if done and done.get("key") == step.key and not forced:
             print(f"effir run: [{step.variant}] {step.name}: done, skipped")
             continue
-        stale = done is not None or step.stage in redo
+        rerun.add(id(step))
+        stale = done is not None or forced
         if step.done_file and not stale and (step.folder / step.done_file).exists():
             write_json(marker, {"key": step.key, "finished": time.time()})  # finished just before a kill
             continue

@@ -1,15 +1,19 @@
 """Width reduction by self-slimming (EffiR step 3): learn neuron gates, cut the weakest fraction globally, slice.
 
     effir slim MODEL --train DATA --ratio 0.3 --output DIR
+    effir slim MODEL --method activation --ratio 0.3 --output DIR     # calibration-based global ranking, no training
     effir slim MODEL --method magnitude --ratio 0.3 --output DIR      # the homogeneous-width baseline, no training
 
 --method learned (default, the paper's): every kept MLP gets a gate vector z (init 1) applied as
 ``down(ReLU(z) * act(gate(x)) * up(x))``; z trains for --gate-steps steps on InfoNCE + lambda * sum sigmoid(beta |z|)
 (z alone by default, z with LoRA under --gates-with-lora). ReLU(z) is then ranked *globally* across all kept MLPs
 and the lowest --ratio of neurons is masked, so layers end up with different widths. --recover-steps trains the
-masked model with the retrieval loss (LoRA), then the masked rows and columns are removed physically.
+masked model with the retrieval loss (LoRA; after any --method), then the masked rows and columns are removed
+physically.
+--method activation ranks neurons globally by what each writes into the residual stream, relative to that stream,
+on --calibration text (effir.redundancy.neuron_importance): one forward pass over 64 x 256 tokens, no training data.
 --method magnitude cuts the same fraction of every layer by weight magnitude (Minitron-style), for comparison.
-Both keep the few "super neurons" that write the model's massive activations (attention sinks), found on the
+All three keep the few "super neurons" that write the model's massive activations (attention sinks), found on the
 built-in prose in one forward pass (effir.gates.super_neurons; --super-neuron-factor 0 turns this off).
 
 Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
@@ -20,6 +24,7 @@ widths), DIR/widths.png, DIR/slim.json (written last) and, while training, DIR/c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -34,9 +39,10 @@ from ..checkpoint import fingerprint, load, save
 from ..gates import SUPER_NEURON_FACTOR, MlpGates, global_keep_masks, super_neurons, uniform_magnitude_masks
 from ..losses import info_nce
 from ..plots import width_plot
+from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
 from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
-from ..utils import EffirError, seed_everything, write_json
+from ..utils import EffirError, lr_schedule, seed_everything, write_json
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
 
@@ -45,8 +51,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="built-in name, model folder (e.g. the output of effir drop), .gguf or hub id")
     p.add_argument("--output", required=True, help="run folder: model/, widths.png, slim.json, log")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of MLP neurons to remove, in (0, 1)")
-    p.add_argument("--method", choices=["learned", "magnitude"], default="learned",
-                   help="learned gates ranked globally (paper) or uniform per-layer weight magnitude (baseline)")
+    p.add_argument("--method", choices=["learned", "activation", "magnitude"], default="learned",
+                   help="learned: gates trained on --train, ranked globally (paper); activation: each neuron's "
+                        "contribution to the residual stream on --calibration text, ranked globally (no training); "
+                        "magnitude: the same fraction of every layer by weight norm (baseline)")
+    p.add_argument("--calibration", default="wiki", metavar="SOURCE",
+                   help="text for --method activation, as for effir analyze: wiki (built-in prose), FILE.txt, "
+                        "FILE.jsonl or beir:DIR (default: wiki)")
+    p.add_argument("--calibration-samples", type=int, default=64,
+                   help="blocks of --seq-len tokens scored by --method activation (default: 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
     p.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
                    help=f"round every kept width to a multiple of this (default {DEFAULT_WIDTH_MULTIPLE}). Measured on "
                         "an H200 in bf16 (benchmarks/width_multiple.py, widths 1005-1145): widths that are not a "
@@ -56,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
                         f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
     p.add_argument("--train", help="training data (BEIR folder / Tevatron / FlagEmbedding jsonl); needed by --method "
-                                   "learned")
+                                   "learned and by --recover-steps")
     p.add_argument("--split", default="train")
     g = p.add_argument_group("gate training")
     g.add_argument("--gate-steps", type=int, default=500, help="steps of gate training (paper: 500)")
@@ -65,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lam", type=float, default=1e-8, help="weight lambda of the l0 surrogate")
     g.add_argument("--gates-with-lora", action="store_true", help="train LoRA adapters together with z")
     g.add_argument("--recover-steps", type=int, default=0,
-                   help="LoRA steps on the masked model before slicing (0: leave recovery to effir finetune)")
+                   help="LoRA steps on the masked model before slicing, any --method (needs --train; 0: leave "
+                        "recovery to effir finetune)")
     g.add_argument("--lr", type=float, default=1e-4, help="LoRA lr (with --gates-with-lora / --recover-steps)")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
@@ -94,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     seed_everything(args.seed)
     learned = args.method == "learned"
-    encoder = load(args.model, device=args.device, dtype="fp32" if learned else args.dtype, pooling=args.pooling)
+    # before the model: a bad calibration source fails in a second, not after loading
+    texts = load_texts(args.calibration).documents if args.method == "activation" else None
+    trains = learned or args.recover_steps > 0
+    encoder = load(args.model, device=args.device, dtype="fp32" if trains else args.dtype, pooling=args.pooling)
     adapter = encoder.adapter
     before = count_parameters(encoder.model, adapter)
     structure = structure_of(encoder.model, adapter)
@@ -103,11 +121,14 @@ def run(args: argparse.Namespace) -> int:
         raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
     widths_before = [structure["mlp_widths"][i] for i in layers]
     protect = _super_neurons(args, encoder, layers)
-    if learned:
-        masks, z = _learned_masks(args, encoder, layers, out, protect)
-    else:
+    masks = z = None
+    if args.method == "activation":
+        scores = _activation_scores(args, encoder, layers, texts)
+        masks = global_keep_masks(scores, args.ratio, args.width_multiple, protect)
+    elif args.method == "magnitude":
         masks = uniform_magnitude_masks(encoder.model, adapter, layers, args.ratio, args.width_multiple, protect)
-        z = None
+    if trains:
+        masks, z = _trained_masks(args, encoder, layers, out, protect, masks)
     for i, mask in zip(layers, masks, strict=True):
         slice_mlp(encoder.model, adapter, i, torch.nonzero(mask).flatten())
     encoder.model.eval()
@@ -117,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
     after = count_parameters(encoder.model, adapter)
     widths_after = [encoder.meta["structure"]["mlp_widths"][i] for i in layers]
     stage = {"stage": "slim", "method": args.method, "ratio": args.ratio, "width_multiple": args.width_multiple,
-             "gate_steps": args.gate_steps if learned else 0, "recover_steps": args.recover_steps if learned else 0,
+             "gate_steps": args.gate_steps if learned else 0, "recover_steps": args.recover_steps,
              "train": args.train}
+    if args.method == "activation":
+        stage.update(calibration=args.calibration, calibration_samples=args.calibration_samples, seq_len=args.seq_len)
     save(encoder, out / "model", stage=stage, overwrite=True)
     width_plot(layers, widths_before, widths_after, out / "widths.png",
                title=f"MLP widths after slimming ({args.method}, ratio {args.ratio})")
@@ -143,14 +166,21 @@ def _check(args) -> None:
         raise EffirError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.width_multiple < 1:
         raise EffirError(f"--width-multiple must be >= 1, got {args.width_multiple}")
-    if args.method == "learned":
-        if not args.train:
-            raise EffirError("--method learned trains gates and needs --train DATA (or use --method magnitude)")
+    if args.method == "activation" and (args.calibration_samples < 1 or args.seq_len < 2):
+        raise EffirError("--calibration-samples must be >= 1 and --seq-len >= 2")
+    if args.recover_steps < 0:
+        raise EffirError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+    if args.method == "learned" and not args.train:
+        raise EffirError("--method learned trains gates and needs --train DATA (or use --method activation, "
+                         "which needs none)")
+    if args.recover_steps and not args.train:
+        raise EffirError("--recover-steps trains the masked model and needs --train DATA")
+    if args.method == "learned" or args.recover_steps:
         for name in ("gate_steps", "batch_size", "num_negatives"):
             if getattr(args, name) < 1:
                 raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.recover_steps < 0 or args.gate_lr <= 0 or args.temperature <= 0:
-            raise EffirError("--recover-steps must be >= 0; --gate-lr and --temperature must be > 0")
+        if args.gate_lr <= 0 or args.temperature <= 0:
+            raise EffirError("--gate-lr and --temperature must be > 0")
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
@@ -176,8 +206,19 @@ def _super_neurons(args, encoder, layers: list[int]) -> list[torch.Tensor]:
     return protect
 
 
-def _learned_masks(args, encoder, layers: list[int], out: Path, protect: list[torch.Tensor]):
-    """Train z (phase 1), rank ReLU(z) globally into masks, optionally train the masked model (phase 2)."""
+def _activation_scores(args, encoder, layers: list[int], texts: list[str]) -> list[torch.Tensor]:
+    """effir.redundancy.neuron_importance on --calibration-samples blocks of the --calibration ``texts``."""
+    blocks = token_blocks(encoder.tokenizer, texts, args.calibration_samples, args.seq_len, seed=args.seed)
+    if not blocks:
+        raise EffirError(f"calibration source {args.calibration!r} tokenizes to nothing; give it real text")
+    print(f"effir slim: scoring neurons on {len(blocks)} block(s) of {args.seq_len} tokens of {args.calibration}")
+    return neuron_importance(encoder.model, encoder.adapter, layers, block_batches(blocks, 4, encoder.pad_id))
+
+
+def _trained_masks(args, encoder, layers: list[int], out: Path, protect: list[torch.Tensor],
+                   masks: list[torch.Tensor] | None):
+    """Without ``masks`` (--method learned): train z (phase 1) and rank ReLU(z) globally into masks. Then, with
+    --recover-steps, train the masked model with LoRA (phase 2, any method) and merge it. Returns (masks, z)."""
     from dataclasses import replace
 
     saved = encoder.settings
@@ -185,7 +226,9 @@ def _learned_masks(args, encoder, layers: list[int], out: Path, protect: list[to
                                document_max_length=args.document_max_length or saved.document_max_length)
     examples = _examples(args)
     key = {"model": fingerprint(encoder), "train": str(args.train), "seed": args.seed, "ratio": args.ratio,
-           "gate_steps": args.gate_steps, "recover_steps": args.recover_steps, "lora": args.gates_with_lora}
+           "gate_steps": args.gate_steps if masks is None else 0, "recover_steps": args.recover_steps,
+           "lora": args.gates_with_lora, "method": args.method,
+           "masks": None if masks is None else hashlib.sha256(torch.cat(masks).numpy().tobytes()).hexdigest()}
     ckpt = _load_checkpoint(out / "checkpoint.pt", key)
     base = encoder.model
     lora = args.gates_with_lora or args.recover_steps > 0
@@ -206,9 +249,11 @@ def _learned_masks(args, encoder, layers: list[int], out: Path, protect: list[to
     def penalty():
         return args.lam * gates.penalty(args.beta)
 
-    _train(args, encoder, examples, gates, "gates", phase1, args.gate_steps, penalty, ckpt, out, key)
-    z = [v.detach().clone() for v in gates.z]
-    masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple, protect)
+    z = None
+    if masks is None:
+        _train(args, encoder, examples, gates, "gates", phase1, args.gate_steps, penalty, ckpt, out, key)
+        z = [v.detach().clone() for v in gates.z]
+        masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple, protect)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
         _train(args, encoder, examples, gates, "recover", [{"params": lora_params, "lr": args.lr}],
@@ -259,9 +304,13 @@ def _train(args, encoder, examples, gates: MlpGates, phase: str, groups: list[di
     if start >= steps:
         return
     params = [p for g in groups for p in g["params"]]
+    peak = [g["lr"] for g in groups]  # before the optimizer: a resumed state holds the last step's scaled lr
     optimizer = torch.optim.Adam(groups)
     if start:
         optimizer.load_state_dict(ckpt["optimizer"])
+    # recovery fine-tunes a damaged model: warm up, decay and clip as effir finetune does (the lr is a function of
+    # the step, so a resumed run follows the same curve); gate training keeps the paper's plain Adam
+    factor = lr_schedule(0.1, "linear", steps) if phase == "recover" else (lambda _step: 1.0)
     for p in params:
         p.requires_grad_(True)
     encoder.model.train()
@@ -281,6 +330,10 @@ def _train(args, encoder, examples, gates: MlpGates, phase: str, groups: list[di
         loss = nce + extra_loss() if extra_loss else nce
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if phase == "recover":
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # as effir finetune's default --max-grad-norm
+        for group, lr in zip(optimizer.param_groups, peak, strict=True):
+            group["lr"] = lr * factor(step)
         optimizer.step()
         with open(out / "slim_log.jsonl", "a") as f:
             f.write(json.dumps({"phase": phase, "step": step + 1, "loss": loss.item(), "info_nce": nce.item()}) + "\n")
