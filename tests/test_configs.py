@@ -46,6 +46,8 @@ def test_overrides_and_unknown_keys(tmp_path):
     ({"stages": ["compress"]}, "unknown stage"),
     ({"stages": ["drop"]}, "'analyze' must run before it"),
     ({"stages": ["finetune"], "train": None}, "need training data"),
+    ({"stages": ["slim"], "train": None}, "need training data"),  # learned gates, the default method
+    ({"stages": ["slim"], "train": None, "slim": {"method": "activation", "recover_steps": 5}}, "need training data"),
     ({"drop": {"output": "x"}}, "set by the pipeline"),
     ({"baselines": {"drop_everything": 3}}, "unknown baseline"),
 ])
@@ -53,6 +55,11 @@ def test_bad_configs(data, message):
     base = {"model": "m", "output": "o", "train": "demo"}
     with pytest.raises(EffirError, match=message):
         RunConfig.from_dict({**base, **data})
+
+
+def test_activation_slim_alone_needs_no_training_data():
+    cfg = RunConfig.from_dict({"model": "m", "output": "o", "stages": ["slim"], "slim": {"method": "activation"}})
+    assert cfg.train is None
 
 
 def test_stage_argv():

@@ -72,8 +72,9 @@ class RunConfig:
                              "drop.strategy: last)")
         if self.slim_after_finetune and not {"slim", "finetune"} <= set(self.stages):
             raise EffirError("slim_after_finetune: true needs both stages 'finetune' and 'slim'")
-        learned_slim = "slim" in self.stages and self.slim.get("method", "learned") == "learned"
-        if not self.train and ("finetune" in self.stages or learned_slim):
+        slim_trains = "slim" in self.stages and (self.slim.get("method", "learned") == "learned"
+                                                 or bool(self.slim.get("recover_steps")))
+        if not self.train and ("finetune" in self.stages or slim_trains):
             raise EffirError("stages slim/finetune need training data: set 'train' (a BEIR folder, a jsonl, or demo)")
         if "eval" in self.stages and not self.datasets:
             raise EffirError("stage 'eval' needs at least one entry in 'datasets'")

@@ -53,34 +53,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    device = _device(args.device)  # first: the process group's backend follows it
     already = torch.distributed.is_available() and torch.distributed.is_initialized()
-    owns_group = init_distributed_from_env(_requested_device(args.device)) and not already
+    owns_group = init_distributed_from_env(str(device)) and not already
     try:
-        return _run(args)
+        return _run(args, device)
     finally:
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _requested_device(name: str | None) -> str | None:
+def _device(name: str | None) -> torch.device:
     try:
-        return str(torch.device(name)) if name else None
+        device = pick_device(name)
     except RuntimeError:
-        return None  # reported as one line by _run
+        raise EffirError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EffirError(f"--device {name} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and device.index is None:  # plain --device cuda: this process's local GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
-def _run(args) -> int:
+def _run(args, device: torch.device) -> int:
     rank, world = dist_info()
     out = Path(args.output)
     _check_args(args, out)
-    try:
-        device = pick_device(args.device)
-    except RuntimeError:
-        raise EffirError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EffirError(f"--device {args.device} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
-    if device.type == "cuda" and device.index is None:  # plain --device cuda: this process's local GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1 and device.type == "cuda":
         torch.cuda.set_device(device)  # nccl collectives (barrier, broadcast_object_list) use the current device
     t0 = time.perf_counter()

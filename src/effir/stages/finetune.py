@@ -334,7 +334,6 @@ def _schedule_lengths(args, n: int, world: int) -> tuple[int, int]:
     return steps_per_epoch, total
 
 
-
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 RUN_KEYS = ("train", "split", "negatives", "num_negatives", "mine_range", "mine_model", "teacher", "teacher_kind",
             "kl_weight", "kl_teacher_temperature", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",

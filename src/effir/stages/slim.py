@@ -193,7 +193,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-# -- learned gates --------------------------------------------------------------------------------------------------
+# -- masks: super neurons, activation ranking, learned gates --------------------------------------------------------
 def _super_neurons(args, encoder, layers: list[int]) -> list[torch.Tensor]:
     """Super-neuron masks from 4 blocks of 256 tokens of the built-in prose (any text shows the sink)."""
     factor = args.super_neuron_factor
