@@ -147,6 +147,12 @@ def test_bad_input_is_one_line_exit_2(tiny_llama_dir, tmp_path, capsys, extra, m
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_bad_calibration_source_leaves_no_output(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(_args(tiny_llama_dir, out, "--method", "activation", "--calibration", str(tmp_path / "no.txt"))) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+
+
 def test_model_with_no_mlp_left_is_an_error(tiny_llama_dir, tmp_path, capsys):
     enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
     from effir.checkpoint import save

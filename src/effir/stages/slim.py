@@ -104,13 +104,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
+    texts = load_texts(args.calibration).documents if args.method == "activation" else None
     out = Path(args.output)
     _prepare_output(out, args.overwrite)
     t0 = time.perf_counter()
     seed_everything(args.seed)
     learned = args.method == "learned"
-    # before the model: a bad calibration source fails in a second, not after loading
-    texts = load_texts(args.calibration).documents if args.method == "activation" else None
     trains = learned or args.recover_steps > 0
     encoder = load(args.model, device=args.device, dtype="fp32" if trains else args.dtype, pooling=args.pooling)
     adapter = encoder.adapter
