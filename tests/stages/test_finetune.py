@@ -236,16 +236,6 @@ def test_tokenizer_fixture_is_shared():
     assert build_tiny_tokenizer().get_vocab() == build_tiny_tokenizer().get_vocab()
 
 
-def test_mean_pairwise_cosine_by_hand():
-    from effir.stages.finetune import mean_pairwise_cosine
-
-    x = torch.tensor([[1.0, 0.0], [3.0, 4.0], [0.0, -2.0]])  # unit: (1,0), (.6,.8), (0,-1)
-    pairs = [0.6, 0.0, -0.8]  # (0,1), (0,2), (1,2)
-    assert mean_pairwise_cosine(x).item() == pytest.approx(sum(pairs) / 3)
-    assert mean_pairwise_cosine(torch.ones(5, 3) * torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(1.0)
-    assert mean_pairwise_cosine(torch.eye(4)).item() == pytest.approx(0.0)
-
-
 def test_collapse_is_logged_and_warned_once(tiny_llama_dir, train_dir, tmp_path, capsys):
     from effir.stages.finetune import COLLAPSE_STEPS, _watch_collapse
 

@@ -1,5 +1,9 @@
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +41,7 @@ def test_learned_slim_end_to_end(tiny_model_dir, train_beir, tmp_path):
     assert all(w % 8 == 0 and 0 < w <= 64 for w in summary["widths_after"])
     assert abs(summary["removed_fraction"] - 0.3) <= 8 * 4 / 256 + 1e-9  # up to rounding to multiples of 8
     assert (out / "widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / "checkpoints").exists()
     enc = effir.load(out / "model", device="cpu", dtype="fp32")
     assert structure_of(enc.model, enc.adapter)["mlp_widths"] == summary["widths_after"]
     assert count_parameters(enc.model, enc.adapter) == summary["parameters_after"]
@@ -103,10 +107,10 @@ def test_resume_after_interruption_gives_the_same_result(tiny_llama_dir, train_b
     full = tmp_path / "full"
     assert main(_args(tiny_llama_dir, full, *common)) == 0
     ckpt_run = tmp_path / "resumed"
-    from effir.stages import slim
+    from effir import training
 
     calls = {"n": 0}
-    real = slim.info_nce
+    real = training.info_nce
 
     def crash_after_two(*a, **k):
         calls["n"] += 1
@@ -114,12 +118,12 @@ def test_resume_after_interruption_gives_the_same_result(tiny_llama_dir, train_b
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    slim.info_nce = crash_after_two
+    training.info_nce = crash_after_two
     try:
         assert main(_args(tiny_llama_dir, ckpt_run, *common)) == 130
     finally:
-        slim.info_nce = real
-    assert (ckpt_run / "checkpoint.pt").exists() and not (ckpt_run / "slim.json").exists()
+        training.info_nce = real
+    assert any((ckpt_run / "checkpoints").rglob("state.json")) and not (ckpt_run / "slim.json").exists()
     assert main(_args(tiny_llama_dir, ckpt_run, *common)) == 0
     a = json.loads((full / "slim.json").read_text())
     b = json.loads((ckpt_run / "slim.json").read_text())
@@ -131,6 +135,49 @@ def test_resume_after_interruption_gives_the_same_result(tiny_llama_dir, train_b
     assert log(full) == pytest.approx(log(ckpt_run), rel=1e-5)
 
 
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(Path(effir.__file__).parents[1]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "slim_log.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_slim_like_one_process_with_the_same_global_batch(tiny_llama_dir, train_beir, tmp_path):
+    # both phases: gate training (z's gradients must be averaged over the processes, or the second step's loss and
+    # the gates differ) and LoRA recovery
+    common = ["--train", str(train_beir), "--gate-steps", "3", "--recover-steps", "2", "--num-negatives", "2",
+              "--gate-lr", "0.1", "--lr", "1e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(tiny_llama_dir, one, *common, "--batch-size", "4")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "effir",
+           *_args(tiny_llama_dir, two, *common, "--batch-size", "2")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _log(one), _log(two)
+    assert [(r["phase"], r["step"], r["tokens"]) for r in a] == [(r["phase"], r["step"], r["tokens"]) for r in b]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-5)
+    sa, sb = (json.loads((p / "slim.json").read_text()) for p in (one, two))
+    assert sa["widths_after"] == sb["widths_after"]
+    assert [g["mean_relu_z"] for g in sb["gate_stats"]] == pytest.approx([g["mean_relu_z"] for g in sa["gate_stats"]],
+                                                                          abs=1e-4)
+    assert not (two / "checkpoints").exists()
+
+
+def test_gradient_checkpointing_does_not_change_gate_training(tiny_llama_dir, train_beir, tmp_path):
+    common = ["--train", str(train_beir), "--gate-steps", "3", "--batch-size", "4", "--num-negatives", "2",
+              "--gate-lr", "0.1"]
+    assert main(_args(tiny_llama_dir, tmp_path / "a", *common)) == 0
+    assert main(_args(tiny_llama_dir, tmp_path / "b", *common, "--gradient-checkpointing")) == 0
+    a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-6)
+    assert a[0]["penalty"] > 0 and a[-1]["loss"] != a[0]["loss"]
+    sa, sb = (json.loads((tmp_path / p / "slim.json").read_text()) for p in "ab")
+    assert sa["gate_stats"] == sb["gate_stats"] and sa["widths_after"] == sb["widths_after"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--ratio", "0"], "--ratio must be in (0, 1)"),
     (["--ratio", "1.2"], "--ratio must be in (0, 1)"),
@@ -139,6 +186,7 @@ def test_resume_after_interruption_gives_the_same_result(tiny_llama_dir, train_b
     (["--method", "activation", "--calibration", "nope.txt"], "does not exist"),
     ([], "needs --train"),
     (["--method", "activation", "--recover-steps", "3"], "--recover-steps trains the masked model and needs --train"),
+    (["--train", "unused", "--grad-accum", "0"], "--grad-accum must be >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_llama_dir, tmp_path, capsys, extra, message):
     args = ["slim", str(tiny_llama_dir), "--output", str(tmp_path / "o"), "--device", "cpu", "--no-progress", *extra]

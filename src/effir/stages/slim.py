@@ -18,26 +18,30 @@ built-in prose in one forward pass (effir.gates.super_neurons; --super-neuron-fa
 
 Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
 hardware runs fast (see benchmarks/width_multiple.py). Writes DIR/model (compressed-model format with per-layer
-widths), DIR/widths.png, DIR/slim.json (written last) and, while training, DIR/checkpoint.pt for resuming.
+widths), DIR/widths.png, DIR/slim.json (written last) and, while training, DIR/slim_log.jsonl and
+DIR/checkpoints/PHASE/step-N (every --save-every steps and at the end of each phase; removed when the run finishes).
+Re-running the same command after a kill resumes from the newest checkpoint.
+
+Training uses effir finetune's loop (effir.training): launch the same command with torchrun or accelerate launch
+for several GPUs (DDP; documents gathered across processes for in-batch negatives, so N processes with
+--batch-size b train like one with N*b), bf16 autocast on GPUs, --grad-accum, --gradient-checkpointing.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
-import random
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .. import training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..gates import SUPER_NEURON_FACTOR, MlpGates, global_keep_masks, super_neurons, uniform_magnitude_masks
-from ..losses import info_nce
 from ..plots import width_plot
 from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
@@ -84,7 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-4, help="LoRA lr (with --gates-with-lora / --recover-steps)")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
-    g.add_argument("--batch-size", type=int, default=8, help="queries per step")
+    g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory (7B backbones), more time")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype while training; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
     g.add_argument("--negatives", choices=["random", "bm25", "data"], default="random",
                    help="hard negatives: the data's own, BM25-mined (ranks --mine-range) or random")
     g.add_argument("--num-negatives", type=int, default=3, help="negatives per query")
@@ -96,8 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--document-max-length", type=int, default=None, help="training document length")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", help="model dtype when no training is done (training uses fp32)")
+    p.add_argument("--device", default=None,
+                   help="cpu forces CPU; default: each process's GPU (training under torchrun / accelerate launch "
+                        "uses accelerate's device)")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 on GPUs; gates and LoRA train in fp32)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a finished DIR")
 
@@ -106,13 +117,24 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
     texts = load_texts(args.calibration).documents if args.method == "activation" else None
+    acc = training.accelerator(args.device, args.precision)
+    try:
+        rc = _run(args, acc, texts)
+        acc.wait_for_everyone()
+        return rc
+    finally:  # no barrier on errors: a failed process exits and the launcher stops the others
+        training.end_distributed()
+
+
+def _run(args, acc, texts: list[str] | None) -> int:
     out = Path(args.output)
-    _prepare_output(out, args.overwrite)
+    _prepare_output(out, args.overwrite, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
     learned = args.method == "learned"
     trains = learned or args.recover_steps > 0
-    encoder = load(args.model, device=args.device, dtype="fp32" if trains else args.dtype, pooling=args.pooling)
+    device = str(acc.device) if trains or acc.num_processes > 1 else args.device
+    encoder = load(args.model, device=device, dtype=args.dtype, pooling=args.pooling)
     adapter = encoder.adapter
     before = count_parameters(encoder.model, adapter)
     structure = structure_of(encoder.model, adapter)
@@ -120,25 +142,33 @@ def run(args: argparse.Namespace) -> int:
     if not layers:
         raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
     widths_before = [structure["mlp_widths"][i] for i in layers]
-    protect = _super_neurons(args, encoder, layers)
+    protect = _from_main_process(_super_neurons(args, encoder, layers, acc.is_main_process))
     masks = z = None
     if args.method == "activation":
-        scores = _activation_scores(args, encoder, layers, texts)
+        scores = _activation_scores(args, encoder, layers, texts, acc.is_main_process)
         masks = global_keep_masks(scores, args.ratio, args.width_multiple, protect)
     elif args.method == "magnitude":
         masks = uniform_magnitude_masks(encoder.model, adapter, layers, args.ratio, args.width_multiple, protect)
+    # calibration statistics may differ in the last bits between GPUs: every process trains rank 0's masks
+    masks = _from_main_process(masks)
     if trains:
-        masks, z = _trained_masks(args, encoder, layers, out, protect, masks)
+        masks, z = _trained_masks(args, acc, encoder, layers, out, protect, masks)
     for i, mask in zip(layers, masks, strict=True):
         slice_mlp(encoder.model, adapter, i, torch.nonzero(mask).flatten())
     encoder.model.eval()
     for p in encoder.model.parameters():
         p.requires_grad_(False)
     encoder.meta["structure"] = structure_of(encoder.model, adapter)
-    after = count_parameters(encoder.model, adapter)
+    if acc.is_main_process:
+        _finish(args, encoder, out, layers, widths_before, before, protect, z, time.perf_counter() - t0)
+    return 0
+
+
+def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z, wall: float) -> None:
+    after = count_parameters(encoder.model, encoder.adapter)
     widths_after = [encoder.meta["structure"]["mlp_widths"][i] for i in layers]
     stage = {"stage": "slim", "method": args.method, "ratio": args.ratio, "width_multiple": args.width_multiple,
-             "gate_steps": args.gate_steps if learned else 0, "recover_steps": args.recover_steps,
+             "gate_steps": args.gate_steps if args.method == "learned" else 0, "recover_steps": args.recover_steps,
              "train": args.train}
     if args.method == "activation":
         stage.update(calibration=args.calibration, calibration_samples=args.calibration_samples, seq_len=args.seq_len)
@@ -151,14 +181,13 @@ def run(args: argparse.Namespace) -> int:
                "parameters_before": before, "parameters_after": after,
                "super_neurons": {str(i): torch.nonzero(m).flatten().tolist() for i, m in zip(layers, protect, strict=True)
                                  if m.any()},
-               "wall_s": round(time.perf_counter() - t0, 1)}
+               "wall_s": round(wall, 1)}
     if z is not None:
         summary["gate_stats"] = [{"layer": i, "mean_relu_z": round(float(torch.relu(v).mean()), 4)}
                                  for i, v in zip(layers, z, strict=True)]
     write_json(out / "slim.json", summary)  # last: its presence marks a finished run
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     _print_summary(summary)
-    return 0
 
 
 def _check(args) -> None:
@@ -176,93 +205,116 @@ def _check(args) -> None:
     if args.recover_steps and not args.train:
         raise EffirError("--recover-steps trains the masked model and needs --train DATA")
     if args.method == "learned" or args.recover_steps:
-        for name in ("gate_steps", "batch_size", "num_negatives"):
+        for name in ("gate_steps", "batch_size", "grad_accum", "num_negatives"):
             if getattr(args, name) < 1:
                 raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.gate_lr <= 0 or args.temperature <= 0:
             raise EffirError("--gate-lr and --temperature must be > 0")
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise EffirError(f"--output {out} exists and is not a folder")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if (out / "slim.json").exists():
-        raise EffirError(f"{out} already holds a finished slim run; pass --overwrite or choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare_output(out: Path, overwrite: bool, acc) -> None:
+    if acc.is_main_process:
+        if out.exists() and not out.is_dir():
+            raise EffirError(f"--output {out} exists and is not a folder")
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        if (out / "slim.json").exists():
+            raise EffirError(f"{out} already holds a finished slim run; pass --overwrite or choose another --output")
+        out.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+
+
+def _from_main_process(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """Rank 0's ``tensors`` on every process (unchanged in a single process)."""
+    if tensors is None or not torch.distributed.is_initialized():
+        return tensors
+    box = [[t.cpu() for t in tensors]]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # -- masks: super neurons, activation ranking, learned gates --------------------------------------------------------
-def _super_neurons(args, encoder, layers: list[int]) -> list[torch.Tensor]:
+def _super_neurons(args, encoder, layers: list[int], main: bool) -> list[torch.Tensor]:
     """Super-neuron masks from 4 blocks of 256 tokens of the built-in prose (any text shows the sink)."""
     factor = args.super_neuron_factor
     blocks = token_blocks(encoder.tokenizer, load_texts("wiki").documents, 4, 256, seed=args.seed) if factor > 0 else []
     encoder.model.eval()
     protect = super_neurons(encoder.model, encoder.adapter, layers, block_batches(blocks, 2, encoder.pad_id), factor)
     found = [f"{i}:{int(m.sum())}" for i, m in zip(layers, protect, strict=True) if m.any()]
-    print(f"effir slim: keeping {sum(int(m.sum()) for m in protect)} super neuron(s) (layer:count "
-          f"{' '.join(found) or '-'})")
+    if main:
+        print(f"effir slim: keeping {sum(int(m.sum()) for m in protect)} super neuron(s) (layer:count "
+              f"{' '.join(found) or '-'})")
     return protect
 
 
-def _activation_scores(args, encoder, layers: list[int], texts: list[str]) -> list[torch.Tensor]:
+def _activation_scores(args, encoder, layers: list[int], texts: list[str], main: bool) -> list[torch.Tensor]:
     """effir.redundancy.neuron_importance on --calibration-samples blocks of the --calibration ``texts``."""
     blocks = token_blocks(encoder.tokenizer, texts, args.calibration_samples, args.seq_len, seed=args.seed)
     if not blocks:
         raise EffirError(f"calibration source {args.calibration!r} tokenizes to nothing; give it real text")
-    print(f"effir slim: scoring neurons on {len(blocks)} block(s) of {args.seq_len} tokens of {args.calibration}")
+    if main:
+        print(f"effir slim: scoring neurons on {len(blocks)} block(s) of {args.seq_len} tokens of {args.calibration}")
     return neuron_importance(encoder.model, encoder.adapter, layers, block_batches(blocks, 4, encoder.pad_id))
 
 
-def _trained_masks(args, encoder, layers: list[int], out: Path, protect: list[torch.Tensor],
-                   masks: list[torch.Tensor] | None):
-    """Without ``masks`` (--method learned): train z (phase 1) and rank ReLU(z) globally into masks. Then, with
-    --recover-steps, train the masked model with LoRA (phase 2, any method) and merge it. Returns (masks, z)."""
-    from dataclasses import replace
+GATES_MODULE = "effir_gates"
+"""Name under which the gates sit inside the model while they train, so DDP syncs their gradients and the
+training checkpoints hold them."""
+RUN_KEYS = ("train", "split", "seed", "ratio", "method", "negatives", "num_negatives", "mine_range", "temperature",
+            "batch_size", "grad_accum", "gate_steps", "gate_lr", "beta", "lam", "gates_with_lora", "recover_steps",
+            "lr", "lora_r", "lora_alpha", "pooling", "query_max_length", "document_max_length", "precision")
 
+
+def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: list[torch.Tensor],
+                   masks: list[torch.Tensor] | None):
+    """Without ``masks`` (--method learned): train z (phase "gates") and rank ReLU(z) globally into masks. Then, with
+    --recover-steps, train the masked model with LoRA (phase "recover", any method) and merge it. Returns (masks, z).
+    """
     saved = encoder.settings
     encoder.settings = replace(saved, query_max_length=args.query_max_length or saved.query_max_length,
                                document_max_length=args.document_max_length or saved.document_max_length)
     examples = _examples(args)
-    key = {"model": fingerprint(encoder), "train": str(args.train), "seed": args.seed, "ratio": args.ratio,
-           "gate_steps": args.gate_steps if masks is None else 0, "recover_steps": args.recover_steps,
-           "lora": args.gates_with_lora, "method": args.method,
+    key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "model_fingerprint": fingerprint(encoder),
+           "processes": acc.num_processes,
            "masks": None if masks is None else hashlib.sha256(torch.cat(masks).numpy().tobytes()).hexdigest()}
-    ckpt = _load_checkpoint(out / "checkpoint.pt", key)
     base = encoder.model
-    lora = args.gates_with_lora or args.recover_steps > 0
-    if lora:
-        encoder.model = _with_lora(encoder, args)
-    gates = MlpGates(base, encoder.adapter, layers)  # hooks on the (possibly LoRA-wrapped) down projections
-    gates.to(encoder.device)
-    for p in encoder.model.parameters():
+    for p in base.parameters():
         p.requires_grad_(False)
-    lora_params = [p for n, p in encoder.model.named_parameters() if "lora_" in n]
-    if ckpt:
-        _restore(ckpt, encoder, gates)
-        _truncate_log(out / "slim_log.jsonl", ckpt)
-    phase1 = [{"params": list(gates.z), "lr": args.gate_lr}]
-    if args.gates_with_lora:
-        phase1.append({"params": lora_params, "lr": args.lr})
-
-    def penalty():
-        return args.lam * gates.penalty(args.beta)
-
+    training.set_activation_checkpointing(base, args.gradient_checkpointing)
+    lora = args.gates_with_lora or args.recover_steps > 0
+    lora_params = training.add_lora(encoder, args.lora_r, args.lora_alpha) if lora else []
+    gates = MlpGates(base, encoder.adapter, layers).to(encoder.device)  # hooks on the (LoRA-wrapped) down projections
     z = None
     if masks is None:
-        _train(args, encoder, examples, gates, "gates", phase1, args.gate_steps, penalty, ckpt, out, key)
-        z = [v.detach().clone() for v in gates.z]
+        base.add_module(GATES_MODULE, gates)
+        _set_trainable(gates.z, True)
+        _set_trainable(lora_params, args.gates_with_lora)
+        groups = [{"params": list(gates.z), "lr": args.gate_lr}]
+        if args.gates_with_lora:
+            groups.append({"params": lora_params, "lr": args.lr})
+        _phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
+               penalty=lambda: args.lam * gates.penalty(args.beta))
+        delattr(base, GATES_MODULE)
+        _set_trainable(gates.z, False)
+        z = [v.detach().cpu().clone() for v in gates.z]
         masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple, protect)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
-        _train(args, encoder, examples, gates, "recover", [{"params": lora_params, "lr": args.lr}],
-               args.recover_steps, None, ckpt, out, key)
+        _set_trainable(lora_params, True)
+        _phase(args, acc, encoder, examples, "recover", [{"params": lora_params, "lr": args.lr}],
+               args.recover_steps, out, key, penalty=None)
     gates.remove()
+    if args.gradient_checkpointing:
+        training.set_activation_checkpointing(base, False)
     if lora:
         encoder.model = encoder.model.merge_and_unload()
     encoder.settings = saved
     return masks, z
+
+
+def _set_trainable(params, on: bool) -> None:
+    for p in params:
+        p.requires_grad_(on)
 
 
 def _examples(args):
@@ -272,130 +324,41 @@ def _examples(args):
         mine_bm25(examples, corpus, parse_rank_range(args.mine_range), n, seed=args.seed)
     if args.negatives != "data" or any(len(ex.neg) < n for ex in examples):
         random_negatives(examples, corpus, n, seed=args.seed)
-    if len(examples) < args.batch_size:
-        raise EffirError(f"{len(examples)} training queries are fewer than --batch-size {args.batch_size}")
     return examples
 
 
-def _with_lora(encoder, args):
-    from peft import LoraConfig, get_peft_model
-
-    names = [n for n, _ in encoder.model.named_modules()]
-    targets = [t for t in encoder.adapter.lora_targets if any(n == t or n.endswith("." + t) for n in names)]
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, bias="none")
-    return get_peft_model(encoder.model, config)
-
-
-def _train(args, encoder, examples, gates: MlpGates, phase: str, groups: list[dict], steps: int, extra_loss,
-           ckpt: dict, out: Path, key: dict) -> None:
-    """InfoNCE (+ ``extra_loss``) on the parameter ``groups`` for ``steps`` steps; resumable from DIR/checkpoint.pt.
-
-    Phases run in the order gates -> recover; a checkpoint of a later phase means this one is finished.
-    """
-    from tqdm.auto import tqdm
-
-    order = ["gates", "recover"]
-    start = 0
-    if ckpt:
-        if order.index(ckpt["phase"]) > order.index(phase):
-            return
-        if ckpt["phase"] == phase:
-            start = ckpt["step"]
+def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: int, out: Path, key: dict,
+           penalty) -> None:
+    """InfoNCE (+ ``penalty()``) on the parameter ``groups`` for ``steps`` steps, with effir finetune's loop: several
+    processes, gradient accumulation, autocast; checkpoints in DIR/checkpoints/PHASE, the last one after the final
+    step (a phase that finished is skipped on resume, its weights restored)."""
+    optimizer = torch.optim.Adam(groups)
+    # recovery fine-tunes a damaged model: warm up, decay and clip as effir finetune does; gate training keeps the
+    # paper's plain Adam
+    factor = lr_schedule(0.1, "linear", steps) if phase == "recover" else (lambda _step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    root, log_path, key = out / "checkpoints" / phase, out / "slim_log.jsonl", {**key, "phase": phase}
+    start = training.resume(root, acc, encoder.model, optimizer, scheduler, key, log_path=log_path,
+                            log_match={"phase": phase})
     if start >= steps:
         return
-    params = [p for g in groups for p in g["params"]]
-    peak = [g["lr"] for g in groups]  # before the optimizer: a resumed state holds the last step's scaled lr
-    optimizer = torch.optim.Adam(groups)
-    if start:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    # recovery fine-tunes a damaged model: warm up, decay and clip as effir finetune does (the lr is a function of
-    # the step, so a resumed run follows the same curve); gate training keeps the paper's plain Adam
-    factor = lr_schedule(0.1, "linear", steps) if phase == "recover" else (lambda _step: 1.0)
-    for p in params:
-        p.requires_grad_(True)
-    encoder.model.train()
-    g = args.num_negatives + 1
-    bar = tqdm(total=steps, initial=start, desc=f"slim: {phase}", unit="step", disable=args.no_progress)
-    for step in range(start, steps):
-        idx = _batch_indices(len(examples), args.batch_size, step, args.seed)
-        rng = random.Random(f"{args.seed}-{phase}-{step}")
-        docs = []
-        for i in idx:
-            docs += [rng.choice(examples[i].pos)] + rng.sample(examples[i].neg, args.num_negatives)
-        queries = encoder.tokenize([examples[i].query for i in idx], "query")
-        documents = encoder.tokenize(docs, "document")
-        q = encoder.embed(**{k: v.to(encoder.device) for k, v in queries.items()})  # (B, H)
-        d = encoder.embed(**{k: v.to(encoder.device) for k, v in documents.items()})  # (B * G, H)
-        nce = info_nce(q, d, g, args.temperature)
-        loss = nce + extra_loss() if extra_loss else nce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if phase == "recover":
-            torch.nn.utils.clip_grad_norm_(params, 1.0)  # as effir finetune's default --max-grad-norm
-        for group, lr in zip(optimizer.param_groups, peak, strict=True):
-            group["lr"] = lr * factor(step)
-        optimizer.step()
-        with open(out / "slim_log.jsonl", "a") as f:
-            f.write(json.dumps({"phase": phase, "step": step + 1, "loss": loss.item(), "info_nce": nce.item()}) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.update(1)
-        last = step + 1 == steps
-        if last or (args.save_every and (step + 1) % args.save_every == 0):
-            _save_checkpoint(out / "checkpoint.pt", key, phase, step + 1, encoder, gates, optimizer)
-    bar.close()
-    for p in params:
-        p.requires_grad_(False)
+    if start and acc.is_main_process:
+        print(f"effir slim: resuming {phase} at step {start}")
+    per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
+    spec = training.Contrastive(args.num_negatives, args.temperature, args.seed)
+    model, optimizer = acc.prepare(encoder.model, optimizer)
+    encoder.model = model
+    micro_batch = training.contrastive_micro_batches(acc, encoder, examples, spec, batch_size=args.batch_size,
+                                                     grad_accum=args.grad_accum, per_epoch=per_epoch, penalty=penalty)
 
+    def save(step: int) -> None:
+        training.save_checkpoint(root, acc, model, optimizer, scheduler, step, key, keep=1)
 
-def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """Deterministic per step (so a resumed run sees the same batches): epoch permutation, then a slice."""
-    per_epoch = n // batch
-    epoch, within = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[within * batch:(within + 1) * batch].tolist()
-
-
-def _trainable(encoder) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in encoder.model.named_parameters() if "lora_" in n}
-
-
-def _save_checkpoint(path: Path, key, phase, step, encoder, gates, optimizer) -> None:
-    state = {"key": key, "phase": phase, "step": step, "z": [v.detach().cpu() for v in gates.z],
-             "lora": _trainable(encoder), "optimizer": optimizer.state_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save keeps the previous checkpoint
-
-
-def _load_checkpoint(path: Path, key: dict) -> dict:
-    if not path.exists():
-        return {}
-    state = torch.load(path, weights_only=False)
-    if state.get("key") != key:
-        raise EffirError(f"{path} belongs to another slim run (different model, data or settings); pass "
-                         "--overwrite to start over")
-    print(f"effir slim: resuming {state['phase']} at step {state['step']}")
-    return state
-
-
-def _restore(ckpt: dict, encoder, gates: MlpGates) -> None:
-    with torch.no_grad():
-        for v, saved in zip(gates.z, ckpt["z"], strict=True):
-            v.copy_(saved)
-        params = dict(encoder.model.named_parameters())
-        for n, saved in ckpt["lora"].items():
-            params[n].copy_(saved)
-
-
-def _truncate_log(path: Path, ckpt: dict) -> None:
-    """Forget log lines written after the checkpoint, so a resumed run's log reads like an uninterrupted one."""
-    if not path.exists():
-        return
-    order = ["gates", "recover"]
-    keep = [line for line in path.read_text().splitlines()
-            if (order.index(json.loads(line)["phase"]), json.loads(line)["step"])
-            <= (order.index(ckpt["phase"]), ckpt["step"])]
-    path.write_text("".join(line + "\n" for line in keep))
+    training.train_steps(acc, model, optimizer, scheduler, micro_batch, start=start, total=steps,
+                         grad_accum=args.grad_accum, max_grad_norm=1.0 if phase == "recover" else None,
+                         log_path=log_path, log_fields={"phase": phase}, save=save, save_every=args.save_every,
+                         save_last=True, desc=f"slim: {phase}", progress=not args.no_progress)
+    encoder.model = acc.unwrap_model(model)
 
 
 def _print_summary(s: dict) -> None:

@@ -1,0 +1,391 @@
+"""The training machinery ``effir finetune`` and ``effir slim`` share: accelerate set-up, LoRA and activation
+checkpointing, the data order, the contrastive loss of one micro-batch, the step loop, resumable checkpoints.
+
+One loop for both stages, so slim's gate training and recovery scale as fine-tuning does: several processes
+(torchrun / accelerate launch; DDP syncs the gradients, documents are gathered for in-batch negatives), bf16
+autocast on GPUs, gradient accumulation, activation checkpointing, and a kill at any moment resumes exactly.
+
+Data order is a function of ``(seed, epoch, step, micro-batch, rank)`` rather than of a sampler's state, so a resumed
+run sees the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .encoder import Encoder
+from .losses import gather_with_grad, group_scores, info_nce, kl_distill
+from .train_data import TrainExample
+from .utils import EffirError, cpu_supports_bf16
+
+KILL_ENV = "EFFIR_TEST_KILL_AT_STEP"  # tests: SIGKILL this process right after step k (a real, uncatchable kill)
+
+
+# -- set-up ---------------------------------------------------------------------------------------------------------
+def accelerator(device: str | None, precision: str):
+    """An ``accelerate.Accelerator`` for this process: CPU when asked or without CUDA, else this process's GPU.
+
+    Raises:
+        EffirError: the launcher started more processes than accelerate joined (each would train alone).
+    """
+    from accelerate import Accelerator
+
+    # Without CUDA, accelerate must be told "cpu", or each launched process trains alone.
+    acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(),
+                      mixed_precision=mixed_precision(precision, device))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise EffirError(f"the launcher started {launched} processes but accelerate joined {acc.num_processes}; "
+                         "check the launch command (docs/distributed.md)")
+    return acc
+
+
+def mixed_precision(precision: str, device: str | None) -> str:
+    """accelerate's ``mixed_precision`` for ``--precision``: auto is bf16 on CUDA and on CPUs with native bf16."""
+    if precision == "auto":
+        if torch.cuda.is_available() and device != "cpu":
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if cpu_supports_bf16() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def end_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Recompute activations in the backward pass (less memory, ~30 % more time); non-reentrant, so frozen inputs
+    and hooks (slim's gates) work."""
+    if on:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+
+
+def add_lora(encoder: Encoder, r: int, alpha: int, dropout: float = 0.0, targets: str = "all") -> list[torch.nn.Parameter]:
+    """Wrap ``encoder.model`` in peft LoRA adapters (in place) and return the trainable parameters.
+
+    ``targets`` is ``all`` (every name of the architecture table present in the model) or comma-separated names.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(encoder, targets),
+                        bias="none")
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        encoder.model = get_peft_model(encoder.model, config)
+    encoder.model.train()
+    return [p for p in encoder.model.parameters() if p.requires_grad]
+
+
+def lora_targets(encoder: Encoder, spec: str) -> list[str]:
+    names = [n for n, _ in encoder.model.named_modules()]
+    table = list(encoder.adapter.lora_targets)
+
+    def present(t):
+        return any(n == t or n.endswith("." + t) for n in names)
+
+    if spec == "all":
+        targets = [t for t in table if present(t)]
+        if not targets:
+            raise EffirError(f"none of the LoRA targets {table} of the architecture table is in the model; use --full")
+        return targets
+    wanted = [t.strip() for t in spec.split(",") if t.strip()]
+    missing = [t for t in wanted if not present(t)]
+    if missing or not wanted:
+        raise EffirError(f"LoRA target(s) {missing or wanted} not in the model; the architecture table "
+                         f"({encoder.adapter.family}) names: {','.join(table)}")
+    return wanted
+
+
+# -- data order and the loss of one micro-batch ---------------------------------------------------------------------
+def steps_per_epoch(n: int, batch_size: int, world: int, grad_accum: int) -> int:
+    per_step = batch_size * world * grad_accum
+    if n // per_step < 1:
+        raise EffirError(f"{n} training queries are fewer than one step's {per_step} (--batch-size x processes x "
+                         "--grad-accum); lower --batch-size or --grad-accum")
+    return n // per_step
+
+
+def batch_indices(n: int, step: int, micro: int, *, batch_size: int, grad_accum: int, world: int, rank: int,
+                  per_epoch: int, seed: int, perms: dict) -> tuple[int, list[int]]:
+    """This process's example indices for (step, micro): a seeded permutation per epoch, sliced by rank.
+    ``perms`` caches the current epoch's permutation between calls. Returns (epoch, indices)."""
+    epoch, within = divmod(step, per_epoch)
+    if epoch not in perms:
+        perms.clear()
+        perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    start = ((within * grad_accum + micro) * world + rank) * batch_size
+    return epoch, perms[epoch][start:start + batch_size].tolist()
+
+
+@dataclass(frozen=True)
+class Contrastive:
+    """How a micro-batch is scored: InfoNCE over 1 positive + ``num_negatives`` per query (+ in-batch negatives,
+    gathered from every process unless ``gather`` is off), plus ``kl_weight`` x KL towards the teacher's scores."""
+
+    num_negatives: int
+    temperature: float
+    seed: int
+    in_batch: bool = True
+    gather: bool = True
+    kl_weight: float = 0.0
+    teacher_temperature: float = 1.0
+
+
+def contrastive_loss(acc, encoder: Encoder, examples: list[TrainExample], idx: list[int], epoch: int,
+                     spec: Contrastive) -> tuple[torch.Tensor, dict]:
+    """Loss of the queries ``idx`` and their candidate groups; also returns detached parts for the log
+    (``info_nce``, ``kl``, ``doc_cos``: mean cosine between the batch's documents, ``tokens``)."""
+    g = spec.num_negatives + 1
+    groups = [pick_group(examples[i], spec.num_negatives, random.Random(f"{spec.seed}-{epoch}-{i}")) for i in idx]
+    q_batch = encoder.tokenize([examples[i].query for i in idx], "query")
+    d_batch = encoder.tokenize([t for texts, _ in groups for t in texts], "document")
+    q_batch = {k: v.to(acc.device) for k, v in q_batch.items()}
+    d_batch = {k: v.to(acc.device) for k, v in d_batch.items()}
+    with acc.autocast():
+        q = encoder.embed(**q_batch)  # (b, H)
+        d = encoder.embed(**d_batch)  # (b * G, H)
+    if spec.gather:
+        d_all = gather_with_grad(d.float().contiguous())  # (world * b * G, H)
+        offset = acc.process_index * len(idx)
+    else:
+        d_all, offset = d.float(), 0  # (b * G, H)
+    nce = info_nce(q.float(), d_all, g, spec.temperature, in_batch=spec.in_batch, query_offset=offset)
+    loss, parts = nce, {"info_nce": nce.detach()}
+    if spec.kl_weight:
+        teacher = torch.tensor([s for _, s in groups], device=q.device)  # (b, G)
+        kl = kl_distill(group_scores(q.float(), d.float(), g), teacher, spec.temperature, spec.teacher_temperature)
+        loss = loss + spec.kl_weight * kl
+        parts["kl"] = kl.detach()
+    tokens = int(q_batch["attention_mask"].sum() + d_batch["attention_mask"].sum())
+    parts["doc_cos"] = mean_pairwise_cosine(d.detach())
+    return loss, {**parts, "tokens": torch.tensor(float(tokens), device=acc.device)}
+
+
+MicroBatch = Callable[[int, int], tuple[torch.Tensor, dict, int]]
+"""``(step, micro) -> (loss, detached parts incl. "tokens", epoch)`` for this process."""
+
+
+def contrastive_micro_batches(acc, encoder: Encoder, examples: list[TrainExample], spec: Contrastive, *,
+                              batch_size: int, grad_accum: int, per_epoch: int,
+                              penalty: Callable[[], torch.Tensor] | None = None) -> MicroBatch:
+    """The :data:`MicroBatch` of contrastive training on ``examples`` in this module's data order. ``penalty()``
+    (slim's l0 term) is added to every micro-batch's loss and logged as ``penalty``."""
+    perms: dict = {}
+
+    def micro_batch(step: int, micro: int):
+        epoch, idx = batch_indices(len(examples), step, micro, batch_size=batch_size, grad_accum=grad_accum,
+                                   world=acc.num_processes, rank=acc.process_index, per_epoch=per_epoch,
+                                   seed=spec.seed, perms=perms)
+        loss, parts = contrastive_loss(acc, encoder, examples, idx, epoch, spec)
+        if penalty is not None:
+            extra = penalty()
+            loss = loss + extra
+            parts["penalty"] = extra.detach()
+        return loss, parts, epoch
+
+    return micro_batch
+
+
+def pick_group(ex: TrainExample, n: int, rng: random.Random) -> tuple[list[str], list[float] | None]:
+    """1 positive + n negatives (positive first), chosen by ``rng``, with their teacher scores when present."""
+    p = rng.randrange(len(ex.pos))
+    negs = sorted(rng.sample(range(len(ex.neg)), n))
+    texts = [ex.pos[p]] + [ex.neg[i] for i in negs]
+    scores = None if ex.pos_scores is None else [ex.pos_scores[p]] + [ex.neg_scores[i] for i in negs]
+    return texts, scores
+
+
+def mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
+    """Mean cosine over all pairs of different rows of ``x`` ``(N, H)``: 1 means every row points the same way."""
+    n = x.shape[0]
+    if n < 2:
+        return torch.tensor(0.0, device=x.device)
+    u = torch.nn.functional.normalize(x.float(), dim=-1)
+    total = u.sum(0).pow(2).sum() - n  # sum over i != j of u_i . u_j, without the (N, N) matrix
+    return total / (n * (n - 1))
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, start: int, total: int, grad_accum: int,
+                max_grad_norm: float | None, log_path: Path, log_fields: dict | None = None,
+                on_record: Callable[[dict], None] | None = None, save: Callable[[int], None] | None = None,
+                save_every: int = 0, save_last: bool = False, desc: str = "train", progress: bool = True) -> dict:
+    """Optimizer steps ``start .. total - 1`` over ``grad_accum`` micro-batches each (gradients synced on the last
+    one only). Appends one JSON line per step to ``log_path`` (main process; ``log_fields`` added to each), calls
+    ``on_record(record)`` on every process, and ``save(step)`` every ``save_every`` steps (and after the last step
+    with ``save_last``). Returns totals: tokens, train_s, last_loss."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    kill_at = int(os.environ.get(KILL_ENV, "0"))
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress or not acc.is_main_process)
+    stats = {"tokens": 0.0, "train_s": 0.0, "last_loss": None}
+    for step in range(start, total):
+        t = time.perf_counter()
+        sums: dict[str, float] = {}
+        for micro in range(grad_accum):
+            sync = micro == grad_accum - 1
+            with (acc.no_sync(model) if not sync and acc.num_processes > 1 else _null()):
+                loss, parts, epoch = micro_batch(step, micro)
+                acc.backward(loss / grad_accum)
+            parts["loss"] = loss.detach()
+            for name, value in parts.items():
+                reduced = acc.reduce(value.float(), "sum" if name == "tokens" else "mean")
+                sums[name] = sums.get(name, 0.0) + float(reduced) / (1 if name == "tokens" else grad_accum)
+        if max_grad_norm:
+            acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t
+        stats["tokens"] += sums["tokens"]
+        stats["train_s"] += dt
+        stats["last_loss"] = sums["loss"]
+        record = {"step": step + 1, **{k: v for k, v in sums.items() if k not in ("tokens", "doc_cos")},
+                  "doc_cos": round(sums["doc_cos"], 5), "lr": lr, "tokens": int(sums["tokens"]),
+                  "tokens_per_s": round(sums["tokens"] / dt, 1), "epoch": epoch, **(log_fields or {})}
+        if on_record is not None:
+            on_record(record)
+        if acc.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        due = save_every and (step + 1) % save_every == 0 and step + 1 < total
+        if save is not None and (due or (save_last and step + 1 == total)):
+            save(step + 1)
+        if kill_at and step + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    return stats
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Finished checkpoints ``root/step-N`` (those holding state.json), oldest first."""
+    done = [d for d in root.glob("step-*") if (d / "state.json").exists() and "tmp" not in d.name]
+    return sorted(done, key=lambda d: int(d.name.split("-")[1]))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, acc, model, optimizer, scheduler, step: int, key: dict, keep: int = 0) -> None:
+    """Atomically write ``root/step-N``: trainable weights, optimizer, scheduler, every process's RNG; then keep
+    only the newest ``keep`` checkpoints (0: all)."""
+    final = root / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng-{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        torch.save(trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if getattr(acc, "scaler", None) is not None:  # fp16 loss scaling
+            torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def resume(root: Path, acc, model, optimizer, scheduler, key: dict, *, log_path: Path, log_match: dict | None = None,
+           explicit: Path | None = None, restart_on_mismatch: bool = False) -> int:
+    """Load the newest checkpoint under ``root`` (or ``explicit``) into model, optimizer and scheduler and return
+    its step; 0 when there is none (log lines matching ``log_match`` are then dropped: the run starts over).
+
+    Raises:
+        EffirError: the checkpoint belongs to another run (its ``key`` differs), unless ``restart_on_mismatch``,
+            which deletes ``root`` and starts over.
+    """
+    ckpt = explicit or (checkpoint_dirs(root) or [None])[-1]
+    if ckpt is None:
+        if acc.is_main_process:
+            truncate_log(log_path, 0, log_match)
+        return 0
+    if not (ckpt / "state.json").exists():
+        raise EffirError(f"--resume {ckpt} is not a finished effir checkpoint (no state.json)")
+    state = json.loads((ckpt / "state.json").read_text())
+    diff = [k for k in sorted(set(key) | set(state["key"])) if key.get(k) != state["key"].get(k)]
+    if diff and restart_on_mismatch and explicit is None:
+        if acc.is_main_process:
+            shutil.rmtree(root, ignore_errors=True)
+            truncate_log(log_path, 0, log_match)
+        acc.wait_for_everyone()
+        return 0
+    if diff:
+        shown = ", ".join(f"{k}: {state['key'].get(k)!r} -> {key.get(k)!r}" for k in diff[:4])
+        raise EffirError(f"checkpoint {ckpt} belongs to another run ({shown}); use the same arguments, or "
+                         "--overwrite / another --output to start a new run")
+    weights = torch.load(ckpt / "trainable.pt", map_location="cpu")
+    missing = set(trainable_state(model)) ^ set(weights)
+    if missing:
+        raise EffirError(f"checkpoint {ckpt} does not match the model's trainable parameters ({len(missing)} differ)")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu"))
+    if (ckpt / "scaler.pt").exists() and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(torch.load(ckpt / "scaler.pt"))
+    rng = torch.load(ckpt / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    step = int(state["step"])
+    if acc.is_main_process:
+        truncate_log(log_path, step, log_match)
+    return step
+
+
+def truncate_log(path: Path, step: int, match: dict | None = None) -> None:
+    """Drop the log lines (those whose fields equal ``match``; all without it) past ``step``: a killed run may have
+    logged steps it never checkpointed."""
+    if not path.exists():
+        return
+    match = match or {}
+
+    def keep(line: str) -> bool:
+        record = json.loads(line)
+        return any(record.get(k) != v for k, v in match.items()) or record["step"] <= step
+
+    lines = [line for line in path.read_text().splitlines() if line.strip() and keep(line)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
