@@ -63,6 +63,25 @@ def test_full_pipeline_with_baselines_and_report(tiny_llama_dir, data, tmp_path)
     assert out.returncode == 0 and out.stdout.count("done, skipped") == len(list(run.rglob(MARKER)))
 
 
+def test_training_and_eval_stages_run_as_one_job_under_the_launcher(tiny_llama_dir, data, tmp_path):
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    one = {"batch_size": 1}  # per process: 2 queries per step out of the 3 training queries
+    cfg = _config(tmp_path, tiny_llama_dir, data, launcher=launcher, stages=["analyze", "drop", "slim", "finetune", "eval"],
+                  slim={**FAST["slim"], **one, "recover_steps": 2}, finetune={**FAST["finetune"], **one})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "effir", "run", str(cfg)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    # one log line per step: the processes trained together (separately, each would log every step)
+    slim_log = [json.loads(x) for x in next(run.rglob("slim_log.jsonl")).read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in slim_log] == [("gates", 1), ("gates", 2), ("recover", 1), ("recover", 2)]
+    ft_log = [json.loads(x) for x in next(run.rglob("train_log.jsonl")).read_text().splitlines()]
+    assert [r["step"] for r in ft_log] == [1, 2, 3]
+    assert json.loads(next(run.rglob("results.json")).read_text())["processes"] == 2
+
+
 def test_killed_mid_stage_then_rerun_gives_the_same_metrics(tiny_llama_dir, data, tmp_path):
     stages = {"stages": ["finetune", "eval"]}
     plain = _config(tmp_path / "a", tiny_llama_dir, data, **stages)

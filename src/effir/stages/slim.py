@@ -91,7 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory (7B backbones), more time")
+                   help="recompute activations in the backward pass: less memory, more time (SmolLM2 Drop-15M gate "
+                        "training, 8 queries x 4 docs x 256 tokens, CPU: peak 12.6 -> 4.7 GB, +19 %% time)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype while training; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
     g.add_argument("--negatives", choices=["random", "bm25", "data"], default="random",
