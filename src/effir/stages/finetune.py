@@ -261,7 +261,8 @@ def _prepare_examples(args, encoder: Encoder, kind: str | None) -> list[TrainExa
 # -- model ----------------------------------------------------------------------------------------------------------
 def _wrap_model(args, encoder: Encoder) -> list[torch.nn.Parameter]:
     encoder.model.train()
-    training.set_activation_checkpointing(encoder.model, args.gradient_checkpointing)
+    if args.gradient_checkpointing:
+        training.set_activation_checkpointing(encoder.model, True)
     if args.full:
         for p in encoder.model.parameters():
             p.requires_grad_(True)

@@ -80,7 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-steps", type=int, default=500, help="steps of gate training (paper: 500)")
     g.add_argument("--gate-lr", type=float, default=1e-2, help="Adam lr for z (not stated by the paper)")
     g.add_argument("--beta", type=float, default=5.0, help="sharpness of the l0 surrogate sigmoid(beta*|z|)")
-    g.add_argument("--lam", type=float, default=1e-8, help="weight lambda of the l0 surrogate")
+    g.add_argument("--lam", type=float, default=1e-8,
+                   help="weight lambda of the l0 surrogate (default: the paper's 1e-8, which next to effir's mean "
+                        "InfoNCE is too small to move a gate; all-MiniLM-L6-v2: lambda 0.1 for 100 steps matched "
+                        "--method activation, see docs/results/smollm2-slim-order-cpu.md)")
     g.add_argument("--gates-with-lora", action="store_true", help="train LoRA adapters together with z")
     g.add_argument("--recover-steps", type=int, default=0,
                    help="LoRA steps on the masked model before slicing, any --method (needs --train; 0: leave "
@@ -281,7 +284,8 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     base = encoder.model
     for p in base.parameters():
         p.requires_grad_(False)
-    training.set_activation_checkpointing(base, args.gradient_checkpointing)
+    if args.gradient_checkpointing:
+        training.set_activation_checkpointing(base, True)
     lora = args.gates_with_lora or args.recover_steps > 0
     lora_params = training.add_lora(encoder, args.lora_r, args.lora_alpha) if lora else []
     gates = MlpGates(base, encoder.adapter, layers).to(encoder.device)  # hooks on the (LoRA-wrapped) down projections
