@@ -166,6 +166,17 @@ def test_two_processes_slim_like_one_process_with_the_same_global_batch(tiny_lla
     assert not (two / "checkpoints").exists()
 
 
+def test_gates_closed_beyond_the_ratio_are_reported(tiny_llama_dir, train_beir, tmp_path, capsys):
+    common = ["--train", str(train_beir), "--gate-steps", "3", "--batch-size", "4", "--num-negatives", "2"]
+    assert main(_args(tiny_llama_dir, tmp_path / "a", *common)) == 0
+    assert "gates closed" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "slim.json").read_text())["closed_gate_fraction"] == 0.0
+    # an l0 weight far too strong closes every gate within 3 steps of lr 1
+    assert main(_args(tiny_llama_dir, tmp_path / "b", *common, "--lam", "1e3", "--gate-lr", "1", "--ratio", "0.2")) == 0
+    assert "100% of the gates closed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "slim.json").read_text())["closed_gate_fraction"] == 1.0
+
+
 def test_gradient_checkpointing_does_not_change_gate_training(tiny_llama_dir, train_beir, tmp_path):
     common = ["--train", str(train_beir), "--gate-steps", "3", "--batch-size", "4", "--num-negatives", "2",
               "--gate-lr", "0.1"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -81,9 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-lr", type=float, default=1e-2, help="Adam lr for z (not stated by the paper)")
     g.add_argument("--beta", type=float, default=5.0, help="sharpness of the l0 surrogate sigmoid(beta*|z|)")
     g.add_argument("--lam", type=float, default=1e-8,
-                   help="weight lambda of the l0 surrogate (default: the paper's 1e-8, which next to effir's mean "
-                        "InfoNCE is too small to move a gate; all-MiniLM-L6-v2: lambda 0.1 for 100 steps matched "
-                        "--method activation, see docs/results/smollm2-slim-order-cpu.md)")
+                   help="weight lambda of the l0 surrogate. The paper's 1e-8 (default) is too small to move a gate "
+                        "next to effir's mean InfoNCE; measured (docs/results/smollm2-slim-order-cpu.md): lambda 0.1 "
+                        "for 40 (SmolLM2) / 100 (MiniLM) gate steps matched or beat --method activation; longer "
+                        "(100 / 500 steps) closed most gates and lost the ranking, which slim warns about")
     g.add_argument("--gates-with-lora", action="store_true", help="train LoRA adapters together with z")
     g.add_argument("--recover-steps", type=int, default=0,
                    help="LoRA steps on the masked model before slicing, any --method (needs --train; 0: leave "
@@ -187,6 +189,7 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
                                  if m.any()},
                "wall_s": round(wall, 1)}
     if z is not None:
+        summary["closed_gate_fraction"] = round(closed_fraction(z), 4)
         summary["gate_stats"] = [{"layer": i, "mean_relu_z": round(float(torch.relu(v).mean()), 4)}
                                  for i, v in zip(layers, z, strict=True)]
     write_json(out / "slim.json", summary)  # last: its presence marks a finished run
@@ -302,6 +305,7 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
         delattr(base, GATES_MODULE)
         _set_trainable(gates.z, False)
         z = [v.detach().cpu().clone() for v in gates.z]
+        _warn_if_ties(z, args, acc.is_main_process)
         masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple, protect)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
@@ -315,6 +319,20 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
         encoder.model = encoder.model.merge_and_unload()
     encoder.settings = saved
     return masks, z
+
+
+def closed_fraction(z: list[torch.Tensor]) -> float:
+    """Fraction of gates with ReLU(z) = 0: among those, the global ranking has no order left (ties)."""
+    return sum(int((v <= 0).sum()) for v in z) / sum(v.numel() for v in z)
+
+
+def _warn_if_ties(z: list[torch.Tensor], args, main: bool) -> None:
+    closed = closed_fraction(z)
+    if closed > args.ratio and main:
+        print(f"effir slim: warning: {closed:.0%} of the gates closed (ReLU(z) = 0), more than --ratio {args.ratio}: "
+              "the cut among them follows layer order, not importance (measured: it cuts the first layers and "
+              f"loses quality); lower --lam (now {args.lam:g}) or --gate-steps (now {args.gate_steps})",
+              file=sys.stderr, flush=True)
 
 
 def _set_trainable(params, on: bool) -> None:
