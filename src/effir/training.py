@@ -11,6 +11,7 @@ run sees the batches an uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -243,7 +244,7 @@ def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, st
         sums: dict[str, float] = {}
         for micro in range(grad_accum):
             sync = micro == grad_accum - 1
-            with (acc.no_sync(model) if not sync and acc.num_processes > 1 else _null()):
+            with (acc.no_sync(model) if not sync and acc.num_processes > 1 else contextlib.nullcontext()):
                 loss, parts, epoch = micro_batch(step, micro)
                 acc.backward(loss / grad_accum)
             parts["loss"] = loss.detach()
@@ -277,14 +278,6 @@ def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, st
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     return stats
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

@@ -101,6 +101,15 @@ def init_distributed_from_env(device: str | None = None) -> bool:
     return True
 
 
+def from_main_process(obj):
+    """Rank 0's ``obj`` (anything picklable) on every rank; ``obj`` itself when running alone."""
+    if dist_info()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def is_main_process() -> bool:
     return dist_info()[0] == 0
 

@@ -28,7 +28,15 @@ from ..data import BeirData, load_beir
 from ..encoder import POOLINGS, Encoder
 from ..metrics import DEFAULT_MEASURES, evaluate
 from ..search import TopK
-from ..utils import EffirError, dist_info, dtype_name, init_distributed_from_env, pick_device, write_json
+from ..utils import (
+    EffirError,
+    dist_info,
+    dtype_name,
+    from_main_process,
+    init_distributed_from_env,
+    pick_device,
+    write_json,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,7 +111,7 @@ def _run(args, device: torch.device) -> int:
     top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)
     model_id = fingerprint(encoder)
     cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
-    hit = _broadcast(cache is not None and cache.exists())
+    hit = from_main_process(cache is not None and cache.exists())
     t = time.perf_counter()
     if hit:
         if rank == 0:
@@ -178,15 +186,6 @@ def _warn_missing(data: BeirData, rank: int) -> None:
 def _cache_path(documents_id: str, encoder: Encoder, data: BeirData) -> Path:
     key = f"{documents_id}-{data.report['corpus_sha256'][:16]}-{dtype_name(encoder.dtype)}"
     return cache_dir() / "embeddings" / f"{key}.npy"
-
-
-def _broadcast(flag: bool) -> bool:
-    """Rank 0's ``flag``, on every rank."""
-    if dist_info()[1] == 1:
-        return flag
-    box = [flag]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return bool(box[0])
 
 
 def _encode_and_search(encoder: Encoder, data: BeirData, doc_ids: list[str], top: TopK, cache: Path | None,

@@ -47,7 +47,7 @@ from ..plots import width_plot
 from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
 from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
-from ..utils import EffirError, lr_schedule, seed_everything, write_json
+from ..utils import EffirError, from_main_process, lr_schedule, seed_everything, write_json
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
 
@@ -148,7 +148,7 @@ def _run(args, acc, texts: list[str] | None) -> int:
     if not layers:
         raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
     widths_before = [structure["mlp_widths"][i] for i in layers]
-    protect = _from_main_process(_super_neurons(args, encoder, layers, acc.is_main_process))
+    protect = from_main_process(_super_neurons(args, encoder, layers, acc.is_main_process))
     masks = z = None
     if args.method == "activation":
         scores = _activation_scores(args, encoder, layers, texts, acc.is_main_process)
@@ -156,7 +156,7 @@ def _run(args, acc, texts: list[str] | None) -> int:
     elif args.method == "magnitude":
         masks = uniform_magnitude_masks(encoder.model, adapter, layers, args.ratio, args.width_multiple, protect)
     # calibration statistics may differ in the last bits between GPUs: every process trains rank 0's masks
-    masks = _from_main_process(masks)
+    masks = from_main_process(masks)
     if trains:
         masks, z = _trained_masks(args, acc, encoder, layers, out, protect, masks)
     for i, mask in zip(layers, masks, strict=True):
@@ -229,15 +229,6 @@ def _prepare_output(out: Path, overwrite: bool, acc) -> None:
             raise EffirError(f"{out} already holds a finished slim run; pass --overwrite or choose another --output")
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-
-
-def _from_main_process(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-    """Rank 0's ``tensors`` on every process (unchanged in a single process)."""
-    if tensors is None or not torch.distributed.is_initialized():
-        return tensors
-    box = [[t.cpu() for t in tensors]]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -- masks: super neurons, activation ranking, learned gates --------------------------------------------------------
