@@ -58,6 +58,34 @@ def _seed():
     torch.manual_seed(16)
 
 
+# The CPU's bf16 path (``--dtype auto`` / ``--precision auto`` pick bf16 on CPUs with avx512_bf16 / AMX) is forced
+# off and on by EFFIR_CPU_BF16, so no CPU hides a failure of either path. The stage tests and the load/save tests run
+# under both; everything else under the fp32 path. EFFIR_TEST_CPU_BF16=0 or 1 runs the whole suite under one path.
+CPU_BF16_TEST_ENV = "EFFIR_TEST_CPU_BF16"
+BOTH_PATHS_MODULES = {"test_checkpoint", "test_checkpoint_refs", "test_encoder", "test_export"}
+
+
+def _cpu_bf16_paths(path: Path) -> list[str]:
+    forced = os.environ.get(CPU_BF16_TEST_ENV, "").strip()
+    if forced in ("0", "1"):
+        return [forced]
+    return ["0", "1"] if "stages" in path.parts or path.stem in BOTH_PATHS_MODULES else ["0"]
+
+
+def pytest_generate_tests(metafunc):
+    paths = _cpu_bf16_paths(Path(str(metafunc.definition.fspath)))
+    if len(paths) > 1 and "cpu_bf16" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_bf16", paths, indirect=True, ids=lambda v: "cpu-bf16" if v == "1" else "cpu-fp32")
+
+
+@pytest.fixture(autouse=True)
+def cpu_bf16(request, monkeypatch) -> bool:
+    """Whether this test runs with the CPU's bf16 path forced on (EFFIR_CPU_BF16=1) or off (=0)."""
+    value = getattr(request, "param", None) or _cpu_bf16_paths(Path(str(request.node.fspath)))[0]
+    monkeypatch.setenv("EFFIR_CPU_BF16", value)
+    return value == "1"
+
+
 @pytest.fixture(scope="session")
 def _tiny_models():
     from transformers import AutoModel

@@ -25,7 +25,7 @@ import torch
 from .arch import get_adapter
 from .encoder import DEFAULT_TASK, EmbeddingSettings, Encoder, default_settings, prompt_template
 from .export import write_sentence_transformers_files
-from .utils import EffirError, dtype_name, pick_device, pick_dtype
+from .utils import EffirError, dtype_name, floating_dtype, pick_device, pick_dtype, sha256_file
 
 EFFIR_JSON = "effir.json"
 FORMAT_VERSION = 1
@@ -187,7 +187,8 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
     Args:
         ref: built-in name, local folder, ``.gguf`` file or hub id (see module docstring).
         device: ``cuda``, ``cpu``, ... (default: cuda when available).
-        dtype: ``auto`` (bf16 where the hardware runs it natively, else fp32), ``fp32``, ``bf16`` or ``fp16``.
+        dtype: ``auto`` (bf16 where the hardware runs it natively, else fp32: for computing), ``source`` (the
+            dtype the weights are stored in: for stages that save the model), ``fp32``, ``bf16`` or ``fp16``.
         pooling, query_prompt, document_prompt, task, query_max_length, document_max_length: override the saved or
             default :class:`EmbeddingSettings`; prompts take a preset name (``effir``, ``e5``, ``none``) or a
             template containing ``{text}``.
@@ -203,18 +204,47 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
     if kind == "gguf":
         where, kind = gguf_to_folder(where), "dir"
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
     meta = read_effir_json(where) if kind == "dir" else {}
     with _hub_errors(str(ref)):
         config = AutoConfig.from_pretrained(where)
         adapter = get_adapter(config)
+        stored = stored_dtype(config, where if kind == "dir" else None)
+        torch_dtype = pick_dtype(dtype, dev, stored)
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = _load_model(AutoModel, where, config, meta, torch_dtype)
     model.to(dev).eval()
     settings = _settings(meta, adapter, where if kind == "dir" else None)
     settings = _override(settings, pooling, query_prompt, document_prompt, task, query_max_length, document_max_length)
-    meta = {**meta, "reference": str(ref), "path": str(where), "dtype": dtype_name(torch_dtype)}
+    meta = {**meta, "reference": str(ref), "path": str(where), "dtype": dtype_name(torch_dtype),
+            "stored_dtype": dtype_name(stored)}
     return Encoder(model, tokenizer, settings, adapter, meta=meta, padding_side=padding_side)
+
+
+def stored_dtype(config, folder: Path | None) -> torch.dtype:
+    """The dtype the model's weights are kept in: config.json's ``dtype``, else the first floating tensor of the
+    folder's safetensors, else fp32. Stages that save a model keep this dtype unless asked for another."""
+    dtype = floating_dtype(getattr(config, "dtype", None))
+    if dtype is None and folder is not None:
+        dtype = _first_weight_dtype(folder)
+    return dtype or torch.float32
+
+
+def _first_weight_dtype(folder: Path) -> torch.dtype | None:
+    from safetensors import safe_open
+
+    from .surgery import weight_files
+
+    try:
+        paths = weight_files(folder)
+    except EffirError:  # weights in another format (pytorch_model.bin): from_pretrained reads those
+        return None
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                dtype = floating_dtype(f.get_slice(name).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
 
 
 def _load_model(auto_model, where, config, meta: dict, torch_dtype):
@@ -343,6 +373,7 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
         history.append(stage)
     meta = {
         "format": FORMAT_VERSION,
+        "weights_sha256": weights_digest(tmp),
         "effir_version": __version__,
         "model_type": encoder.model.config.model_type,
         "family": encoder.adapter.family,
@@ -364,10 +395,28 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     return out
 
 
+def weights_digest(folder: Path) -> dict[str, str]:
+    """sha256 of each safetensors file of a model folder: recorded at save time so `effir verify` can tell the
+    weights a stage wrote from any others put in their place."""
+    from .surgery import weight_files
+
+    return {path.name: sha256_file(path) for path in weight_files(folder)}
+
+
+def packaged_remote_code() -> Path:
+    return Path(__file__).parent / "remote" / REMOTE_FILE
+
+
+def remote_code_is_packaged(folder: Path) -> bool:
+    """True when the folder's ``modeling_effir.py`` is byte for byte the one this effir ships, so loading the folder
+    with ``trust_remote_code=True`` runs only effir's own code."""
+    mine = Path(folder) / REMOTE_FILE
+    return mine.is_file() and mine.read_bytes() == packaged_remote_code().read_bytes()
+
+
 def _add_remote_code(folder: Path, adapter, structure: dict) -> None:
     """Copy ``modeling_effir.py`` next to the weights and point ``config.json``'s ``auto_map`` at it."""
-    src = Path(__file__).parent / "remote" / REMOTE_FILE
-    shutil.copyfile(src, folder / REMOTE_FILE)
+    shutil.copyfile(packaged_remote_code(), folder / REMOTE_FILE)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = {"AutoModel": f"{REMOTE_FILE[:-3]}.EffirModel"}

@@ -42,7 +42,11 @@ def accelerator(device: str | None, precision: str):
         EffirError: the launcher started more processes than accelerate joined (each would train alone).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one precision per process and refuses another; a library user (or the test suite) runs several
+    # stages in one process, so this stage's settings replace the last one's (the process group is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     # Without CUDA, accelerate must be told "cpu", or each launched process trains alone.
     acc = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available(),
                       mixed_precision=mixed_precision(precision, device))
@@ -300,9 +304,7 @@ def save_checkpoint(root: Path, acc, model, optimizer, scheduler, step: int, key
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / f"rng-{acc.process_index}.pt")
+    (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(rng_state()))
     acc.wait_for_everyone()
     if acc.is_main_process:
         torch.save(trainable_state(acc.unwrap_model(model)), tmp / "trainable.pt")
@@ -346,25 +348,59 @@ def resume(root: Path, acc, model, optimizer, scheduler, key: dict, *, log_path:
         shown = ", ".join(f"{k}: {state['key'].get(k)!r} -> {key.get(k)!r}" for k in diff[:4])
         raise EffirError(f"checkpoint {ckpt} belongs to another run ({shown}); use the same arguments, or "
                          "--overwrite / another --output to start a new run")
-    weights = torch.load(ckpt / "trainable.pt", map_location="cpu")
+    weights = load_tensors(ckpt / "trainable.pt")
     missing = set(trainable_state(model)) ^ set(weights)
     if missing:
         raise EffirError(f"checkpoint {ckpt} does not match the model's trainable parameters ({len(missing)} differ)")
     model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu"))
+    optimizer.load_state_dict(load_tensors(ckpt / "optimizer.pt"))
+    scheduler.load_state_dict(load_tensors(ckpt / "scheduler.pt"))
     if (ckpt / "scaler.pt").exists() and getattr(acc, "scaler", None) is not None:
-        acc.scaler.load_state_dict(torch.load(ckpt / "scaler.pt"))
-    rng = torch.load(ckpt / f"rng-{acc.process_index}.pt", map_location="cpu", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+        acc.scaler.load_state_dict(load_tensors(ckpt / "scaler.pt"))
+    set_rng_state(ckpt / f"rng-{acc.process_index}.json")
     step = int(state["step"])
     if acc.is_main_process:
         truncate_log(log_path, step, log_match)
     return step
+
+
+def load_tensors(path: Path):
+    """A checkpoint file of tensors and plain values, read with ``weights_only=True``: a pickle planted in a
+    checkpoint folder is refused instead of run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise EffirError(f"checkpoint file {path} is missing; resume from another checkpoint or pass --overwrite "
+                         "to start over") from None
+    except Exception as e:  # torch raises UnpicklingError / RuntimeError for code or damage; both mean "not ours"
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise EffirError(f"checkpoint file {path} is not a plain tensor file effir wrote ({first}); nothing in it "
+                         "was run; delete the checkpoint or pass --overwrite to start over") from None
+
+
+def rng_state() -> dict:
+    """This process's RNG states as plain JSON (no pickle to run on resume)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"python": [version, list(internal), gauss_next],
+            "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(path: Path) -> None:
+    try:
+        rng = json.loads(path.read_text())
+        version, internal, gauss_next = rng["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EffirError(f"checkpoint file {path} is missing or damaged ({type(e).__name__}); resume from another "
+                         "checkpoint or pass --overwrite to start over") from None
 
 
 def truncate_log(path: Path, step: int, match: dict | None = None) -> None:

@@ -47,15 +47,29 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "fp16": torch.float16, "float16": torch.float16}
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """Resolve ``dtype`` ('auto', 'fp32', 'bf16', 'fp16'); auto = bf16 where the hardware runs it natively."""
+DTYPE_CHOICES = ("source", "auto", "fp32", "bf16", "fp16")
+
+
+def pick_dtype(dtype: str | None, device: torch.device, stored: torch.dtype = torch.float32) -> torch.dtype:
+    """Resolve ``dtype``: ``source`` = ``stored`` (the dtype the weights are kept in on disk), ``auto`` = bf16 where
+    the hardware runs it natively (a compute choice), or an explicit ``fp32`` / ``bf16`` / ``fp16``."""
+    if dtype == "source":
+        return stored
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
     if dtype not in _DTYPES:
-        raise EffirError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+        raise EffirError(f"unknown dtype {dtype!r}; use one of source, auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
+
+
+def floating_dtype(name) -> torch.dtype | None:
+    """fp32 / bf16 / fp16 from a torch dtype or its name in any usual spelling ('float32', 'BF16', ...), else None."""
+    if isinstance(name, torch.dtype):
+        return name if name in (torch.float32, torch.bfloat16, torch.float16) else None
+    key = str(name).lower().removeprefix("torch.")
+    return _DTYPES.get({"f32": "fp32", "f16": "fp16"}.get(key, key))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,7 +99,7 @@ def write_json(path: Path, obj) -> None:
     """Write JSON atomically (tmp file + rename) so an interrupted run never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: concurrent writers never share a tmp file
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

@@ -173,3 +173,25 @@ def test_corrupted_effir_json_in_the_input_model(tiny_llama_dir, tmp_path, capsy
     assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", first) == 0
     (first / "effir.json").write_text("{oops")
     _one_line_error(capsys, drop(first, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "o"), "corrupted")
+
+
+def _stored_dtypes(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+@pytest.mark.parametrize("source_dtype, flags, stored", [
+    (torch.float32, [], "F32"), (torch.bfloat16, [], "BF16"), (torch.float32, ["--dtype", "bf16"], "BF16")])
+def test_the_saved_dtype_is_the_source_dtype_unless_asked(_tiny_models, tiny_tokenizer, tmp_path, cpu_bf16,
+                                                        source_dtype, flags, stored):
+    """On a CPU with native bf16 (forced here) too: the dtype written is the source's, never the compute dtype."""
+    import copy
+
+    src = tmp_path / "src"
+    copy.deepcopy(_tiny_models["llama"]).to(source_dtype).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert drop(src, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "out", *flags) == 0
+    assert _stored_dtypes(tmp_path / "out") == {stored}
+    assert effir.load(tmp_path / "out", device="cpu", dtype="source").dtype == effir.utils.floating_dtype(stored)

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from conftest import SCIFACT, TINY_CORPUS, TINY_QUERIES, needs_scifact, write_beir
@@ -98,6 +99,43 @@ def test_cache_reused_and_bypassed(tiny_llama_dir, tiny_beir, tmp_path):
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 2
     assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "d", "--no-cache") == 0
     assert not json.loads((tmp_path / "d" / "results.json").read_text())["corpus_cached"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _fewer_rows(path):
+    np.save(path, np.load(path)[:2])
+
+
+def _altered(path):
+    rows = np.load(path)
+    rows[0, 0] += 0.5
+    np.save(path, rows)
+
+
+def _no_record(path):
+    path.with_suffix(".json").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _fewer_rows, _altered, _no_record])
+def test_a_damaged_cache_entry_is_discarded_and_recomputed(tiny_llama_dir, tiny_beir, tmp_path, capsys, damage):
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "a") == 0
+    (entry,) = (tmp_path / "cache" / "embeddings").glob("*.npy")
+    record = json.loads(entry.with_suffix(".json").read_text())
+    assert record["rows"] == len(TINY_CORPUS) and record["dim"] == 32
+    damage(entry)
+    capsys.readouterr()
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "b") == 0
+    err = capsys.readouterr().err
+    if damage is not _no_record:  # an entry without its record is an unfinished write: silently not used
+        assert len([ln for ln in err.splitlines() if "damaged" in ln]) == 1 and "Traceback" not in err
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert not b["corpus_cached"]
+    assert (tmp_path / "a" / "run.trec").read_text() == (tmp_path / "b" / "run.trec").read_text()
+    assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "c") == 0  # the recomputed entry is whole again
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["corpus_cached"]
 
 
 def test_chunked_corpus_gives_the_same_run(tiny_llama_dir, tiny_beir, tmp_path):

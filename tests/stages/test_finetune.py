@@ -91,7 +91,7 @@ def test_full_finetuning_changes_embeddings(tiny_llama_dir, train_dir, tmp_path)
 def test_dense_teacher_equal_to_student_gives_zero_kl_at_first_step(tiny_llama_dir, train_dir, tmp_path):
     out = tmp_path / "kl"
     assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 2, "--teacher", tiny_llama_dir,
-                      "--kl-weight", 0.5)) == 0
+                      "--kl-weight", 0.5, "--precision", "fp32")) == 0
     log = _log(out)
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA starts as the identity: student == teacher
     assert log[0]["loss"] == pytest.approx(log[0]["info_nce"] + 0.5 * log[0]["kl"], rel=1e-5)
@@ -118,10 +118,11 @@ def test_kill_9_then_same_command_resumes_exactly(tiny_llama_dir, train_dir, tmp
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_dir, train_dir, tmp_path):
     one = tmp_path / "one"
-    assert main(_args(tiny_llama_dir, train_dir, one, "--max-steps", 2, "--batch-size", 4)) == 0
+    exact = ["--max-steps", 2, "--precision", "fp32"]  # bf16 rounding differs with the batch's shape
+    assert main(_args(tiny_llama_dir, train_dir, one, *exact, "--batch-size", 4)) == 0
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "effir",
-           *_args(tiny_llama_dir, train_dir, two, "--max-steps", 2, "--batch-size", 2)]
+           *_args(tiny_llama_dir, train_dir, two, *exact, "--batch-size", 2)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _log(one), _log(two)
@@ -133,10 +134,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama_d
 @pytest.mark.parametrize("variant", [["--grad-accum", "2", "--batch-size", "2"], ["--gradient-checkpointing"]])
 def test_accumulation_and_checkpointing_do_not_change_the_losses(tiny_llama_dir, train_dir, tmp_path, variant):
     # without in-batch negatives, 2 micro-batches of 2 queries are exactly one batch of 4
-    base = _args(tiny_llama_dir, train_dir, tmp_path / "a", "--max-steps", 2, "--no-in-batch", "--batch-size", 4)
-    assert main(base) == 0
-    assert main([*_args(tiny_llama_dir, train_dir, tmp_path / "b", "--max-steps", 2, "--no-in-batch",
-                        "--batch-size", 4), *variant]) == 0
+    exact = ["--max-steps", 2, "--no-in-batch", "--batch-size", 4, "--precision", "fp32"]  # pinned: bf16 rounds
+    assert main(_args(tiny_llama_dir, train_dir, tmp_path / "a", *exact)) == 0  # differently per micro-batch
+    assert main([*_args(tiny_llama_dir, train_dir, tmp_path / "b", *exact), *variant]) == 0
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-5)
     assert [r["tokens"] for r in b] == [r["tokens"] for r in a]
@@ -180,6 +180,46 @@ def test_resume_from_a_checkpoint_of_another_run(tiny_llama_dir, train_dir, tmp_
                       "--resume", ckpt)) == 2
     err = _one_error_line(capsys)
     assert "belongs to another run" in err and "lr" in err
+
+
+class _PlantedCode:
+    """Pickled, it makes unpickling open (create) ``path``: a stand-in for any code planted in a checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("planted", ["rng-0.pt", "optimizer.pt", "trainable.pt", "scheduler.pt"])
+def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_llama_dir, train_dir, tmp_path, capsys, planted):
+    a = tmp_path / "a"
+    assert main(_args(tiny_llama_dir, train_dir, a, "--max-steps", 2, "--save-every", 1)) == 0
+    ckpt = sorted((a / "checkpoints").iterdir())[0]
+    assert {"rng-0.json", "state.json", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}  # RNG state as JSON
+    marker = tmp_path / "ran"
+    torch.save({"state": _PlantedCode(marker)}, ckpt / planted)
+    capsys.readouterr()
+    rc = main(_args(tiny_llama_dir, train_dir, tmp_path / "b", "--max-steps", 2, "--save-every", 1, "--resume", ckpt))
+    assert not marker.exists()
+    if planted == "rng-0.pt":  # effir's RNG state was pickled there; now nothing reads a pickle for it
+        assert rc == 0
+    else:
+        assert rc == 2 and "nothing in it was run" in _one_error_line(capsys)
+        assert not (tmp_path / "b" / "finetune.json").exists()
+
+
+@pytest.mark.parametrize("save_dtype, stored", [([], "F32"), (["--save-dtype", "bf16"], "BF16")])
+def test_the_saved_dtype_is_the_source_dtype_unless_asked(tiny_llama_dir, train_dir, tmp_path, save_dtype, stored,
+                                                        cpu_bf16):
+    """Under the CPU's bf16 path too: computing in bf16 never rounds the fp32 weights that are saved."""
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama_dir, train_dir, out, "--max-steps", 1, *save_dtype)) == 0
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {stored}
 
 
 def test_flag_jsonl_with_teacher_scores(tiny_llama_dir, tmp_path):

@@ -34,8 +34,8 @@ def test_verify_passes_on_a_dropped_model(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert verify(out) == 0
     text = capsys.readouterr().out
-    assert _status(text) == {"reload": "PASS", "weights": "PASS", "parameters": "PASS", "reference": "PASS",
-                             "transformers": "PASS"}, text
+    assert _status(text) == {"integrity": "PASS", "reload": "PASS", "weights": "PASS", "parameters": "PASS",
+                             "reference": "PASS", "transformers": "PASS"}, text
     assert "verify: PASS" in text
 
 
@@ -60,6 +60,7 @@ def test_changed_weights_fail_the_reference_and_a_wrong_reference_fails(tiny_lla
     assert verify(out) == 1
     status = _status(capsys.readouterr().out)
     assert status["reference"] == "FAIL" and status["transformers"] == "PASS" and status["weights"] == "PASS"
+    assert status["integrity"] == "FAIL"  # not the weights the stage wrote
     # another random llama of the same shape as --reference
     other = tmp_path / "other"
     type(_tiny_models["llama"])(_tiny_models["llama"].config).save_pretrained(other)
@@ -79,7 +80,7 @@ def test_stored_weights_of_a_dropped_mlp_fail_the_reload(tiny_llama_dir, tmp_pat
     capsys.readouterr()
     assert verify(out) == 1
     text = capsys.readouterr().out
-    assert _status(text) == {"reload": "FAIL"} and "unexpected" in text
+    assert _status(text) == {"integrity": "FAIL", "reload": "FAIL"} and "unexpected" in text
 
 
 def test_later_stages_skip_the_reference_unless_given(tiny_llama_dir, tmp_path, capsys):
@@ -98,8 +99,49 @@ def test_later_stages_skip_the_reference_unless_given(tiny_llama_dir, tmp_path, 
     assert _status(capsys.readouterr().out)["reference"] == "SKIP"  # widths differ from the reference
 
 
+def test_a_damaged_effir_json_is_a_failed_check(tiny_llama_dir, tmp_path, capsys):
+    out = _dropped(tiny_llama_dir, tmp_path / "out", "--mlp", 1)
+    (out / "effir.json").write_text("{broken")
+    capsys.readouterr()
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert _status(text) == {"effir.json": "FAIL"} and "corrupted" in text and "verify: FAIL" in text
+
+
+def test_weights_of_another_model_fail_integrity_where_the_reference_is_skipped(tiny_llama_dir, tmp_path, capsys):
+    enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
+    mine = save(enc, tmp_path / "mine", {"stage": "finetune", "model": str(tiny_llama_dir)})
+    with torch.no_grad():
+        next(enc.model.parameters()).add_(0.01)  # another fine-tune: same shapes, other weights
+    other = save(enc, tmp_path / "other", {"stage": "finetune", "model": str(tiny_llama_dir)})
+    capsys.readouterr()
+    assert verify(mine) == 0
+    (mine / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    assert verify(mine) == 1
+    status = _status(capsys.readouterr().out)
+    assert status["integrity"] == "FAIL" and status["reference"] == "SKIP" and status["reload"] == "PASS"
+
+
+def test_a_folder_saved_in_bf16_is_compared_like_with_like(tiny_model_dir, tmp_path, capsys):
+    out = _dropped(tiny_model_dir, tmp_path / "out", "--mlp", 1, "--dtype", "bf16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert verify(out) == 0, capsys.readouterr().out
+
+
+def test_a_changed_modeling_file_is_never_run(tiny_llama_dir, tmp_path, capsys):
+    out = _dropped(tiny_llama_dir, tmp_path / "out", "--mlp", 1)
+    marker = tmp_path / "ran"
+    with open(out / "modeling_effir.py", "a") as f:
+        f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    capsys.readouterr()
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert _status(text)["transformers"] == "FAIL" and "not the file this effir ships" in text
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("setup, match", [
-    (lambda d: (d / "effir.json").write_text("{broken"), "corrupted"),
     (lambda d: (d / "effir.json").unlink(), "has no effir.json"),
     (lambda d: (d / "config.json").unlink(), "not a model folder"),
 ])

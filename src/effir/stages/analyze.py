@@ -38,7 +38,7 @@ from ..redundancy import (
     sublayer_importance,
 )
 from ..surgery import structure_of
-from ..utils import EffirError, write_json
+from ..utils import DTYPE_CHOICES, EffirError, write_json
 
 SIDES = ("auto", "text", "query", "document", "both")
 SCORES_FILE = "scores.json"
@@ -63,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing texts (default: 0)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = bf16 where the hardware runs it natively, else fp32")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype to compute in; auto = bf16 where the hardware runs it natively, else fp32; "
+                        "source = the dtype the model is stored in")
     p.add_argument("--query-prompt", default=None,
                    help="query prompt preset (effir, e5, none) or a template with {text} (default: the model's)")
     p.add_argument("--task", default=None, help="task instruction filled into the query prompt's {task}")

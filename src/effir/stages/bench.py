@@ -30,7 +30,7 @@ from ..checkpoint import load, resolve
 from ..data import load_queries, resolve_beir
 from ..encoder import Encoder
 from ..flops import activation_bytes_estimate, count_parameters, flops_per_sequence, structure_summary
-from ..utils import EffirError, dtype_name, write_json
+from ..utils import DTYPE_CHOICES, EffirError, dtype_name, write_json
 
 FORMAT = 1
 MAX_QUERIES = 1000
@@ -55,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-repeats", type=int, default=200, help="maximum timed calls per model and cell")
     p.add_argument("--min-time", type=float, default=1.0, help="keep timing a cell until each model ran this long (s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = bf16 where the hardware runs it natively, else fp32")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype to compute in; auto = bf16 where the hardware runs it natively, else fp32; "
+                        "source = the dtype the model is stored in")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (static shapes; warm-up compiles)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (default: inductor; eager/aot_eager only check the tracing)")

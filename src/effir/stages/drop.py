@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..checkpoint import fingerprint, load, save
 from ..surgery import count_parameters, drop_sublayers, structure_of
-from ..utils import EffirError
+from ..utils import DTYPE_CHOICES, EffirError
 
 GROUPS = ("attention", "mlp", "block")
 
@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
     p.add_argument("--force", action="store_true", help="use scores computed on a different model (fingerprint)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, as `effir analyze`)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="dtype to load and save in (default: auto, as `effir analyze`)")
+    p.add_argument("--dtype", default="source", choices=DTYPE_CHOICES,
+                   help="dtype to load, edit and save in (default: source, the dtype the model is stored in; "
+                        "auto: bf16 where the hardware runs it natively)")
 
 
 def run(args: argparse.Namespace) -> int:

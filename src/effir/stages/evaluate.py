@@ -14,6 +14,8 @@ never retrieved.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
@@ -29,6 +31,7 @@ from ..encoder import POOLINGS, Encoder
 from ..metrics import DEFAULT_MEASURES, evaluate
 from ..search import TopK
 from ..utils import (
+    DTYPE_CHOICES,
     EffirError,
     dist_info,
     dtype_name,
@@ -46,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output folder for results.json and run.trec")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = bf16 where the hardware runs it natively, else fp32")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype to compute in; auto = bf16 where the hardware runs it natively, else fp32; "
+                        "source = the dtype the model is stored in")
     p.add_argument("--pooling", choices=POOLINGS, default=None, help="override the model's pooling")
     p.add_argument("--query-prompt", default=None,
                    help="query prompt preset (effir, e5, none) or a template with {text} (default: the model's)")
@@ -111,14 +115,12 @@ def _run(args, device: torch.device) -> int:
     top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)
     model_id = fingerprint(encoder)
     cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
-    hit = from_main_process(cache is not None and cache.exists())
     t = time.perf_counter()
-    if hit:
-        if rank == 0:
-            corpus = np.load(cache, mmap_mode="r")
-            for start in range(0, len(corpus), args.chunk_size):
-                top.add(torch.tensor(corpus[start:start + args.chunk_size]), offset=start)
-    else:
+    # rank 0 searches the cached corpus while checking it; a damaged entry is dropped and the corpus encoded again
+    hit = from_main_process(rank == 0 and cache is not None and _search_cache(cache, top, len(doc_ids), encoder.dim,
+                                                                            args.chunk_size))
+    if not hit:
+        top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)  # nothing from a rejected cache
         _encode_and_search(encoder, data, doc_ids, top, cache, args.batch_size, args.chunk_size)
     timing["corpus_s" if not hit else "corpus_from_cache_s"] = time.perf_counter() - t
     if rank != 0:
@@ -188,12 +190,46 @@ def _cache_path(documents_id: str, encoder: Encoder, data: BeirData) -> Path:
     return cache_dir() / "embeddings" / f"{key}.npy"
 
 
+def _cache_record(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _search_cache(path: Path, top: TopK, rows: int, dim: int, chunk_size: int) -> bool:
+    """Stream a cached corpus into ``top`` while checking it against its record (rows, dimension, sha256 of the
+    float32 rows); False when there is no entry, or when it is damaged (then it is deleted, with one line)."""
+    record_path = _cache_record(path)
+    if not (path.exists() and record_path.exists()):
+        return False
+    try:
+        record = json.loads(record_path.read_text())
+        corpus = np.load(path, mmap_mode="r")
+        if corpus.dtype != np.float32 or corpus.shape != (rows, dim) or record.get("rows") != rows \
+                or record.get("dim") != dim:
+            raise ValueError(f"{corpus.shape[0] if corpus.ndim else 0} rows of dimension "
+                             f"{corpus.shape[-1] if corpus.ndim else 0}, expected {rows} x {dim}")
+        digest = hashlib.sha256()
+        for start in range(0, rows, chunk_size):
+            block = np.array(corpus[start:start + chunk_size])  # a copy: memmap pages are read-only
+            digest.update(block.tobytes())
+            top.add(torch.from_numpy(block).to(top.queries.device), offset=start)
+        if digest.hexdigest() != record.get("sha256"):
+            raise ValueError("checksum mismatch")
+    except (OSError, ValueError, AttributeError) as e:  # truncated, wrong shape, altered, unreadable record
+        print(f"effir eval: cached corpus embeddings {path} are damaged ({e}); discarded, encoding the corpus again",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        record_path.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def _encode_and_search(encoder: Encoder, data: BeirData, doc_ids: list[str], top: TopK, cache: Path | None,
                        batch_size: int, chunk_size: int) -> None:
     """Encode the corpus chunk by chunk (sharded across processes), search each chunk, and fill the cache."""
     rank, world = dist_info()
     n = len(doc_ids)
     store = tmp = None
+    digest = hashlib.sha256()
     if cache is not None and rank == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npy")
@@ -207,10 +243,13 @@ def _encode_and_search(encoder: Encoder, data: BeirData, doc_ids: list[str], top
             top.add(emb.to(top.queries.device), offset=start)
             if store is not None:
                 store[start:start + len(chunk)] = emb.numpy()
+                digest.update(np.ascontiguousarray(emb.numpy(), dtype=np.float32).tobytes())
     if store is not None:
         store.flush()
         del store
-        os.replace(tmp, cache)  # atomic: a killed run never leaves a cache entry that looks complete
+        os.replace(tmp, cache)
+        # the record goes last: without it (a killed run) the entry is not used
+        write_json(_cache_record(cache), {"rows": n, "dim": encoder.dim, "sha256": digest.hexdigest()})
 
 
 def _encode_sharded(encoder: Encoder, docs: list, batch_size: int, desc: str) -> torch.Tensor:

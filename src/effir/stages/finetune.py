@@ -40,7 +40,7 @@ from ..train_data import (
     random_negatives,
     write_flag_jsonl,
 )
-from ..utils import EffirError, lr_schedule, seed_everything, write_json
+from ..utils import DTYPE_CHOICES, EffirError, floating_dtype, lr_schedule, pick_dtype, seed_everything, write_json
 
 COLLAPSE_COS = 0.99
 """Mean cosine between the different documents of a batch above which the embeddings count as collapsed: every
@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
+    g.add_argument("--save-dtype", default="source", choices=[c for c in DTYPE_CHOICES if c != "auto"],
+                   help="dtype of the saved model (default: source, the dtype the input model is stored in); "
+                        "LoRA's frozen base is loaded in it too, full fine-tuning keeps fp32 master weights")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("run")
@@ -129,9 +132,11 @@ def _run(args, acc) -> int:
     _prepare_output(args, out, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
-    # Full fine-tuning keeps fp32 master weights; under LoRA the frozen base may sit in bf16 on GPUs (peft keeps the
-    # adapter in fp32), which halves memory for 7B backbones. On this kind of CPU "auto" is fp32 anyway.
-    encoder = load(args.model, device=str(acc.device), dtype="fp32" if args.full else "auto", pooling=args.pooling)
+    # Full fine-tuning keeps fp32 master weights; under LoRA the frozen base stays in the dtype it is saved in (a
+    # bf16 7B backbone stays bf16; peft keeps the adapter in fp32), so merging changes only what LoRA learned.
+    load_dtype = "fp32" if args.full else args.save_dtype
+    encoder = load(args.model, device=str(acc.device), dtype=load_dtype, pooling=args.pooling)
+    save_dtype = pick_dtype(args.save_dtype, acc.device, floating_dtype(encoder.meta["stored_dtype"]))
     saved_settings = encoder.settings
     encoder.settings = replace(saved_settings,  # training lengths; the saved model keeps saved_settings
                                query_max_length=args.query_max_length or saved_settings.query_max_length,
@@ -151,12 +156,11 @@ def _run(args, acc) -> int:
                             log_path=out / "train_log.jsonl", explicit=Path(args.resume) if args.resume else None,
                             restart_on_mismatch=args.overwrite)
     model, optimizer = acc.prepare(encoder.model, optimizer)
-    base = encoder.model
     encoder.model = model
     stats = _train(args, acc, encoder, optimizer, scheduler, examples, teacher_t, start, total, per_epoch, out, key)
     encoder.model = acc.unwrap_model(model)
     if acc.is_main_process:
-        _finish(args, encoder, base, saved_settings, out, stats, total, time.perf_counter() - t0)
+        _finish(args, encoder, save_dtype, saved_settings, out, stats, total, time.perf_counter() - t0)
     return 0
 
 
@@ -230,7 +234,9 @@ def _teacher_kind(args) -> str | None:
 def _prepare_examples(args, encoder: Encoder, kind: str | None) -> list[TrainExample]:
     teacher = None
     if kind == "dense":  # checked before any mining, which can take long
-        teacher = load(args.teacher, device=str(encoder.device))
+        # scored in the dtype the student computes in, so a teacher equal to the student scores exactly as it does
+        compute = {"bf16": "bf16", "fp16": "fp16"}.get(training.mixed_precision(args.precision, args.device), "fp32")
+        teacher = load(args.teacher, device=str(encoder.device), dtype=compute)
         if teacher.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
             raise EffirError(f"teacher {args.teacher} uses another tokenizer than {args.model}; a dense teacher must "
                              "be the student's uncompressed parent (same tokenizer); for any other model pass a "
@@ -322,13 +328,14 @@ def _watch_collapse(stats: dict, record: dict, args, main: bool) -> None:
           file=sys.stderr, flush=True)
 
 
-def _finish(args, encoder: Encoder, base, settings, out: Path, stats, total: int, wall: float) -> None:
+def _finish(args, encoder: Encoder, save_dtype: torch.dtype, settings, out: Path, stats, total: int,
+            wall: float) -> None:
     model = encoder.model
     if not args.full:
         model = model.merge_and_unload()
     if args.gradient_checkpointing:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-    model.eval()
+    model.eval().to(save_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     encoder.model, encoder.settings = model, settings

@@ -47,7 +47,7 @@ from ..plots import width_plot
 from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
 from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
-from ..utils import EffirError, from_main_process, lr_schedule, seed_everything, write_json
+from ..utils import DTYPE_CHOICES, EffirError, from_main_process, lr_schedule, seed_everything, write_json
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
 
@@ -114,7 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="cpu forces CPU; default: each process's GPU (training under torchrun / accelerate launch "
                         "uses accelerate's device)")
-    p.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 on GPUs; gates and LoRA train in fp32)")
+    p.add_argument("--dtype", default="source", choices=DTYPE_CHOICES,
+                   help="dtype to load and save the model in (default: source, the dtype it is stored in; auto: "
+                        "bf16 where the hardware runs it natively); gates and LoRA train in fp32, computation "
+                        "follows --precision")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a finished DIR")
 

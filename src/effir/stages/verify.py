@@ -2,16 +2,18 @@
 
     effir verify DIR [--reference MODEL]
 
-Checks, one PASS / FAIL / SKIP line each (exit code 1 when any fails):
+Checks, one PASS / FAIL / SKIP line each (exit code 1 when any fails; an unreadable effir.json is a FAIL too):
+- integrity: the safetensors files are the ones the stage wrote (their sha256 as recorded in effir.json);
 - reload: `effir.load(DIR)` rebuilds the structure in effir.json and loads the safetensors strictly;
 - weights: no tensor of a dropped sub-layer (module or norm) is stored in the safetensors;
 - parameters: the reloaded model's parameter counts equal the ones recorded in effir.json;
 - reference: the reference model (default: the source model named in the folder's history) loaded in memory and
   given the same structure has the same parameter counts and embeds a few built-in queries and documents the same
-  (max |diff| <= --atol, fp32). Skipped when a later stage changed weights or widths that the reference cannot
-  reproduce by dropping alone; pass --reference with the right weights then;
-- transformers: `AutoModel.from_pretrained(DIR, trust_remote_code=True)` (the folder's own modeling file) gives
-  the same embeddings as effir.load.
+  (max |diff| <= --atol, computed in fp32 from weights rounded to the folder's stored dtype: like with like).
+  Skipped when a later stage changed weights or widths that the reference cannot reproduce by dropping alone (the
+  integrity check covers those); pass --reference with the right weights then;
+- transformers: `AutoModel.from_pretrained(DIR, trust_remote_code=True)` gives the same embeddings as effir.load.
+  It runs the folder's modeling_effir.py only when that file is byte for byte the one this effir ships.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load, load_with_transformers, read_effir_json
+from ..checkpoint import (
+    EFFIR_JSON,
+    REMOTE_FILE,
+    load,
+    load_with_transformers,
+    read_effir_json,
+    remote_code_is_packaged,
+    weights_digest,
+)
 from ..encoder import Encoder
 from ..surgery import count_parameters, drop_sublayers, dropped_prefixes, structure_of, weight_keys
-from ..utils import EffirError
+from ..utils import EffirError, floating_dtype
 
 QUERIES = ["what is the capital of france", "how do vaccines train the immune system",
            "does aspirin reduce the risk of heart attack", "why is the sky blue"]
@@ -46,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.model_dir)
     if not (folder / "config.json").is_file():
         raise EffirError(f"{folder} is not a model folder (no config.json)")
-    meta = read_effir_json(folder)  # a corrupted effir.json is bad input: one line, exit 2
-    if not meta:
+    if not (folder / EFFIR_JSON).exists():
         raise EffirError(f"{folder} has no effir.json; it was not written by effir, nothing to verify")
-    lines: list[tuple[str, str, str]] = []
+    try:
+        meta = read_effir_json(folder)
+    except EffirError as e:  # a damaged description is what verify exists to find: a failed check, not bad input
+        return _report([("FAIL", "effir.json", str(e))])
+    lines: list[tuple[str, str, str]] = [_check_integrity(folder, meta)]
     try:
         encoder = load(folder, device=args.device, dtype="fp32")
     except EffirError as e:
@@ -79,6 +92,21 @@ def _describe(structure: dict) -> str:
     widths = [w for w in structure["mlp_widths"] if w is not None]
     return (f"{structure['num_layers']} layers, attention dropped {structure['dropped_attention']}, "
             f"MLP dropped {structure['dropped_mlp']}, MLP widths {min(widths, default=0)}..{max(widths, default=0)}")
+
+
+def _check_integrity(folder: Path, meta: dict):
+    recorded = meta.get("weights_sha256")
+    if not recorded:
+        return "SKIP", "integrity", "effir.json records no weights hash (saved by an older effir)"
+    try:
+        found = weights_digest(folder)
+    except EffirError as e:
+        return "FAIL", "integrity", str(e)
+    if found != recorded:
+        changed = sorted(set(found) ^ set(recorded) | {k for k in found if recorded.get(k) != found[k]})
+        return "FAIL", "integrity", (f"{', '.join(changed)} differ(s) from what the stage wrote (sha256 in "
+                                     "effir.json): the weights were replaced or damaged")
+    return "PASS", "integrity", f"{len(found)} weight file(s) match the sha256 recorded at save time"
 
 
 def _check_reload(meta: dict, structure: dict):
@@ -122,6 +150,7 @@ def _check_reference(args, meta: dict, encoder: Encoder, structure: dict, want: 
                                          f"{history[0]['model']}; pass --reference MODEL with the same weights")
         ref = history[0]["model"]
     reference = load(ref, device=args.device, dtype="fp32")
+    _round_weights(reference.model, floating_dtype(encoder.meta["stored_dtype"]))
     have = structure_of(reference.model, reference.adapter)
     extra = [(g, i) for g in ("attention", "mlp") for i in have[f"dropped_{g}"] if i not in structure[f"dropped_{g}"]]
     if have["num_layers"] != structure["num_layers"] or extra:
@@ -140,9 +169,21 @@ def _check_reference(args, meta: dict, encoder: Encoder, structure: dict, want: 
                                  f"({'<=' if status == 'PASS' else '>'} {args.atol:g}) over {len(want)} texts")
 
 
+def _round_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round the weights (not buffers such as rotary frequencies, which loading recomputes) to the dtype the folder
+    stores, keeping fp32: the reference then holds what the folder holds and both compute alike."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+
+
 def _check_transformers(folder: Path, meta: dict, encoder: Encoder, want: torch.Tensor, args):
     if not meta.get("structure"):
         return "SKIP", "transformers", "not structurally compressed; a plain AutoModel.from_pretrained folder"
+    if not remote_code_is_packaged(folder):
+        return "FAIL", "transformers", (f"{folder / REMOTE_FILE} is not the file this effir ships (changed, or saved "
+                                        "by another version); not run. Review it, or re-save the folder with "
+                                        "this effir (effir.load, then effir.checkpoint.save)")
     try:
         model = load_with_transformers(folder, torch.float32).to(args.device)
     except Exception as e:  # any failure of the remote-code path is a failed check, reported in one line
