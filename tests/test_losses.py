@@ -68,3 +68,33 @@ def test_kl_shape_mismatch():
 def test_gather_alone_is_identity():
     x = torch.randn(3, 4)
     assert gather_with_grad(x) is x
+
+
+def test_embedding_match_is_zero_only_for_equal_embeddings():
+    from effir.losses import embedding_match
+
+    s = F.normalize(torch.randn(4, 8), dim=-1)
+    assert embedding_match(s, s.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert embedding_match(s, s.clone(), "mse").item() == 0.0
+    t = F.normalize(torch.randn(4, 8), dim=-1)
+    assert embedding_match(s, t).item() == pytest.approx((1 - (s * t).sum(-1)).mean().item(), rel=1e-5)
+    assert embedding_match(s, t, "mse").item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        embedding_match(s, t[:, :4])
+
+
+def test_similarity_kl_by_hand_and_without_self_pairs():
+    from effir.losses import similarity_kl
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    ta = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # the teacher in another (3-d) space
+    tb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert similarity_kl(a, b, a, b, 0.5, 0.5).item() == pytest.approx(0.0, abs=1e-7)
+    s, t = a @ b.T, ta @ tb.T
+    want = kl_distill(s, t, 0.5, 0.1)
+    torch.testing.assert_close(similarity_kl(a, b, ta, tb, 0.5, 0.1), want)
+    # self_offset=1: row i of a is row 1 + i of b; those pairs leave both distributions
+    keep = torch.tensor([[True, False, True], [True, True, False]])
+    want = kl_distill(s[keep].view(2, 2), t[keep].view(2, 2), 0.5, 0.1)
+    torch.testing.assert_close(similarity_kl(a, b, ta, tb, 0.5, 0.1, self_offset=1), want)

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "drop": ("effir.stages.drop", "drop the least important attention/MLP sub-layers or blocks -> compressed model"),
     "slim": ("effir.stages.slim", "width reduction: learn MLP neuron gates, cut the weakest fraction globally, slice"),
     "finetune": ("effir.stages.finetune", "retrieval fine-tuning: InfoNCE + hard negatives (+ KL to a teacher), LoRA or full"),
+    "distill": ("effir.stages.distill", "recover a compressed model from its parent on unlabelled text (embedding + "
+                "similarity distillation, LoRA or full)"),
     "eval": ("effir.stages.evaluate", "evaluate a model on a BEIR folder: nDCG@10, R@100, RR@10 + a TREC run"),
     "bench": ("effir.stages.bench", "time query/document encoding against a baseline, beside the FLOPs-predicted speed-up"),
     "run": ("effir.stages.run", "the whole pipeline from one YAML config, resumable, ending in a report"),

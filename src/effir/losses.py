@@ -1,5 +1,6 @@
 """Retrieval losses as pure functions of tensors: InfoNCE over grouped candidates (+ in-batch negatives), KL
-distillation towards a teacher's candidate scores, and the cross-process gather that keeps gradients.
+distillation towards a teacher's candidate scores, embedding matching and in-batch similarity KL towards a parent
+model (label-free distillation), and the cross-process gather that keeps gradients.
 
 Inputs (the layout every function here expects):
     queries ``q``: ``(B, H)`` embeddings, one row per query.
@@ -73,6 +74,39 @@ def kl_distill(student_scores: torch.Tensor, teacher_scores: torch.Tensor, stude
     log_s = F.log_softmax(student_scores.float() / student_temperature, dim=-1)
     log_p = F.log_softmax(teacher_scores.float().detach() / teacher_temperature, dim=-1)
     return F.kl_div(log_s, log_p, log_target=True, reduction="batchmean")
+
+
+def embedding_match(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """How far the student's embeddings ``(B, H)`` are from the teacher's of the same texts, in the same space:
+    ``cosine`` = mean ``1 - cos``, ``mse`` = mean squared difference per element (sentence-transformers' MSELoss).
+    0 exactly when they are equal."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} embeddings differ")
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student.float(), teacher.float().detach(), dim=-1)).mean()
+    if kind == "mse":
+        return F.mse_loss(student.float(), teacher.float().detach())
+    raise ValueError(f"unknown embedding loss {kind!r}; use cosine or mse")
+
+
+def similarity_kl(student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor,
+                  teacher_b: torch.Tensor, student_temperature: float, teacher_temperature: float,
+                  self_offset: int | None = None) -> torch.Tensor:
+    """KL(teacher || student) between the in-batch similarity distributions of each row of ``a`` over the rows of
+    ``b``: student ``softmax(a_s b_s^T / student_temperature)`` against the teacher's, row by row.
+
+    ``a`` is ``(B, H)``, ``b`` is ``(N, H)`` (student and teacher may live in spaces of different sizes). With
+    ``self_offset``, row ``i`` of ``a`` is row ``self_offset + i`` of ``b`` and that pair (trivially the most
+    similar) is left out, as for document-to-document similarities.
+    """
+    s = student_a.float() @ student_b.float().T  # (B, N)
+    t = teacher_a.float().detach() @ teacher_b.float().detach().T
+    if self_offset is not None:
+        keep = torch.ones_like(s, dtype=torch.bool)
+        rows = torch.arange(s.shape[0], device=s.device)
+        keep[rows, rows + self_offset] = False
+        s, t = s[keep].view(s.shape[0], -1), t[keep].view(t.shape[0], -1)
+    return kl_distill(s, t, student_temperature, teacher_temperature)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

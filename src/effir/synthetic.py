@@ -19,6 +19,11 @@ from .utils import EffirError
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
+def split_sentences(text: str) -> list[str]:
+    """The sentences of one paragraph of prose."""
+    return [s for s in _SENTENCE.split(text.strip()) if s.strip()]
+
+
 def passages(article: str, words: int) -> list[list[str]]:
     """Split an article into passages of about ``words`` words, each a list of whole sentences."""
     out, current, count = [], [], 0

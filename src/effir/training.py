@@ -66,6 +66,21 @@ def mixed_precision(precision: str, device: str | None) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def prepare_output(out: Path, marker: str, overwrite: bool, acc) -> None:
+    """Create the run folder ``out`` on the main process; a finished run (``out/marker`` exists) is an error unless
+    ``overwrite``, which removes it (an unfinished run is kept: it resumes). Every process waits for it."""
+    if acc.is_main_process:
+        if out.exists() and not out.is_dir():
+            raise EffirError(f"--output {out} exists and is not a folder")
+        if overwrite and (out / marker).exists():
+            shutil.rmtree(out)
+        if (out / marker).exists():
+            raise EffirError(f"{out} already holds a finished run ({out / marker}); pass --overwrite to run again "
+                             "or choose another --output")
+        out.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+
+
 def end_distributed() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -120,10 +135,10 @@ def lora_targets(encoder: Encoder, spec: str) -> list[str]:
 
 
 # -- data order and the loss of one micro-batch ---------------------------------------------------------------------
-def steps_per_epoch(n: int, batch_size: int, world: int, grad_accum: int) -> int:
+def steps_per_epoch(n: int, batch_size: int, world: int, grad_accum: int, what: str = "training queries") -> int:
     per_step = batch_size * world * grad_accum
     if n // per_step < 1:
-        raise EffirError(f"{n} training queries are fewer than one step's {per_step} (--batch-size x processes x "
+        raise EffirError(f"{n} {what} are fewer than one step's {per_step} (--batch-size x processes x "
                          "--grad-accum); lower --batch-size or --grad-accum")
     return n // per_step
 

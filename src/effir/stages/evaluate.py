@@ -14,8 +14,6 @@ never retrieved.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import sys
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import embedding_cache
 from ..checkpoint import cache_dir, fingerprint, load
 from ..data import BeirData, load_beir
 from ..encoder import POOLINGS, Encoder
@@ -116,9 +115,11 @@ def _run(args, device: torch.device) -> int:
     model_id = fingerprint(encoder)
     cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
     t = time.perf_counter()
-    # rank 0 searches the cached corpus while checking it; a damaged entry is dropped and the corpus encoded again
-    hit = from_main_process(rank == 0 and cache is not None and _search_cache(cache, top, len(doc_ids), encoder.dim,
-                                                                            args.chunk_size))
+    cached = embedding_cache.read(cache, len(doc_ids), encoder.dim) if rank == 0 and cache is not None else None
+    hit = from_main_process(cached is not None)
+    if hit and rank == 0:
+        for start in range(0, len(doc_ids), args.chunk_size):
+            top.add(torch.from_numpy(np.array(cached[start:start + args.chunk_size])).to(encoder.device), offset=start)
     if not hit:
         top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)  # nothing from a rejected cache
         _encode_and_search(encoder, data, doc_ids, top, cache, args.batch_size, args.chunk_size)
@@ -190,50 +191,12 @@ def _cache_path(documents_id: str, encoder: Encoder, data: BeirData) -> Path:
     return cache_dir() / "embeddings" / f"{key}.npy"
 
 
-def _cache_record(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def _search_cache(path: Path, top: TopK, rows: int, dim: int, chunk_size: int) -> bool:
-    """Stream a cached corpus into ``top`` while checking it against its record (rows, dimension, sha256 of the
-    float32 rows); False when there is no entry, or when it is damaged (then it is deleted, with one line)."""
-    record_path = _cache_record(path)
-    if not (path.exists() and record_path.exists()):
-        return False
-    try:
-        record = json.loads(record_path.read_text())
-        corpus = np.load(path, mmap_mode="r")
-        if corpus.dtype != np.float32 or corpus.shape != (rows, dim) or record.get("rows") != rows \
-                or record.get("dim") != dim:
-            raise ValueError(f"{corpus.shape[0] if corpus.ndim else 0} rows of dimension "
-                             f"{corpus.shape[-1] if corpus.ndim else 0}, expected {rows} x {dim}")
-        digest = hashlib.sha256()
-        for start in range(0, rows, chunk_size):
-            block = np.array(corpus[start:start + chunk_size])  # a copy: memmap pages are read-only
-            digest.update(block.tobytes())
-            top.add(torch.from_numpy(block).to(top.queries.device), offset=start)
-        if digest.hexdigest() != record.get("sha256"):
-            raise ValueError("checksum mismatch")
-    except (OSError, ValueError, AttributeError) as e:  # truncated, wrong shape, altered, unreadable record
-        print(f"effir eval: cached corpus embeddings {path} are damaged ({e}); discarded, encoding the corpus again",
-              file=sys.stderr)
-        path.unlink(missing_ok=True)
-        record_path.unlink(missing_ok=True)
-        return False
-    return True
-
-
 def _encode_and_search(encoder: Encoder, data: BeirData, doc_ids: list[str], top: TopK, cache: Path | None,
                        batch_size: int, chunk_size: int) -> None:
     """Encode the corpus chunk by chunk (sharded across processes), search each chunk, and fill the cache."""
     rank, world = dist_info()
     n = len(doc_ids)
-    store = tmp = None
-    digest = hashlib.sha256()
-    if cache is not None and rank == 0:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npy")
-        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.dim))
+    store = embedding_cache.Writer(cache, n, encoder.dim) if cache is not None and rank == 0 else None
     n_chunks = math.ceil(n / chunk_size)
     for c, start in enumerate(range(0, n, chunk_size)):
         chunk = [data.corpus[d] for d in doc_ids[start:start + chunk_size]]
@@ -242,14 +205,9 @@ def _encode_and_search(encoder: Encoder, data: BeirData, doc_ids: list[str], top
         if rank == 0:
             top.add(emb.to(top.queries.device), offset=start)
             if store is not None:
-                store[start:start + len(chunk)] = emb.numpy()
-                digest.update(np.ascontiguousarray(emb.numpy(), dtype=np.float32).tobytes())
+                store.put(emb.numpy())
     if store is not None:
-        store.flush()
-        del store
-        os.replace(tmp, cache)
-        # the record goes last: without it (a killed run) the entry is not used
-        write_json(_cache_record(cache), {"rows": n, "dim": encoder.dim, "sha256": digest.hexdigest()})
+        store.close()  # atomic, record last: a killed run never leaves an entry that is used
 
 
 def _encode_sharded(encoder: Encoder, docs: list, batch_size: int, desc: str) -> torch.Tensor:

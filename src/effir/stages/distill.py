@@ -1,0 +1,352 @@
+"""Recover a compressed retriever from its parent on unlabelled text: label-free distillation.
+
+    effir distill STUDENT --teacher PARENT --texts wiki beir:DIR --output DIR
+
+The student (the output of effir drop / slim, or any model) learns to embed as its parent does, in the parent's
+space, from text alone. Each step takes --batch-size query-side and --batch-size document-side texts and minimises
+  --embedding-weight x the distance between the student's and the parent's embeddings of the same texts, both sides
+    (--embedding-loss cosine: 1 - cos; mse: squared difference per element, as sentence-transformers' MSELoss), plus
+  --kl-weight x KL(parent || student) between in-batch similarity distributions: each query over the batch's
+    documents, and each document over the other documents (--temperature for the student, --teacher-temperature
+    for the parent).
+The parent's embeddings of every text are computed once and cached as effir eval caches a corpus (row count,
+dimension and sha256 checked), so a step costs only the student's passes, and a second run on the same texts none.
+
+Texts (--texts, one or more sources, no labels): wiki (built-in prose), FILE.txt, FILE.jsonl,
+beir:DIR[:corpus|queries|both]. Documents longer than --passage-words words are cut into passages of whole
+sentences. Query-side texts are the sources' queries; a source without queries (wiki, a file, a BEIR corpus) gives
+one sentence of each of its passages instead.
+
+LoRA by default (--full: every weight), resumable after a kill (--save-every; run the same command again), several
+processes under torchrun / accelerate launch as effir finetune (documents are gathered across processes for the
+in-batch distributions). Writes DIR/model, DIR/distill_log.jsonl and DIR/distill.json (last: the run is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import embedding_cache, training
+from ..calibration import SOURCE_HELP, load_texts, sample_texts
+from ..checkpoint import cache_dir, fingerprint, load, save
+from ..encoder import Encoder
+from ..losses import embedding_match, gather_with_grad, similarity_kl
+from ..synthetic import passages, split_sentences
+from ..utils import (
+    DTYPE_CHOICES,
+    EffirError,
+    dtype_name,
+    floating_dtype,
+    from_main_process,
+    lr_schedule,
+    pick_dtype,
+    seed_everything,
+    write_json,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the student: a model folder (e.g. the output of effir drop / slim), built-in name, "
+                                 ".gguf or hub id")
+    p.add_argument("--teacher", required=True, help="the parent retriever whose embeddings the student learns")
+    p.add_argument("--texts", required=True, nargs="+", metavar="SOURCE", help=f"unlabelled text: {SOURCE_HELP}")
+    p.add_argument("--output", required=True, help="run folder: model/, distill.json, distill_log.jsonl")
+    p.add_argument("--max-texts", type=int, default=None,
+                   help="at most this many texts per side (a seeded sample; default: all)")
+    p.add_argument("--passage-words", type=int, default=200,
+                   help="cut longer documents into passages of about this many words (default: 200)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
+    g.add_argument("--embedding-weight", type=float, default=1.0,
+                   help="weight of the embedding distance (needs the parent's embedding size; 0: similarities only)")
+    g.add_argument("--kl-weight", type=float, default=1.0, help="weight of the in-batch similarity KL")
+    g.add_argument("--temperature", type=float, default=0.05, help="student temperature of the similarity KL")
+    g.add_argument("--teacher-temperature", type=float, default=None, help="parent temperature (default: --temperature)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    g.add_argument("--lora-r", type=int, default=32)
+    g.add_argument("--lora-alpha", type=int, default=64)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="all", help="all (the architecture table's) or comma-separated names")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--warmup-ratio", type=float, default=0.1)
+    g.add_argument("--batch-size", type=int, default=32, help="query-side and document-side texts per process per "
+                                                              "micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the document-side texts")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
+    g.add_argument("--save-dtype", default="source", choices=[c for c in DTYPE_CHOICES if c != "auto"],
+                   help="dtype of the saved model (default: source, the student's stored dtype)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("run")
+    g.add_argument("--teacher-dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype the parent computes its embeddings in (default: auto)")
+    g.add_argument("--encode-batch-size", type=int, default=64, help="batch for the parent's embeddings")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="cpu forces CPU; default: accelerate gives each process its GPU (or the CPU)")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in DIR")
+
+
+@dataclass(frozen=True)
+class Texts:
+    """What the student learns from: query-side and document-side texts, and a short key of both."""
+
+    queries: list[str]
+    documents: list[str]
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps([self.queries, self.documents]).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Loss:
+    embedding: str
+    embedding_weight: float
+    kl_weight: float
+    temperature: float
+    teacher_temperature: float
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    texts = read_texts(args.texts, args.passage_words, args.max_texts, args.seed)  # before any output or model
+    acc = training.accelerator(args.device, args.precision)
+    try:
+        rc = _run(args, acc, texts)
+        acc.wait_for_everyone()
+        return rc
+    finally:  # no barrier on errors: a failed process exits and the launcher stops the others
+        training.end_distributed()
+
+
+def _run(args, acc, texts: Texts) -> int:
+    out = Path(args.output)
+    training.prepare_output(out, "distill.json", args.overwrite, acc)
+    t0 = time.perf_counter()
+    seed_everything(args.seed)
+    student = load(args.model, device=str(acc.device), dtype="fp32" if args.full else args.save_dtype)
+    save_dtype = pick_dtype(args.save_dtype, acc.device, floating_dtype(student.meta["stored_dtype"]))
+    targets, teacher_id = _teacher_embeddings(args, acc, texts, student.dim)
+    per_epoch = {side: training.steps_per_epoch(len(items), args.batch_size, acc.num_processes, args.grad_accum,
+                                                f"{side}-side texts")
+                 for side, items in (("query", texts.queries), ("document", texts.documents))}
+    total = args.max_steps or max(1, round(args.epochs * per_epoch["document"]))
+    seed_everything(args.seed)
+    trainable = _wrap(args, student)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_ratio, args.schedule, total))
+    key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "teacher": teacher_id,
+           "model_fingerprint": fingerprint(student), "texts": texts.key, "processes": acc.num_processes,
+           "total_steps": total}
+    start = training.resume(out / "checkpoints", acc, student.model, optimizer, scheduler, key,
+                            log_path=out / "distill_log.jsonl", restart_on_mismatch=args.overwrite)
+    model, optimizer = acc.prepare(student.model, optimizer)
+    student.model = model
+    loss = Loss(args.embedding_loss, args.embedding_weight, args.kl_weight, args.temperature,
+                args.teacher_temperature or args.temperature)
+    micro_batch = _micro_batches(acc, student, texts, targets, loss, args, per_epoch)
+
+    def save_checkpoint(step: int) -> None:
+        training.save_checkpoint(out / "checkpoints", acc, model, optimizer, scheduler, step, key,
+                                 args.keep_checkpoints)
+
+    stats = training.train_steps(acc, model, optimizer, scheduler, micro_batch, start=start, total=total,
+                                 grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+                                 log_path=out / "distill_log.jsonl", save=save_checkpoint, save_every=args.save_every,
+                                 desc="distill", progress=not args.no_progress)
+    student.model = acc.unwrap_model(model)
+    if acc.is_main_process:
+        _finish(args, student, save_dtype, texts, out, stats, total, time.perf_counter() - t0)
+    return 0
+
+
+RUN_KEYS = ("texts", "max_texts", "passage_words", "embedding_loss", "embedding_weight", "kl_weight", "temperature",
+            "teacher_temperature", "teacher_dtype", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+            "lr", "weight_decay", "schedule", "warmup_ratio", "batch_size", "grad_accum", "epochs", "max_steps",
+            "max_grad_norm", "precision", "seed")
+
+
+def _check_args(args) -> None:
+    for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "encode_batch_size", "passage_words"):
+        if getattr(args, name) < 1:
+            raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise EffirError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.max_texts is not None and args.max_texts < 2:
+        raise EffirError(f"--max-texts must be >= 2, got {args.max_texts}")
+    if not args.lr > 0 or not args.temperature > 0 or not (args.teacher_temperature or 1.0) > 0:
+        raise EffirError("--lr, --temperature and --teacher-temperature must be > 0")
+    if args.embedding_weight < 0 or args.kl_weight < 0 or args.embedding_weight + args.kl_weight <= 0:
+        raise EffirError("--embedding-weight and --kl-weight must be >= 0, and not both 0")
+
+
+# -- texts ----------------------------------------------------------------------------------------------------------
+def read_texts(sources: list[str], passage_words: int, max_texts: int | None, seed: int) -> Texts:
+    """Query-side and document-side texts from ``sources`` (see the module docstring), deduplicated, in order.
+
+    Raises:
+        EffirError: a source is missing or empty (``load_texts``), or the sources hold fewer than 2 texts a side.
+    """
+    queries, documents = [], []
+    for source in sources:
+        found = load_texts(source)
+        own = [p for text in found.documents for p in split_passages(text, passage_words)]
+        documents += own
+        has_queries = found.queries is not found.documents and found.queries != found.documents
+        queries += found.queries if has_queries else pseudo_queries(own, seed)
+    queries, documents = list(dict.fromkeys(queries)), list(dict.fromkeys(documents))
+    if max_texts:
+        queries, documents = sample_texts(queries, max_texts, seed), sample_texts(documents, max_texts, seed + 1)
+    if len(queries) < 2 or len(documents) < 2:
+        raise EffirError(f"--texts {' '.join(sources)} hold {len(queries)} query-side and {len(documents)} "
+                         "document-side texts; distillation needs at least 2 of each: give more text")
+    return Texts(queries, documents)
+
+
+def split_passages(text: str, words: int) -> list[str]:
+    """``text`` itself when it has at most ``words`` words, else its passages of about ``words`` words."""
+    if len(text.split()) <= words:
+        return [text.strip()] if text.strip() else []
+    return [" ".join(sentences) for sentences in passages(text, words)] or [text.strip()]
+
+
+def pseudo_queries(documents: list[str], seed: int) -> list[str]:
+    """One sentence of each document (of 4 to 40 words where it has one) as a query-side text."""
+    rng, out = random.Random(seed), []
+    for doc in documents:
+        sentences = split_sentences(doc)
+        fitting = [s for s in sentences if 4 <= len(s.split()) <= 40]
+        pick = rng.choice(fitting or sentences or [doc])
+        out.append(" ".join(pick.split()[:40]))
+    return out
+
+
+# -- the parent's embeddings ----------------------------------------------------------------------------------------
+def _teacher_embeddings(args, acc, texts: Texts, student_dim: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The parent's embeddings of every text (``{"query": (Nq, H), "document": (Nd, H)}``), computed once on the main
+    process into effir's embedding cache and read from there by every process; and the parent's identity."""
+    found = None
+    if acc.is_main_process:
+        found = _cache_teacher(args, texts, student_dim, str(acc.device))
+    paths, teacher_id = from_main_process(found)
+    acc.wait_for_everyone()
+    return {side: torch.from_numpy(embedding_cache.read(path, n, dim).copy())
+            for side, (path, n, dim) in paths.items()}, teacher_id
+
+
+def _cache_teacher(args, texts: Texts, student_dim: int, device: str) -> tuple[dict, str]:
+    teacher = load(args.teacher, device=device, dtype=args.teacher_dtype)
+    if args.embedding_weight and teacher.dim != student_dim:
+        raise EffirError(f"teacher {args.teacher} embeds in {teacher.dim} dimensions and the student in "
+                         f"{student_dim}: --embedding-weight needs the same space; pass --embedding-weight 0 to "
+                         "distil the similarity distributions only")
+    teacher_id = f"{fingerprint(teacher)}-{dtype_name(teacher.dtype)}"
+    paths = {}
+    for side, items in (("query", texts.queries), ("document", texts.documents)):
+        path = cache_dir() / "embeddings" / f"teacher-{teacher_id}-{texts.key}-{side}.npy"
+        if embedding_cache.read(path, len(items), teacher.dim) is None:
+            emb = teacher.encode(items, side, args.encode_batch_size, show_progress=not args.no_progress,
+                                 desc=f"parent: {side} texts")
+            embedding_cache.write(path, emb.numpy())
+        paths[side] = (path, len(items), teacher.dim)
+    return paths, teacher_id
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+def _wrap(args, student: Encoder) -> list[torch.nn.Parameter]:
+    student.model.train()
+    if args.gradient_checkpointing:
+        training.set_activation_checkpointing(student.model, True)
+    if args.full:
+        for p in student.model.parameters():
+            p.requires_grad_(True)
+        return list(student.model.parameters())
+    return training.add_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+
+
+def _micro_batches(acc, student: Encoder, texts: Texts, targets: dict, loss: Loss, args, per_epoch: dict):
+    """The :data:`effir.training.MicroBatch` of distillation: each side's texts in their own seeded order."""
+    perms = {"query": {}, "document": {}}
+    items = {"query": texts.queries, "document": texts.documents}
+
+    def indices(side: str, step: int, micro: int):
+        return training.batch_indices(len(items[side]), step, micro, batch_size=args.batch_size,
+                                      grad_accum=args.grad_accum, world=acc.num_processes, rank=acc.process_index,
+                                      per_epoch=per_epoch[side], seed=args.seed + (side == "document"),
+                                      perms=perms[side])
+
+    def micro_batch(step: int, micro: int):
+        _, qi = indices("query", step, micro)
+        epoch, di = indices("document", step, micro)
+        q_batch = {k: v.to(acc.device) for k, v in student.tokenize([items["query"][i] for i in qi], "query").items()}
+        d_batch = {k: v.to(acc.device) for k, v in
+                   student.tokenize([items["document"][i] for i in di], "document").items()}
+        with acc.autocast():
+            sq, sd = student.embed(**q_batch), student.embed(**d_batch)
+        tq, td = targets["query"][qi].to(acc.device), targets["document"][di].to(acc.device)
+        total, parts = distillation_loss(sq.float(), sd.float(), tq, td, loss, offset=acc.process_index * len(di))
+        tokens = int(q_batch["attention_mask"].sum() + d_batch["attention_mask"].sum())
+        parts.update(doc_cos=training.mean_pairwise_cosine(sd.detach()),
+                     tokens=torch.tensor(float(tokens), device=acc.device))
+        return total, parts, epoch
+
+    return micro_batch
+
+
+def distillation_loss(sq: torch.Tensor, sd: torch.Tensor, tq: torch.Tensor, td: torch.Tensor, loss: Loss,
+                      offset: int = 0) -> tuple[torch.Tensor, dict]:
+    """The student's query / document embeddings ``sq``, ``sd`` against the parent's ``tq``, ``td`` of the same texts
+    (module docstring). Documents of every process enter the in-batch distributions; ``offset`` is this process's
+    first document among them. Returns the loss and its detached parts."""
+    sd_all, td_all = gather_with_grad(sd.contiguous()), gather_with_grad(td.contiguous())
+    parts = {}
+    total = torch.zeros((), device=sq.device)
+    if loss.embedding_weight:
+        emb = 0.5 * (embedding_match(sq, tq, loss.embedding) + embedding_match(sd, td, loss.embedding))
+        total, parts["embedding"] = total + loss.embedding_weight * emb, emb.detach()
+    if loss.kl_weight:
+        t_s, t_t = loss.temperature, loss.teacher_temperature
+        kl_qd = similarity_kl(sq, sd_all, tq, td_all, t_s, t_t)
+        kl_dd = similarity_kl(sd, sd_all, td, td_all, t_s, t_t, self_offset=offset)
+        total = total + loss.kl_weight * 0.5 * (kl_qd + kl_dd)
+        parts.update(kl_qd=kl_qd.detach(), kl_dd=kl_dd.detach())
+    return total, parts
+
+
+def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: Path, stats: dict, total: int,
+            wall: float) -> None:
+    model = student.model if args.full else student.model.merge_and_unload()
+    if args.gradient_checkpointing:
+        training.set_activation_checkpointing(model, False)
+    model.eval().to(save_dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    student.model = model
+    stage = {"stage": "distill", "teacher": str(args.teacher), "texts": list(args.texts), "steps": total,
+             "method": "full" if args.full else f"lora(r={args.lora_r},alpha={args.lora_alpha})", "lr": args.lr,
+             "query_texts": len(texts.queries), "document_texts": len(texts.documents)}
+    save(student, out / "model", stage=stage, overwrite=True)
+    summary = {**stage, "model": str(args.model), "output": str(out / "model"), "wall_s": round(wall, 1),
+               "train_s": round(stats["train_s"], 1), "tokens": int(stats["tokens"]),
+               "final_loss": stats["last_loss"], "args": {k: getattr(args, k) for k in RUN_KEYS}}
+    write_json(out / "distill.json", summary)  # last: its presence means the run is complete
+    print(f"effir distill: {total} steps in {wall:.0f}s on {len(texts.queries)} query-side and "
+          f"{len(texts.documents)} document-side texts; model saved to {out / 'model'}")

@@ -1,0 +1,166 @@
+"""`effir distill` end to end on tiny models: zero loss against itself, the parent encoded once, resume after a
+kill, the saved student, and one-line errors on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, TINY_CORPUS, TINY_QUERIES, WORDS, write_beir
+
+import effir
+from effir.cli import main
+from effir.encoder import Encoder
+from effir.stages.distill import pseudo_queries, read_texts
+
+EXTRA = [{"_id": f"x{i}", "title": "", "text": f"the {w} and the {v} in the city. a {v} is in the {w} water."}
+         for i, (w, v) in enumerate(zip(WORDS[20:30], WORDS[30:40], strict=True))]
+QUERIES = [*TINY_QUERIES, {"_id": "q4", "text": "the cat and the dog"}, {"_id": "q5", "text": "a gene in a cell"}]
+
+
+@pytest.fixture
+def texts_dir(tmp_path):
+    return write_beir(tmp_path / "beir", corpus=TINY_CORPUS + EXTRA, queries=QUERIES, qrels=[])
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
+
+
+def _args(student, teacher, texts, out, *extra):
+    return ["distill", str(student), "--teacher", str(teacher), "--texts", str(texts), "--output", str(out),
+            "--device", "cpu", "--no-progress", "--batch-size", "4", "--lr", "5e-3", "--precision", "fp32",
+            "--teacher-dtype", "fp32", *map(str, extra)]
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "distill_log.jsonl").read_text().splitlines()]
+
+
+def _dropped(src, out):
+    assert main(["drop", str(src), "--strategy", "last", "--mlp", "1", "--output", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_a_student_equal_to_its_parent_has_zero_loss(tiny_llama_dir, texts_dir, tmp_path):
+    out = tmp_path / "same"
+    assert main(_args(tiny_llama_dir, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 2)) == 0
+    first = _log(out)[0]
+    # LoRA starts as the identity: same embeddings, same in-batch distributions
+    assert first["loss"] == pytest.approx(0.0, abs=1e-6)
+    assert first["embedding"] == pytest.approx(0.0, abs=1e-6) and first["kl_qd"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_parent_encodes_each_text_once(tiny_llama_dir, texts_dir, tmp_path, monkeypatch):
+    counted = {"query": 0, "document": 0}
+    encode = Encoder.encode
+
+    def counting(self, texts, side, *a, **k):
+        counted[side] += len(texts)
+        return encode(self, texts, side, *a, **k)
+
+    monkeypatch.setattr(Encoder, "encode", counting)
+    student = _dropped(tiny_llama_dir, tmp_path / "student")
+    texts = read_texts([f"beir:{texts_dir}"], 200, None, 42)
+    assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "a", "--max-steps", 3)) == 0
+    assert counted == {"query": len(texts.queries), "document": len(texts.documents)}  # not once per step
+    assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "b", "--max-steps", 3)) == 0
+    assert counted == {"query": len(texts.queries), "document": len(texts.documents)}  # the cache serves run 2
+    assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
+
+
+def test_distillation_moves_the_student_towards_its_parent(tiny_llama_dir, texts_dir, tmp_path):
+    from effir.checkpoint import save
+
+    enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
+    with torch.no_grad():  # a damaged copy of the parent: far from it, as a compressed model starts
+        for p in enc.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student = save(enc, tmp_path / "student", {"stage": "drop", "model": str(tiny_llama_dir)})
+    out = tmp_path / "run"
+    assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 12, "--schedule",
+                      "constant")) == 0
+    parent = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
+    texts = read_texts([f"beir:{texts_dir}"], 200, None, 42).documents
+
+    def distance(model_dir):
+        enc = effir.load(model_dir, device="cpu", dtype="fp32")
+        return (1 - (enc.encode(texts, "document") * parent.encode(texts, "document")).sum(-1)).mean().item()
+
+    assert distance(out / "model") < 0.5 * distance(student)
+    assert json.loads((out / "model" / "effir.json").read_text())["history"][-1]["stage"] == "distill"
+    summary = json.loads((out / "distill.json").read_text())
+    assert summary["steps"] == 12 and summary["teacher"] == str(tiny_llama_dir)
+
+
+def test_kill_9_then_the_same_command_resumes_exactly(tiny_llama_dir, texts_dir, tmp_path):
+    student = _dropped(tiny_llama_dir, tmp_path / "student")
+    args = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "ref", "--max-steps", 5, "--save-every", 2)
+    assert main(args) == 0
+    killed = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "k", "--max-steps", 5, "--save-every", 2)
+    env = dict(os.environ, PYTHONPATH=str(Path(effir.__file__).parents[1]), OMP_NUM_THREADS="1",
+               EFFIR_TEST_KILL_AT_STEP="3")
+    proc = subprocess.run([sys.executable, "-m", "effir", *killed], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert main(killed) == 0
+    assert [r["loss"] for r in _log(tmp_path / "k")] == pytest.approx([r["loss"] for r in _log(tmp_path / "ref")],
+                                                                      abs=1e-6)
+
+
+def test_texts_without_queries_give_one_sentence_per_passage(tmp_path):
+    prose = tmp_path / "prose.txt"
+    prose.write_text("The river runs through the city. The fish swim in the blue water.\n\n"
+                     "The sun is a star. The moon is not a star but it shines at night.\n")
+    texts = read_texts([str(prose)], 200, None, 0)
+    assert len(texts.documents) == 2 and len(texts.queries) == 2
+    assert all(q in d for q, d in zip(texts.queries, texts.documents, strict=True))
+    assert pseudo_queries(["One two three four five six. Seven"], 0) == ["One two three four five six."]
+
+
+def _other_width_model(tmp_path, tokenizer_dir):
+    from transformers import AutoConfig, AutoModel
+
+    from effir.checkpoint import load as _  # noqa: F401  (effir's import side effects)
+
+    other = tmp_path / "wide"
+    AutoModel.from_config(AutoConfig.for_model("llama", **{**TINY, "hidden_size": 48, "head_dim": 12})).save_pretrained(
+        other)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (other / f).write_bytes((tokenizer_dir / f).read_bytes())
+    return other
+
+
+@pytest.mark.parametrize("case", ["teacher-size", "empty-text", "missing-text", "bad-weights"])
+def test_bad_input_is_one_line(tiny_llama_dir, texts_dir, tmp_path, capsys, case):
+    texts, extra = f"beir:{texts_dir}", []
+    teacher = tiny_llama_dir
+    if case == "teacher-size":
+        teacher = _other_width_model(tmp_path, tiny_llama_dir)
+    elif case == "empty-text":
+        texts = tmp_path / "empty.txt"
+        texts.write_text("\n")
+    elif case == "missing-text":
+        texts = tmp_path / "nope.txt"
+    else:
+        extra = ["--embedding-weight", "0", "--kl-weight", "0"]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(_args(tiny_llama_dir, teacher, texts, out, "--max-steps", 1, *extra)) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert not (out / "distill.json").exists() and not (out / "model").exists()
+    if case == "teacher-size":
+        assert "48 dimensions" in lines[0] and "--embedding-weight 0" in lines[0]
+
+
+def test_a_parent_of_another_size_trains_on_similarities_alone(tiny_llama_dir, texts_dir, tmp_path):
+    teacher = _other_width_model(tmp_path, tiny_llama_dir)
+    out = tmp_path / "out"
+    assert main(_args(tiny_llama_dir, teacher, f"beir:{texts_dir}", out, "--max-steps", 2, "--embedding-weight",
+                      "0")) == 0
+    assert "embedding" not in _log(out)[0] and _log(out)[0]["kl_dd"] > 0
