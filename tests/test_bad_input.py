@@ -102,7 +102,7 @@ CASES = [
     ("finetune-warmup-nan", FT + " --warmup-ratio nan", FT_DONE, "--warmup-ratio"),
     ("finetune-epochs-inf", FT + " --epochs inf", FT_DONE, "--epochs"),
     ("finetune-max-grad-norm-nan", FT + " --max-grad-norm nan", FT_DONE, "--max-grad-norm"),
-    ("finetune-kl-weight-inf", FT + " --teacher data --kl-weight inf", FT_DONE, "--kl-weight"),
+    ("finetune-kl-weight-inf", FT + " --teacher {llama} --kl-weight inf", FT_DONE, "--kl-weight"),
     ("slim-gate-lr-nan", SLIM + " --gate-lr nan", SLIM_DONE, "--gate-lr"),
     ("slim-lam-inf", SLIM + " --lam inf", SLIM_DONE, "--lam"),
     ("slim-beta-nan", SLIM + " --beta nan", SLIM_DONE, "--beta"),
@@ -245,9 +245,7 @@ def test_bad_run_config(name, extra, words, world, tmp_path, capsys):
     assert "fix" in line or "choose another" in line, line  # the line says what to do
 
 
-@pytest.mark.parametrize("command", ["analyze {llama} --output {out}/ro/an", "eval {llama} --data {beir} --output "
-                                     "{out}/ro/ev", "finetune {llama} --train {beir} --output {out}/ro/ft",
-                                     "drop {llama} --strategy last --blocks 1 --output {out}/ro/dr"])
+@pytest.mark.parametrize("command", [ANALYZE, EVAL, FT, SLIM, DROP, BENCH], ids=lambda c: c.split()[0])
 def test_read_only_output_is_refused_before_any_work(command, world, tmp_path, capsys, monkeypatch):
     """A folder without write permission (as the check sees it: root writes anywhere, so the permission answer is
     faked here for that one folder; the real chmod case is test_read_only_folder_for_real)."""
@@ -255,8 +253,9 @@ def test_read_only_output_is_refused_before_any_work(command, world, tmp_path, c
     read_only.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
-    argv = command.format(out=tmp_path, **world).split()
-    assert "is not writable" in _check(argv, tmp_path, ["ro/an", "ro/ev", "ro/ft", "ro/dr"], "ro", capsys)
+    argv = command.format(out=read_only, **world).split()
+    assert "is not writable" in _check(argv, tmp_path, [f"ro/{d}" for d in ("an", "ev", "ft", "sl", "dr", "be")],
+                                       "ro", capsys)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -275,3 +274,11 @@ def test_the_base_command_lines_work(command, world, tmp_path, capsys):
     config.write_text(RUN_BASE.format(out=tmp_path, **world))
     argv = command.format(out=tmp_path, config=config, **world).split()
     assert _outcome(argv, capsys)[0] == 0
+
+
+def test_verify_reports_damaged_weights_as_a_failed_check(world, capsys):
+    """verify's answer about a damaged folder is its FAIL line (exit 1), not a traceback."""
+    assert main(["verify", world["truncated_compressed"]]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL reload: model folder" in captured.out and "is damaged" in captured.out
+    assert "Traceback" not in captured.err
