@@ -179,6 +179,7 @@ YAML_CASES = [
     ("slim-ratio-text", "stages: [analyze, drop, slim]\nslim: {{ratio: abc, method: magnitude}}", "--ratio"),
     ("finetune-lr-nan", "stages: [analyze, drop, finetune]\nfinetune: {{lr: .nan}}", "--lr"),
     ("eval-batch-size-text", "eval: {{batch_size: many}}", "--batch-size"),
+    ("slim-device-cuda", "stages: [analyze, drop, slim]\nslim: {{method: magnitude, device: cuda}}", "CUDA"),
     ("drop-strategy-unknown", "drop: {{mlp: 1, strategy: random}}", "--strategy"),
     ("baseline-count-text", "baselines: {{drop_last: abc}}", "baselines.drop_last"),
     ("baseline-flag-text", "baselines: {{full: maybe}}", "baselines.full"),
@@ -239,6 +240,8 @@ def test_bad_command_line(name, command, leftovers, words, world, tmp_path, caps
 
 @pytest.mark.parametrize("name, extra, words", YAML_CASES, ids=[c[0] for c in YAML_CASES])
 def test_bad_run_config(name, extra, words, world, tmp_path, capsys):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
     config = tmp_path / "run.yaml"
     config.write_text(_merge(RUN_BASE, extra).format(out=tmp_path, **world))
     line = _check(["run", str(config)], tmp_path, RUN_DONE, words, capsys)

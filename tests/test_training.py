@@ -84,5 +84,6 @@ def test_a_diverged_step_stops_the_loop_before_it_is_saved(tmp_path, what):
     saved, message = _diverging_run(tmp_path, 3, what)
     # loss / gradient: caught before step 3 is applied; weights: caught before step 3's checkpoint is written
     assert saved == [1, 2], saved
-    assert {"loss": "the loss is nan", "gradient": "gradient norm is inf", "weights": "no longer finite"}[what] in message
+    expected = {"loss": "the loss is nan", "gradient": "gradient norm is inf", "weights": "no longer finite"}
+    assert expected[what] in message
     assert "\n" not in message

@@ -147,7 +147,7 @@ def _check_sections(cfg: RunConfig) -> None:
             scalars = value if isinstance(value, list) else [value]
             if not all(v is None or isinstance(v, (str, int, float, bool)) for v in scalars):
                 raise EffirError(f"'{name}.{key}' must be a value or a list of values, not {_shown(value)}; fix it in "
-                               "the config")
+                                 "the config")
     for key, value in cfg.baselines.items():
         if key not in BASELINES:
             raise EffirError(f"unknown baseline '{key}'; known: {', '.join(BASELINES)}; fix it in the config")
@@ -164,7 +164,7 @@ def _check_sections(cfg: RunConfig) -> None:
         wanted = DEMO_KEYS[key]
         if isinstance(value, bool) or not isinstance(value, (int, float) if wanted is float else int) or value < 0:
             raise EffirError(f"'demo.{key}' must be a non-negative {wanted.__name__}, not {_shown(value)}; fix it in "
-                               "the config")
+                             "the config")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

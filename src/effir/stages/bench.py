@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per model and cell (default: 1 CPU, 3 GPU)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed calls per model and cell (default: 5)")
     p.add_argument("--max-repeats", type=int, default=200, help="maximum timed calls per model and cell")
-    p.add_argument("--min-time", type=finite_float, default=1.0, help="keep timing a cell until each model ran this long (s)")
+    p.add_argument("--min-time", type=finite_float, default=1.0,
+                   help="keep timing a cell until each model ran this long (s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = bf16 where the hardware runs it natively, else fp32")

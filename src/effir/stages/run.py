@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import STAGES, RunConfig, load_config, stage_argv
-from ..utils import EffirError, check_output_dir, write_json
+from ..utils import EffirError, check_device, check_output_dir, write_json
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARKER = ".effir-done.json"
@@ -98,7 +98,8 @@ def check_stage_options(cfg: RunConfig) -> None:
                 raise EffirError(f"unknown option '{stage}.{key}' for `effir {stage}` ({COMMANDS[stage][1]}); "
                                  f"see effir {stage} -h")
         try:  # the options the pipeline wires itself get placeholders; only the config's values are at stake
-            subparsers[stage].parse_args([*WIRED_ARGS[stage], *stage_argv(getattr(cfg, stage))])
+            options = subparsers[stage].parse_args([*WIRED_ARGS[stage], *stage_argv(getattr(cfg, stage))])
+            check_device(options.device, "--device")
         except EffirError as e:
             raise EffirError(f"section '{stage}' of the config: {e}; fix the value") from None
 
