@@ -65,3 +65,15 @@ def test_activation_slim_alone_needs_no_training_data():
 def test_stage_argv():
     assert stage_argv({"gate_steps": 5, "compile": True, "no_cache": False, "doc_lengths": [128, 256]}) == [
         "--gate-steps", "5", "--compile", "--doc-lengths", "128,256"]
+
+
+def test_demo_keys_are_the_data_builders_arguments():
+    """The config checks ``demo`` against DEMO_KEYS; a renamed argument of build_ict_beir must not slip past."""
+    import inspect
+
+    from effir.config import DEMO_KEYS
+    from effir.synthetic import build_ict_beir
+
+    params = inspect.signature(build_ict_beir).parameters
+    assert set(DEMO_KEYS) == set(params) - {"articles", "out"}
+    assert all(type(params[k].default) is t for k, t in DEMO_KEYS.items())

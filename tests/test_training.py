@@ -1,11 +1,12 @@
-"""effir.training: data order, log truncation, the schedule's errors (the loop itself runs in the stage tests)."""
+"""effir.training: data order, log truncation, the schedule's errors, the loop's divergence check (the loop's
+training itself runs in the stage tests)."""
 
 import json
 
 import pytest
 import torch
 
-from effir.training import batch_indices, mean_pairwise_cosine, steps_per_epoch, truncate_log
+from effir.training import batch_indices, mean_pairwise_cosine, steps_per_epoch, train_steps, truncate_log
 from effir.utils import EffirError
 
 
@@ -49,3 +50,40 @@ def test_mean_pairwise_cosine_by_hand():
     assert mean_pairwise_cosine(x).item() == pytest.approx(sum(pairs) / 3)
     assert mean_pairwise_cosine(torch.ones(5, 3) * torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(1.0)
     assert mean_pairwise_cosine(torch.eye(4)).item() == pytest.approx(0.0)
+
+
+def _diverging_run(tmp_path, bad_step: int, what: str):
+    """train_steps on one weight for 5 steps, checkpointing after each; step ``bad_step`` goes wrong in ``what``."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    saved = []
+
+    def micro_batch(step, micro):
+        w = model.weight.sum()
+        if step + 1 == bad_step and what == "loss":
+            w = w * float("nan")
+        elif step + 1 == bad_step and what == "gradient":
+            w.register_hook(lambda g: g * float("inf"))  # the loss stays finite, its gradient does not
+        elif step + 1 == bad_step:
+            optimizer.param_groups[0]["lr"] = float("inf")  # the step itself is fine; the update it applies is not
+        return w * w, {"doc_cos": torch.tensor(0.0), "tokens": torch.tensor(1.0)}, 0
+
+    with pytest.raises(EffirError, match=f"diverged at step {bad_step}") as info:
+        train_steps(acc, model, optimizer, scheduler, micro_batch, start=0, total=5, grad_accum=1,
+                    max_grad_norm=None, log_path=tmp_path / "log.jsonl", save=saved.append, save_every=1,
+                    save_last=True, progress=False)
+    return saved, str(info.value)
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient", "weights"])
+def test_a_diverged_step_stops_the_loop_before_it_is_saved(tmp_path, what):
+    saved, message = _diverging_run(tmp_path, 3, what)
+    # loss / gradient: caught before step 3 is applied; weights: caught before step 3's checkpoint is written
+    assert saved == [1, 2], saved
+    expected = {"loss": "the loss is nan", "gradient": "gradient norm is inf", "weights": "no longer finite"}
+    assert expected[what] in message
+    assert "\n" not in message

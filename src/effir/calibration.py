@@ -194,8 +194,10 @@ def _jsonl_texts(path: Path, what: str = "calibration file") -> list[str]:
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise EffirError(f"calibration file {path} is not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes().count(b"\n", 0, e.start) + 1
+        raise EffirError(f"calibration file {path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); re-save "
+                         "it as UTF-8") from None
 
 
 def _split_beir(spec: str) -> tuple[Path, str]:

@@ -178,6 +178,20 @@ def _hub_errors(ref: str):
         raise EffirError(f"could not load {ref!r} from the Hugging Face hub{hint}: {first}") from None
 
 
+@contextlib.contextmanager
+def _local_errors(folder: Path):
+    """A local folder that fails to load is damaged here (corrupt config.json, truncated safetensors): say so, not
+    "hub download failed", which sends the user looking for a network problem."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EffirError(f"model folder {folder} is damaged and could not be loaded ({first}); restore it, download "
+                         "it again, or re-run the stage that wrote it") from None
+
+
 def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = "auto", pooling: str | None = None,
          query_prompt: str | None = None, document_prompt: str | None = None, task: str | None = None,
          query_max_length: int | None = None, document_max_length: int | None = None,
@@ -205,7 +219,7 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
         where, kind = gguf_to_folder(where), "dir"
     dev = pick_device(device)
     meta = read_effir_json(where) if kind == "dir" else {}
-    with _hub_errors(str(ref)):
+    with _local_errors(where) if kind == "dir" else _hub_errors(str(ref)):
         config = AutoConfig.from_pretrained(where)
         adapter = get_adapter(config)
         stored = stored_dtype(config, where if kind == "dir" else None)

@@ -35,13 +35,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class RaisingParser(OneLineParser):
+    """argparse whose usage errors raise :class:`EffirError`: for checking option values that did not come from the
+    command line (``effir run`` parses every stage's options from the config before the first stage runs)."""
+
+    def error(self, message):
+        raise EffirError(message)
+
+
+def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = OneLineParser(prog="effir", description="Make LLM-based dense retrievers small and fast (EffiR).",
+    parser = parser_class(prog="effir", description="Make LLM-based dense retrievers small and fast (EffiR).",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"effir {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=OneLineParser)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=parser_class)
     for verb, (module, help_text) in COMMANDS.items():
         stage = importlib.import_module(module)
         p = sub.add_parser(verb, help=help_text, description=(stage.__doc__ or help_text).strip(),

@@ -17,6 +17,15 @@ from .utils import EffirError
 STAGES = ("analyze", "drop", "slim", "finetune", "eval", "bench")
 WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", "teacher"}
 BASELINES = ("original", "full", "drop_mlp", "drop_blocks", "drop_last", "drop_attention")
+DEMO_KEYS = {"train_queries": int, "test_queries": int, "passage_words": int, "max_passages": int,
+             "test_fraction": float, "seed": int}
+"""The ``demo`` section: the keyword arguments of :func:`effir.synthetic.build_ict_beir` and their types."""
+_TEXT, _OPTIONAL_TEXT, _TEXTS = "a string", "a string or null", "a list of strings"
+FIELD_TYPES = {"model": _TEXT, "output": _TEXT, "train": _OPTIONAL_TEXT, "datasets": _TEXTS, "split": _TEXT,
+               "stages": _TEXTS, "slim_after_finetune": "true or false", "teacher": _OPTIONAL_TEXT,
+               "baselines": "a mapping", "launcher": _OPTIONAL_TEXT, "demo": "a mapping",
+               **{s: "a mapping of option: value" for s in STAGES}}
+"""What each top-level key must hold (checked before anything else reads the config)."""
 
 
 @dataclass
@@ -58,6 +67,11 @@ class RunConfig:
     bench: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name, kind in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not _is(value, kind):
+                raise EffirError(f"'{name}' must be {kind}, not {_shown(value)}; fix it in the config")
+        _check_sections(self)
         pipeline = self.pipeline()
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
@@ -80,14 +94,9 @@ class RunConfig:
             raise EffirError("stage 'eval' needs at least one entry in 'datasets'")
         for name in STAGES:
             section = getattr(self, name)
-            if not isinstance(section, dict):
-                raise EffirError(f"section '{name}' must be a mapping of option: value, not {type(section).__name__}")
             wired = sorted(WIRED & {k.replace("-", "_") for k in section})
             if wired:
                 raise EffirError(f"'{name}.{wired[0]}' is set by the pipeline itself; remove it from the config")
-        bad = sorted(set(self.baselines) - set(BASELINES))
-        if bad:
-            raise EffirError(f"unknown baseline '{bad[0]}'; known: {', '.join(BASELINES)}")
 
     def pipeline(self) -> list[str]:
         """The stage order: STAGES, with finetune before slim under ``slim_after_finetune``."""
@@ -112,6 +121,50 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+
+def _is(value, kind: str) -> bool:
+    if kind == _TEXT:
+        return isinstance(value, str) and bool(value.strip())
+    if kind == _OPTIONAL_TEXT:
+        return value is None or _is(value, _TEXT)
+    if kind == _TEXTS:
+        return isinstance(value, list) and all(_is(v, _TEXT) for v in value)
+    if kind == "true or false":
+        return isinstance(value, bool)
+    return isinstance(value, dict)
+
+
+def _shown(value) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _check_sections(cfg: RunConfig) -> None:
+    """Values inside the mappings: stage options are scalars (their stage's parser checks them further), baselines
+    and demo hold what their code expects."""
+    for name in STAGES:
+        for key, value in getattr(cfg, name).items():
+            scalars = value if isinstance(value, list) else [value]
+            if not all(v is None or isinstance(v, (str, int, float, bool)) for v in scalars):
+                raise EffirError(f"'{name}.{key}' must be a value or a list of values, not {_shown(value)}; fix it in "
+                                 "the config")
+    for key, value in cfg.baselines.items():
+        if key not in BASELINES:
+            raise EffirError(f"unknown baseline '{key}'; known: {', '.join(BASELINES)}; fix it in the config")
+        if key in ("original", "full") and not isinstance(value, bool):
+            raise EffirError(f"'baselines.{key}' must be true or false, not {_shown(value)}; fix it in the config")
+        counts = value if isinstance(value, list) else [value]
+        if key not in ("original", "full") and value not in (None, False) and not all(
+                v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in counts):
+            raise EffirError(f"'baselines.{key}' must be a number of sub-layers or blocks K >= 0, 'auto', or a list "
+                             f"of those, not {_shown(value)}; fix it in the config")
+    for key, value in cfg.demo.items():
+        if key not in DEMO_KEYS:
+            raise EffirError(f"unknown key 'demo.{key}'; known: {', '.join(DEMO_KEYS)}; fix it in the config")
+        wanted = DEMO_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if wanted is float else int) or value < 0:
+            raise EffirError(f"'demo.{key}' must be a non-negative {wanted.__name__}, not {_shown(value)}; fix it in "
+                             "the config")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -71,6 +71,9 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
         raise EffirError(f"split {split!r} is empty: {qrels_path} has no judgements")
     missing_q = [q for q in qrels if q not in all_queries]
     missing_docs = sum(d not in corpus for judged in qrels.values() for d in judged)
+    if missing_docs == sum(len(judged) for judged in qrels.values()):  # every metric would be 0, and look measured
+        raise EffirError(f"split {split!r} is unusable: none of the {missing_docs} document ids judged in {qrels_path} "
+                         f"is in {folder / 'corpus.jsonl'}")
     for q in missing_q:
         del qrels[q]
     if not qrels:
@@ -93,19 +96,26 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
 
 
 def load_corpus(path: str | os.PathLike) -> dict[str, dict]:
-    """``corpus.jsonl`` -> {doc id: {"title", "text"}} in file order (a repeated id keeps its last line)."""
-    corpus = {}
+    """``corpus.jsonl`` -> {doc id: {"title", "text"}} in file order.
+
+    Raises:
+        EffirError: a document id repeats (one of the two would be dropped unseen, and every metric counted
+            against the wrong text), naming both lines.
+    """
+    corpus, first = {}, {}
     for lineno, row in read_jsonl(Path(path)):
-        corpus[_id(row, path, lineno)] = {"title": _str(row, "title", path, lineno),
-                                          "text": _str(row, "text", path, lineno)}
+        doc_id = _unique(_id(row, path, lineno), first, path, lineno, "document")
+        corpus[doc_id] = {"title": _str(row, "title", path, lineno), "text": _str(row, "text", path, lineno)}
     if not corpus:
         raise EffirError(f"{path} holds no documents")
     return corpus
 
 
 def load_queries(path: str | os.PathLike) -> dict[str, str]:
-    """``queries.jsonl`` -> {query id: text}."""
-    queries = {_id(row, path, lineno): _str(row, "text", path, lineno) for lineno, row in read_jsonl(Path(path))}
+    """``queries.jsonl`` -> {query id: text}; a repeated id is an error, as in :func:`load_corpus`."""
+    queries, first = {}, {}
+    for lineno, row in read_jsonl(Path(path)):
+        queries[_unique(_id(row, path, lineno), first, path, lineno, "query")] = _str(row, "text", path, lineno)
     if not queries:
         raise EffirError(f"{path} holds no queries")
     return queries
@@ -117,24 +127,23 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise EffirError(f"qrels file {path} not found")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if lineno == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue  # header
-            if len(cols) == 4:  # TREC qrels: qid iter docid rel
-                cols = [cols[0], cols[2], cols[3]]
-            if len(cols) != 3:
-                raise EffirError(f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), "
-                                 f"found {len(cols)}")
-            try:
-                score = int(cols[2])
-            except ValueError:
-                raise EffirError(f"{path}:{lineno}: score {cols[2]!r} is not an integer") from None
-            qrels.setdefault(cols[0].strip(), {})[cols[1].strip()] = score
+    for lineno, line in text_lines(path):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if lineno == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue  # header
+        if len(cols) == 4:  # TREC qrels: qid iter docid rel
+            cols = [cols[0], cols[2], cols[3]]
+        if len(cols) != 3:
+            raise EffirError(f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score), "
+                             f"found {len(cols)}")
+        try:
+            score = int(cols[2])
+        except ValueError:
+            raise EffirError(f"{path}:{lineno}: score {cols[2]!r} is not an integer") from None
+        qrels.setdefault(cols[0].strip(), {})[cols[1].strip()] = score
     return qrels
 
 
@@ -153,23 +162,43 @@ def read_jsonl(path: Path, what: str = BEIR_LAYOUT):
     """Yield ``(line number, object)`` for each non-blank line; a bad line is an error naming ``path:line``."""
     if not path.is_file():
         raise EffirError(f"{path} not found; {what}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EffirError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise EffirError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}")
+        yield lineno, row
+
+
+def text_lines(path: Path):
+    """Yield ``(line number, line)`` of a UTF-8 text file. Decoded line by line, so bytes that are not UTF-8 are an
+    error naming ``path:line`` (decoding the whole file would only say which byte offset)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EffirError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise EffirError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}")
-            yield lineno, row
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EffirError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                 "of the line); re-save the file as UTF-8") from None
 
 
 def _id(row: dict, path, lineno: int) -> str:
     if "_id" not in row:
         raise EffirError(f"{path}:{lineno}: missing \"_id\"")
     return str(row["_id"])
+
+
+def _unique(item_id: str, first: dict[str, int], path, lineno: int, what: str) -> str:
+    """``item_id``, after checking no earlier line of ``path`` used it (``first``: id -> line, updated here)."""
+    if item_id in first:
+        raise EffirError(f"{path}:{lineno}: {what} id {item_id!r} repeats line {first[item_id]}; ids must be unique "
+                         f"(remove or rename the duplicate)")
+    first[item_id] = lineno
+    return item_id
 
 
 def _str(row: dict, key: str, path, lineno: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -251,7 +252,13 @@ def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, st
     """Optimizer steps ``start .. total - 1`` over ``grad_accum`` micro-batches each (gradients synced on the last
     one only). Appends one JSON line per step to ``log_path`` (main process; ``log_fields`` added to each), calls
     ``on_record(record)`` on every process, and ``save(step)`` every ``save_every`` steps (and after the last step
-    with ``save_last``). Returns totals: tokens, train_s, last_loss."""
+    with ``save_last``). Returns totals: tokens, train_s, last_loss.
+
+    Raises:
+        EffirError: the loss or the gradient norm of a step is not finite, or the weights are not when a checkpoint
+            is due (the run diverged): raised before that step is applied or saved, so the checkpoints on disk are
+            the last good ones and the caller writes no finished model.
+    """
     from tqdm.auto import tqdm
 
     model.train()
@@ -270,8 +277,9 @@ def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, st
             for name, value in parts.items():
                 reduced = acc.reduce(value.float(), "sum" if name == "tokens" else "mean")
                 sums[name] = sums.get(name, 0.0) + float(reduced) / (1 if name == "tokens" else grad_accum)
-        if max_grad_norm:
-            acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+        # inf max norm: measures the norm without clipping (multiplies by 1), for the divergence check
+        norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+        check_finite_step(step + 1, sums["loss"], norm, scaled=getattr(acc, "scaler", None) is not None)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -291,12 +299,33 @@ def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, st
             bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
         due = save_every and (step + 1) % save_every == 0 and step + 1 < total
+        if step + 1 == total or (save is not None and due):
+            check_finite_weights(step + 1, model)  # nothing non-finite is saved, by a checkpoint or by the caller
         if save is not None and (due or (save_last and step + 1 == total)):
             save(step + 1)
         if kill_at and step + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     return stats
+
+
+def check_finite_step(step: int, loss: float, grad_norm, scaled: bool = False) -> None:
+    """Stop a diverged run at ``step`` (1-based): one NaN update poisons every weight after it. ``scaled``: fp16
+    loss scaling is on, where an inf gradient is expected now and then (the scaler skips that step)."""
+    norm = None if grad_norm is None or scaled else float(grad_norm)
+    for what, value in (("loss", loss), ("gradient norm", norm)):
+        if value is not None and not math.isfinite(value):
+            raise EffirError(f"training diverged at step {step}: the {what} is {value}; stopped before applying it "
+                             "(earlier checkpoints are kept, no model is written); lower the learning rate (slim: "
+                             "--gate-lr / --lam) and rerun with --overwrite")
+
+
+def check_finite_weights(step: int, model) -> None:
+    """Refuse to go on with trainable weights that are no longer finite after ``step`` (a huge but finite lr)."""
+    bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise EffirError(f"training diverged at step {step}: weight {bad} is no longer finite; nothing of this step "
+                         "was saved (earlier checkpoints are kept); lower the learning rate and rerun with --overwrite")
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

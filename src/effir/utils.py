@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -16,9 +17,71 @@ class EffirError(Exception):
     """A problem with the user's input. The CLI prints it as one line and exits with code 2."""
 
 
+def finite_float(text: str) -> float:
+    """The argparse ``type`` of every float option: nan and inf are refused at parse time, because they train or
+    score garbage that looks finished (an inf lr saves an all-NaN model; a nan tolerance compares False)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a real value")
+    return value
+
+
+def check_device(name: str | None, flag: str = "--device") -> None:
+    """Refuse a device this machine lacks, before any work: torch would fail deep inside a stage, and accelerate
+    would silently train on the CPU instead of the GPU asked for.
+
+    Raises:
+        EffirError: ``name`` is not a torch device, or names a CUDA GPU that torch cannot see.
+    """
+    if not name:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EffirError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EffirError(f"{flag} {name} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EffirError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 "
+                         f"to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--output", siblings: bool = False) -> Path:
+    """Refuse an output folder that cannot be written, before any work: a path that is a file, a parent that is a
+    file, or a folder without write permission. ``siblings``: the stage also writes next to the folder (a
+    temporary folder renamed into place), so its parent must be writable too.
+
+    Raises:
+        EffirError: naming the flag and what is in the way.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise EffirError(f"{flag} {out} exists and is not a folder; choose another {flag}")
+    need = [out.parent] if siblings else []
+    need.append(out)
+    for target in need:
+        existing = target
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise EffirError(f"{flag} {out} cannot be created: {existing} is a file; choose another {flag}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise EffirError(f"{flag} {out} cannot be written: {existing} is not writable; fix its permissions or "
+                             f"choose another {flag}")
+    return out
+
+
 def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else cuda when available, else cpu (under torchrun: this process's local GPU)."""
+    """``device`` if given, else cuda when available, else cpu (under torchrun: this process's local GPU).
+
+    Raises:
+        EffirError: ``device`` is not a device this machine has (see :func:`check_device`).
+    """
     if device:
+        check_device(device)
         return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

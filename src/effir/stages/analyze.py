@@ -38,7 +38,7 @@ from ..redundancy import (
     sublayer_importance,
 )
 from ..surgery import structure_of
-from ..utils import DTYPE_CHOICES, EffirError, write_json
+from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, write_json
 
 SIDES = ("auto", "text", "query", "document", "both")
 SCORES_FILE = "scores.json"
@@ -105,9 +105,8 @@ def _check_args(args) -> Path:
     for name, low in (("samples", 1), ("document_samples", 1), ("seq_len", 2), ("batch_size", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise EffirError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise EffirError(f"--output {out} exists and is not a folder; choose another --output")
+    check_device(args.device)
+    out = check_output_dir(args.output)
     if (out / SCORES_FILE).exists() and not args.overwrite:
         raise EffirError(f"{out / SCORES_FILE} already exists; pass --overwrite or choose another --output")
     return out

@@ -30,7 +30,7 @@ from ..checkpoint import load, resolve
 from ..data import load_queries, resolve_beir
 from ..encoder import Encoder
 from ..flops import activation_bytes_estimate, count_parameters, flops_per_sequence, structure_summary
-from ..utils import DTYPE_CHOICES, EffirError, dtype_name, write_json
+from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, dtype_name, finite_float, write_json
 
 FORMAT = 1
 MAX_QUERIES = 1000
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per model and cell (default: 1 CPU, 3 GPU)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed calls per model and cell (default: 5)")
     p.add_argument("--max-repeats", type=int, default=200, help="maximum timed calls per model and cell")
-    p.add_argument("--min-time", type=float, default=1.0, help="keep timing a cell until each model ran this long (s)")
+    p.add_argument("--min-time", type=finite_float, default=1.0,
+                   help="keep timing a cell until each model ran this long (s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="dtype to compute in; auto = bf16 where the hardware runs it natively, else fp32; "
@@ -118,9 +119,8 @@ def _check_args(args) -> dict:
                 resolve(ref)
             except EffirError as e:
                 raise EffirError(f"{flag}: {e}") from None
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise EffirError(f"--output {out} is a file; pass a folder")
+    check_device(args.device)
+    check_output_dir(args.output)
     return cfg
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..checkpoint import fingerprint, load, save
 from ..surgery import count_parameters, drop_sublayers, structure_of
-from ..utils import DTYPE_CHOICES, EffirError
+from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir
 
 GROUPS = ("attention", "mlp", "block")
 
@@ -92,8 +92,9 @@ def _check_args(args, counts: dict) -> None:
     if args.strategy == "importance" and not args.scores:
         raise EffirError("--strategy importance needs --scores scores.json (from `effir analyze`); "
                          "or use --strategy last")
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    check_device(args.device)
+    out = check_output_dir(args.output, siblings=True)  # the model is written beside it, then renamed into place
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise EffirError(f"{out} already exists and is not empty; pass --overwrite or choose another --output")
 
 

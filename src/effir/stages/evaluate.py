@@ -32,6 +32,8 @@ from ..search import TopK
 from ..utils import (
     DTYPE_CHOICES,
     EffirError,
+    check_device,
+    check_output_dir,
     dist_info,
     dtype_name,
     from_main_process,
@@ -75,12 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str | None) -> torch.device:
-    try:
-        device = pick_device(name)
-    except RuntimeError:
-        raise EffirError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EffirError(f"--device {name} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
+    check_device(name)
+    device = pick_device(name)
     if device.type == "cuda" and device.index is None:  # plain --device cuda: this process's local GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
@@ -160,8 +158,7 @@ def _check_args(args, out: Path) -> None:
         raise EffirError(f"--top-k must be >= 100 (R@100 needs 100 documents per query), got {args.top_k}")
     if args.batch_size < 1 or args.chunk_size < 1:
         raise EffirError("--batch-size and --chunk-size must be >= 1")
-    if out.exists() and not out.is_dir():
-        raise EffirError(f"--output {out} exists and is not a folder")
+    check_output_dir(out)
     if (out / "results.json").exists() and not args.overwrite:
         raise EffirError(f"{out / 'results.json'} already exists; pass --overwrite or choose another --output")
 

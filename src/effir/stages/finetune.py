@@ -40,7 +40,18 @@ from ..train_data import (
     random_negatives,
     write_flag_jsonl,
 )
-from ..utils import DTYPE_CHOICES, EffirError, floating_dtype, lr_schedule, pick_dtype, seed_everything, write_json
+from ..utils import (
+    DTYPE_CHOICES,
+    EffirError,
+    check_device,
+    check_output_dir,
+    finite_float,
+    floating_dtype,
+    lr_schedule,
+    pick_dtype,
+    seed_everything,
+    write_json,
+)
 
 COLLAPSE_COS = 0.99
 """Mean cosine between the different documents of a batch above which the embeddings count as collapsed: every
@@ -67,18 +78,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "uncompressed parent) for the KL term")
     g.add_argument("--teacher-kind", default="auto", choices=["auto", "dense", "cross-encoder"],
                    help="auto: cross-encoder when the folder's config.json names a *ForSequenceClassification")
-    g.add_argument("--kl-weight", type=float, default=None, help="KL weight (default: 1 with a teacher, else 0)")
-    g.add_argument("--kl-teacher-temperature", type=float, default=None,
+    g.add_argument("--kl-weight", type=finite_float, default=None, help="KL weight (default: 1 with a teacher, else 0)")
+    g.add_argument("--kl-teacher-temperature", type=finite_float, default=None,
                    help="teacher softmax temperature (default: --temperature for a dense teacher, else 1)")
     g.add_argument("--prepare-only", action="store_true", help="stop after writing DIR/train_data.jsonl")
     g = p.add_argument_group("model and loss")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-dropout", type=finite_float, default=0.0)
     g.add_argument("--lora-targets", default="all",
                    help="comma-separated module names, default: all the architecture table names")
-    g.add_argument("--temperature", type=float, default=0.02, help="InfoNCE temperature (paper: 0.02)")
+    g.add_argument("--temperature", type=finite_float, default=0.02, help="InfoNCE temperature (paper: 0.02)")
     g.add_argument("--no-in-batch", action="store_true", help="score each query against its own candidates only")
     g.add_argument("--no-gather", action="store_true",
                    help="in-batch negatives from this process only (default: gathered from every process)")
@@ -87,15 +98,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--document-max-length", type=int, default=None, help="training document length; the saved "
                    "model keeps its own (default: model's)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr", type=finite_float, default=1e-4)
+    g.add_argument("--weight-decay", type=finite_float, default=0.0)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps with linear warm-up")
+    g.add_argument("--warmup-ratio", type=finite_float, default=0.1, help="fraction of steps with linear warm-up")
     g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--epochs", type=finite_float, default=1.0)
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
     g.add_argument("--save-dtype", default="source", choices=[c for c in DTYPE_CHOICES if c != "auto"],
@@ -175,6 +186,8 @@ def _check_args(args) -> None:
     if args.teacher is None and args.kl_weight:
         raise EffirError("--kl-weight needs a --teacher (data, a cross-encoder or a dense model)")
     parse_rank_range(args.mine_range)
+    check_device(args.device)  # accelerate would otherwise train on the CPU when --device cuda finds no GPU
+    check_output_dir(args.output)
 
 
 def _prepare_output(args, out: Path, acc) -> None:

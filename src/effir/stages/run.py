@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import STAGES, RunConfig, load_config, stage_argv
-from ..utils import EffirError, write_json
+from ..utils import EffirError, check_device, check_output_dir, write_json
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARKER = ".effir-done.json"
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     cfg = load_config(resolve_config(ref), overrides)
     check_stage_options(cfg)
-    out = Path(cfg.output)
+    out = check_output_dir(cfg.output, "'output'")
     t0 = time.perf_counter()
     if args.dry_run:
         for step in main_steps(cfg, out):
@@ -85,10 +85,11 @@ def resolve_config(ref: str) -> Path:
 
 
 def check_stage_options(cfg: RunConfig) -> None:
-    """Every option in a stage section must be a real option of that stage (misspellings name the key)."""
-    from ..cli import COMMANDS, build_parser
+    """Every option in a stage section must be a real option of that stage (misspellings name the key), with a value
+    its parser accepts: checked for every stage before the first one runs, not when the bad one is reached."""
+    from ..cli import COMMANDS, RaisingParser, build_parser
 
-    parser = build_parser()
+    parser = build_parser(RaisingParser)
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     for stage in STAGES:
         known = {opt for action in subparsers[stage]._actions for opt in action.option_strings}
@@ -96,6 +97,17 @@ def check_stage_options(cfg: RunConfig) -> None:
             if "--" + key.replace("_", "-") not in known:
                 raise EffirError(f"unknown option '{stage}.{key}' for `effir {stage}` ({COMMANDS[stage][1]}); "
                                  f"see effir {stage} -h")
+        try:  # the options the pipeline wires itself get placeholders; only the config's values are at stake
+            options = subparsers[stage].parse_args([*WIRED_ARGS[stage], *stage_argv(getattr(cfg, stage))])
+            check_device(options.device, "--device")
+        except EffirError as e:
+            raise EffirError(f"section '{stage}' of the config: {e}; fix the value") from None
+
+
+WIRED_ARGS = {"analyze": ["MODEL", "--output", "OUT"], "drop": ["MODEL", "--output", "OUT"],
+              "slim": ["MODEL", "--output", "OUT"], "finetune": ["MODEL", "--train", "DATA", "--output", "OUT"],
+              "eval": ["MODEL", "--data", "DATA", "--output", "OUT"], "bench": ["MODEL", "--output", "OUT"]}
+"""Placeholders for the arguments each stage requires and ``effir run`` supplies."""
 
 
 def _save_config(cfg: RunConfig, path: Path) -> None:

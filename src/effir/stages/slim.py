@@ -47,7 +47,17 @@ from ..plots import width_plot
 from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
 from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
-from ..utils import DTYPE_CHOICES, EffirError, from_main_process, lr_schedule, seed_everything, write_json
+from ..utils import (
+    DTYPE_CHOICES,
+    EffirError,
+    check_device,
+    check_output_dir,
+    finite_float,
+    from_main_process,
+    lr_schedule,
+    seed_everything,
+    write_json,
+)
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
 
@@ -55,7 +65,7 @@ DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): s
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="built-in name, model folder (e.g. the output of effir drop), .gguf or hub id")
     p.add_argument("--output", required=True, help="run folder: model/, widths.png, slim.json, log")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of MLP neurons to remove, in (0, 1)")
+    p.add_argument("--ratio", type=finite_float, default=0.3, help="fraction of MLP neurons to remove, in (0, 1)")
     p.add_argument("--method", choices=["learned", "activation", "magnitude"], default="learned",
                    help="learned: gates trained on --train, ranked globally (paper); activation: each neuron's "
                         "contribution to the residual stream on --calibration text, ranked globally (no training); "
@@ -71,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "an H200 in bf16 (benchmarks/width_multiple.py, widths 1005-1145): widths that are not a "
                         "multiple of 8 cost 3.6x more time per neuron; multiples of 8/16/32/64 cost 1.08/1.06/1.04/"
                         "1.06x the best. 32 also keeps fp32 rows whole AVX-512 vectors on CPUs")
-    p.add_argument("--super-neuron-factor", type=float, default=SUPER_NEURON_FACTOR,
+    p.add_argument("--super-neuron-factor", type=finite_float, default=SUPER_NEURON_FACTOR,
                    help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
                         f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
     p.add_argument("--train", help="training data (BEIR folder / Tevatron / FlagEmbedding jsonl); needed by --method "
@@ -79,9 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train")
     g = p.add_argument_group("gate training")
     g.add_argument("--gate-steps", type=int, default=500, help="steps of gate training (paper: 500)")
-    g.add_argument("--gate-lr", type=float, default=1e-2, help="Adam lr for z (not stated by the paper)")
-    g.add_argument("--beta", type=float, default=5.0, help="sharpness of the l0 surrogate sigmoid(beta*|z|)")
-    g.add_argument("--lam", type=float, default=1e-8,
+    g.add_argument("--gate-lr", type=finite_float, default=1e-2, help="Adam lr for z (not stated by the paper)")
+    g.add_argument("--beta", type=finite_float, default=5.0, help="sharpness of the l0 surrogate sigmoid(beta*|z|)")
+    g.add_argument("--lam", type=finite_float, default=1e-8,
                    help="weight lambda of the l0 surrogate. The paper's 1e-8 (default) is too small to move a gate "
                         "next to effir's mean InfoNCE; measured (docs/results/smollm2-slim-order-cpu.md): lambda 0.1 "
                         "for 40 (SmolLM2) / 100 (MiniLM) gate steps matched or beat --method activation; longer "
@@ -90,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-steps", type=int, default=0,
                    help="LoRA steps on the masked model before slicing, any --method (needs --train; 0: leave "
                         "recovery to effir finetune)")
-    g.add_argument("--lr", type=float, default=1e-4, help="LoRA lr (with --gates-with-lora / --recover-steps)")
+    g.add_argument("--lr", type=finite_float, default=1e-4, help="LoRA lr (with --gates-with-lora / --recover-steps)")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
     g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
@@ -104,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hard negatives: the data's own, BM25-mined (ranks --mine-range) or random")
     g.add_argument("--num-negatives", type=int, default=3, help="negatives per query")
     g.add_argument("--mine-range", default="10-100")
-    g.add_argument("--temperature", type=float, default=0.02)
+    g.add_argument("--temperature", type=finite_float, default=0.02)
     g.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
                    help="train (and save) with this pooling (default: the model's)")
     g.add_argument("--query-max-length", type=int, default=None, help="training query length (default: model's)")
@@ -201,6 +211,8 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
 
 
 def _check(args) -> None:
+    check_device(args.device)
+    check_output_dir(args.output)
     if not 0.0 < args.ratio < 1.0:
         raise EffirError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.width_multiple < 1:

@@ -34,7 +34,7 @@ from ..checkpoint import (
 )
 from ..encoder import Encoder
 from ..surgery import count_parameters, drop_sublayers, dropped_prefixes, structure_of, weight_keys
-from ..utils import EffirError, floating_dtype
+from ..utils import EffirError, check_device, finite_float, floating_dtype
 
 QUERIES = ["what is the capital of france", "how do vaccines train the immune system",
            "does aspirin reduce the risk of heart attack", "why is the sky blue"]
@@ -48,11 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="DIR", help="model folder written by an effir stage (e.g. effir drop)")
     p.add_argument("--reference", default=None,
                    help="model to rebuild and compare against (default: the source model in DIR's history)")
-    p.add_argument("--atol", type=float, default=1e-5, help="max |embedding difference| allowed (default: 1e-5)")
+    p.add_argument("--atol", type=finite_float, default=1e-5, help="max |embedding difference| allowed (default: 1e-5)")
     p.add_argument("--device", default="cpu", help="device for the comparisons (default: cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
     folder = Path(args.model_dir)
     if not (folder / "config.json").is_file():
         raise EffirError(f"{folder} is not a model folder (no config.json)")
