@@ -43,7 +43,10 @@ from ..synthetic import passages, split_sentences
 from ..utils import (
     DTYPE_CHOICES,
     EffirError,
+    check_device,
+    check_output_dir,
     dtype_name,
+    finite_float,
     floating_dtype,
     from_main_process,
     lr_schedule,
@@ -65,27 +68,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cut longer documents into passages of about this many words (default: 200)")
     g = p.add_argument_group("loss")
     g.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
-    g.add_argument("--embedding-weight", type=float, default=1.0,
+    g.add_argument("--embedding-weight", type=finite_float, default=1.0,
                    help="weight of the embedding distance (needs the parent's embedding size; 0: similarities only)")
-    g.add_argument("--kl-weight", type=float, default=1.0, help="weight of the in-batch similarity KL")
-    g.add_argument("--temperature", type=float, default=0.05, help="student temperature of the similarity KL")
-    g.add_argument("--teacher-temperature", type=float, default=None, help="parent temperature (default: --temperature)")
+    g.add_argument("--kl-weight", type=finite_float, default=1.0, help="weight of the in-batch similarity KL")
+    g.add_argument("--temperature", type=finite_float, default=0.05, help="student temperature of the similarity KL")
+    g.add_argument("--teacher-temperature", type=finite_float, default=None, help="parent temperature (default: --temperature)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-dropout", type=finite_float, default=0.0)
     g.add_argument("--lora-targets", default="all", help="all (the architecture table's) or comma-separated names")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr", type=finite_float, default=1e-4)
+    g.add_argument("--weight-decay", type=finite_float, default=0.0)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
+    g.add_argument("--warmup-ratio", type=finite_float, default=0.1)
     g.add_argument("--batch-size", type=int, default=32, help="query-side and document-side texts per process per "
                                                               "micro-batch")
     g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the document-side texts")
+    g.add_argument("--epochs", type=finite_float, default=1.0, help="passes over the document-side texts")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
     g.add_argument("--save-dtype", default="source", choices=[c for c in DTYPE_CHOICES if c != "auto"],
@@ -185,6 +188,8 @@ RUN_KEYS = ("texts", "max_texts", "passage_words", "embedding_loss", "embedding_
 
 
 def _check_args(args) -> None:
+    check_device(args.device)  # accelerate would otherwise train on the CPU when --device cuda finds no GPU
+    check_output_dir(args.output)
     for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "encode_batch_size", "passage_words"):
         if getattr(args, name) < 1:
             raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
