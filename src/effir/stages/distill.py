@@ -29,7 +29,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most this many texts per side (a seeded sample; default: all)")
     p.add_argument("--passage-words", type=int, default=200,
                    help="cut longer documents into passages of about this many words (default: 200)")
+    p.add_argument("--query-max-length", type=int, default=None,
+                   help="query-side tokens while training, for student and parent (default: the student's)")
+    p.add_argument("--document-max-length", type=int, default=None,
+                   help="document-side tokens while training, for student and parent (default: the student's); "
+                        "the saved model keeps its own")
     g = p.add_argument_group("loss")
     g.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
     g.add_argument("--embedding-weight", type=finite_float, default=1.0,
@@ -147,7 +152,11 @@ def _run(args, acc, texts: Texts) -> int:
     seed_everything(args.seed)
     student = load(args.model, device=str(acc.device), dtype="fp32" if args.full else args.save_dtype)
     save_dtype = pick_dtype(args.save_dtype, acc.device, floating_dtype(student.meta["stored_dtype"]))
-    targets, teacher_id = _teacher_embeddings(args, acc, texts, student.dim)
+    saved_settings = student.settings
+    student.settings = replace(saved_settings,  # training lengths; the saved model keeps saved_settings
+                               query_max_length=args.query_max_length or saved_settings.query_max_length,
+                               document_max_length=args.document_max_length or saved_settings.document_max_length)
+    targets, teacher_id = _teacher_embeddings(args, acc, texts, student)
     per_epoch = {side: training.steps_per_epoch(len(items), args.batch_size, acc.num_processes, args.grad_accum,
                                                 f"{side}-side texts")
                  for side, items in (("query", texts.queries), ("document", texts.documents))}
@@ -175,13 +184,13 @@ def _run(args, acc, texts: Texts) -> int:
                                  grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
                                  log_path=out / "distill_log.jsonl", save=save_checkpoint, save_every=args.save_every,
                                  desc="distill", progress=not args.no_progress)
-    student.model = acc.unwrap_model(model)
+    student.model, student.settings = acc.unwrap_model(model), saved_settings
     if acc.is_main_process:
         _finish(args, student, save_dtype, texts, out, stats, total, time.perf_counter() - t0)
     return 0
 
 
-RUN_KEYS = ("texts", "max_texts", "passage_words", "embedding_loss", "embedding_weight", "kl_weight", "temperature",
+RUN_KEYS = ("texts", "max_texts", "passage_words", "query_max_length", "document_max_length", "embedding_loss", "embedding_weight", "kl_weight", "temperature",
             "teacher_temperature", "teacher_dtype", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
             "lr", "weight_decay", "schedule", "warmup_ratio", "batch_size", "grad_accum", "epochs", "max_steps",
             "max_grad_norm", "precision", "seed")
@@ -190,8 +199,9 @@ RUN_KEYS = ("texts", "max_texts", "passage_words", "embedding_loss", "embedding_
 def _check_args(args) -> None:
     check_device(args.device)  # accelerate would otherwise train on the CPU when --device cuda finds no GPU
     check_output_dir(args.output)
-    for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "encode_batch_size", "passage_words"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "encode_batch_size", "passage_words",
+                 "query_max_length", "document_max_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise EffirError(f"--max-steps must be >= 1, got {args.max_steps}")
@@ -245,23 +255,26 @@ def pseudo_queries(documents: list[str], seed: int) -> list[str]:
 
 
 # -- the parent's embeddings ----------------------------------------------------------------------------------------
-def _teacher_embeddings(args, acc, texts: Texts, student_dim: int) -> tuple[dict[str, torch.Tensor], str]:
-    """The parent's embeddings of every text (``{"query": (Nq, H), "document": (Nd, H)}``), computed once on the main
-    process into effir's embedding cache and read from there by every process; and the parent's identity."""
+def _teacher_embeddings(args, acc, texts: Texts, student: Encoder) -> tuple[dict[str, torch.Tensor], str]:
+    """The parent's embeddings of every text (``{"query": (Nq, H), "document": (Nd, H)}``) at the student's training
+    lengths, computed once on the main process into effir's embedding cache and read from there by every process;
+    and the parent's identity."""
     found = None
     if acc.is_main_process:
-        found = _cache_teacher(args, texts, student_dim, str(acc.device))
+        found = _cache_teacher(args, texts, student, str(acc.device))
     paths, teacher_id = from_main_process(found)
     acc.wait_for_everyone()
     return {side: torch.from_numpy(embedding_cache.read(path, n, dim).copy())
             for side, (path, n, dim) in paths.items()}, teacher_id
 
 
-def _cache_teacher(args, texts: Texts, student_dim: int, device: str) -> tuple[dict, str]:
-    teacher = load(args.teacher, device=device, dtype=args.teacher_dtype)
-    if args.embedding_weight and teacher.dim != student_dim:
+def _cache_teacher(args, texts: Texts, student: Encoder, device: str) -> tuple[dict, str]:
+    teacher = load(args.teacher, device=device, dtype=args.teacher_dtype,
+                   query_max_length=student.settings.query_max_length,
+                   document_max_length=student.settings.document_max_length)
+    if args.embedding_weight and teacher.dim != student.dim:
         raise EffirError(f"teacher {args.teacher} embeds in {teacher.dim} dimensions and the student in "
-                         f"{student_dim}: --embedding-weight needs the same space; pass --embedding-weight 0 to "
+                         f"{student.dim}: --embedding-weight needs the same space; pass --embedding-weight 0 to "
                          "distil the similarity distributions only")
     teacher_id = f"{fingerprint(teacher)}-{dtype_name(teacher.dtype)}"
     paths = {}
