@@ -45,6 +45,7 @@ def test_effir_reads_what_the_folder_says(replicas, name, capsys):
     assert (s.pooling, s.normalize, s.query_template, s.document_template) == (pooling, normalize, query + "{text}",
                                                                               document + "{text}")
     assert (s.query_max_length, s.document_max_length, s.append_eos) == (qlen, dlen, False)
+    assert s.similarity == "cosine"  # every replica says cosine (ST's reading of a folder that names none, too)
     assert enc.padding_side == enc.tokenizer.padding_side
     # effir feeds the model exactly the tokenizer's ids: its own end token (if any) once, nothing added
     for side in ("query", "document"):
@@ -96,6 +97,8 @@ def test_task_prompts_without_a_query_prompt_say_so_and_prompt_name_picks_one(re
     (lambda f: _patch(f / "1_Pooling" / "config.json", lambda c: {**c, "include_prompt": False}),
      "include_prompt: false"),
     (lambda f: (f / "modules.json").write_text("[{"), "modules.json is not valid JSON"),
+    (lambda f: _patch(f / "config_sentence_transformers.json", lambda c: {**c, "similarity_fn_name": "manhattan"}),
+     "scores by 'manhattan' similarity"),
 ])
 def test_folders_effir_cannot_reproduce_are_refused(tmp_path, edit, match):
     folder = build_replica("minilm", tmp_path / "m")
@@ -202,3 +205,39 @@ def test_embeddings_equal_sentence_transformers_before_and_after_drop_and_slim(r
     qwen = expected["qwen3-embedding/plain"]["enc"]
     assert qwen.token_ids(["a fish"], "document")[0][-1:] == [QWEN_SPECIALS["<|endoftext|>"]]
     assert QWEN_SPECIALS["<|im_end|>"] not in qwen.token_ids(["a fish"], "document")[0]
+
+
+def _mteb_python() -> str | None:
+    """A Python with mteb: this one, or $EFFIR_MTEB_PYTHON (mteb pulls datasets, pandas, polars, pyarrow)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mteb") is not None:
+        return sys.executable
+    return os.environ.get("EFFIR_MTEB_PYTHON")
+
+
+@pytest.mark.skipif(_mteb_python() is None, reason="mteb not installed (pip install mteb, or set EFFIR_MTEB_PYTHON)")
+def test_effir_eval_matches_mteb_on_every_replica(replicas, tiny_beir, tmp_path):
+    """`effir eval` of each replica (and of its dropped form) gives the nDCG@10 that benchmarks/mteb_eval.py gets
+    through mteb's sentence-transformers wrapper on the same tiny BEIR folder."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mteb_eval.py"
+    src = Path(effir.__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(src), "HF_MODULES_CACHE": str(tmp_path / "m")}
+    folders = {**replicas, "qwen3-embedding/drop": _compressed(replicas["qwen3-embedding"], tmp_path / "d", "drop")}
+    scores = {}
+    for name, folder in folders.items():
+        out = tmp_path / "eval" / name
+        assert cli.main(["eval", str(folder), "--data", str(tiny_beir), "--output", str(out), "--device", "cpu",
+                         "--dtype", "fp32", "--no-cache"]) == 0
+        ours = json.loads((out / "results.json").read_text())
+        mteb_json = tmp_path / "mteb" / f"{name.replace('/', '-')}.json"
+        mteb_json.parent.mkdir(exist_ok=True)
+        proc = subprocess.run([_mteb_python(), str(script), "--model", str(folder), "--beir", str(tiny_beir),
+                               "--device", "cpu", "--json", str(mteb_json)], env=env, capture_output=True, text=True,
+                              timeout=600, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scores[name] = (ours["metrics"]["nDCG@10"], json.loads(mteb_json.read_text())["mteb"]["ndcg_at_10"])
+    print("nDCG@10 (effir eval, mteb):", scores)
+    assert all(abs(a - b) <= 1e-4 for a, b in scores.values()), scores

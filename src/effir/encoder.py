@@ -24,6 +24,7 @@ PROMPT_PRESETS = {
     "none": "{text}",
 }
 POOLINGS = ("last", "mean", "cls")
+SIMILARITIES = ("dot", "cosine")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class EmbeddingSettings:
     tokenizer already appends an end token itself. Off for sentence-transformers folders: their tokenizer decides."""
     normalize: bool = True
     """L2-normalise embeddings (scores are then cosine similarities)."""
+    similarity: str = "dot"
+    """How retrieval scores a query against a document: ``dot`` (inner product) or ``cosine``. They agree on
+    normalised embeddings; a sentence-transformers folder without Normalize scores by its ``similarity_fn_name``
+    (cosine unless it says otherwise), and so does effir for it."""
     query_template: str = PROMPT_PRESETS["effir"].replace("{task}", DEFAULT_TASK)
     """Query prompt with a ``{text}`` slot."""
     document_template: str = "{text}"
@@ -49,6 +54,8 @@ class EmbeddingSettings:
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise EffirError(f"unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}")
+        if self.similarity not in SIMILARITIES:
+            raise EffirError(f"unknown similarity {self.similarity!r}; use one of {', '.join(SIMILARITIES)}")
         for name in ("query_template", "document_template"):
             if "{text}" not in getattr(self, name):
                 raise EffirError(f"{name} {getattr(self, name)!r} has no {{text}} slot")

@@ -200,7 +200,7 @@ def _write_st_config(folder: Path, encoder, prompts: dict) -> None:
         "model_type": "SentenceTransformer",
         "prompts": named,
         "default_prompt_name": default_name if default_name in named else None,
-        "similarity_fn_name": "cosine" if s.normalize else "dot",
+        "similarity_fn_name": "cosine" if s.normalize or s.similarity == "cosine" else "dot",
     })
     _dump(folder / "1_Pooling" / "config.json", {
         "embedding_dimension": encoder.dim,

@@ -15,6 +15,8 @@ A retriever usually arrives as a sentence-transformers (ST) folder. Without an `
 - ``sentence_bert_config.json``: ``query_length`` / ``document_length`` (ST 6) or ``max_seq_length``, capped at
   :data:`MAX_LENGTH_CAP` and at the model's ``max_position_embeddings`` (ST caps there too), with a notice when
   capped; ``do_lower_case`` is accepted where the tokenizer lowercases by itself;
+- ``similarity_fn_name`` (cosine when absent, as ST reads it): how retrieval scores, which matters for folders
+  without Normalize;
 - EOS: never appended by effir (``append_eos`` off): the folder's tokenizer decides, as in ST, whether an end
   token (EOS, or a pad token as in Qwen3-Embedding) closes every text.
 """
@@ -67,7 +69,8 @@ def read_st_folder(folder: Path, config, tokenizer, prompt_name: str | None = No
     notes: list[str] = []
     query, document = _prompts(folder, prompts, prompt_name, notes)
     qlen, dlen = _lengths(folder, config, tokenizer, notes)
-    settings = EmbeddingSettings(pooling=pooling, append_eos=False, normalize=normalize,
+    similarity = _similarity(folder, st_config.get("similarity_fn_name"), normalize)
+    settings = EmbeddingSettings(pooling=pooling, append_eos=False, normalize=normalize, similarity=similarity,
                                  query_template=query + "{text}", document_template=document + "{text}",
                                  query_max_length=qlen, document_max_length=dlen)
     return FolderSettings(settings, prompts, st_config.get("default_prompt_name"), notes)
@@ -107,6 +110,16 @@ def _modules(folder: Path) -> tuple[str, bool]:
         raise EffirError(f"{folder} pools {modes[0]} without the prompt tokens (include_prompt: false); effir pools "
                          "over the whole input and would embed differently")
     return pooling, "Normalize" in kinds
+
+
+def _similarity(folder: Path, name: str | None, normalize: bool) -> str:
+    """effir's retrieval score for ST's ``similarity_fn_name`` (ST scores by cosine when the folder names none)."""
+    name = name or "cosine"
+    if name in ("cosine", "dot", "dot_product"):
+        return "cosine" if name == "cosine" else "dot"
+    if name == "euclidean" and normalize:  # on unit vectors, distance ranks as cosine does
+        return "cosine"
+    raise EffirError(f"{folder} scores by {name!r} similarity; effir ranks by cosine or dot product only")
 
 
 def _prompts(folder: Path, prompts: dict, prompt_name: str | None, notes: list[str]) -> tuple[str, str]:
