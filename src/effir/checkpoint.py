@@ -344,7 +344,9 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     A structurally compressed model (dropped sub-layers, narrowed MLPs) also gets its structure in ``effir.json``
     (read back from the modules, the source of truth, and mirrored into ``encoder.meta["structure"]``), and a
     self-contained ``modeling_effir.py`` plus ``auto_map`` / ``effir_structure`` entries in ``config.json``, so
-    ``transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it without effir.
+    ``transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it without effir; its
+    ``model_type`` becomes ``"effir"`` (the base one kept in ``effir_base_model_type``), so a load without
+    ``trust_remote_code`` is refused rather than filled with random weights.
 
     The folder is written under a temporary name and renamed at the end, so an interrupted save never leaves a
     folder that looks complete. ``stage`` (e.g. ``{"stage": "drop", "mlp": [3, 7]}``) is appended to the history.
