@@ -55,7 +55,8 @@ def test_save_reload_with_effir_is_exact(tiny_model_dir, tmp_path):
     prefixes = tuple(dropped_prefixes(enc.adapter, meta["structure"]))
     assert prefixes and not any(k.startswith(prefixes) for k in keys)
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "modeling_effir.EffirConfig", "AutoModel": "modeling_effir.EffirModel"}
+    assert config["auto_map"] == {"AutoConfig": "modeling_effir.EffirConfig",
+                                  "AutoModel": "modeling_effir.EffirModel"}
     assert (config["model_type"], config["effir_base_model_type"]) == ("effir", enc.model.config.model_type)
     assert config["effir_structure"]["dropped_mlp"] == [0, 2]
     # in memory the config is the base one

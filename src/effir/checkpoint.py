@@ -282,8 +282,8 @@ def _settings(meta: dict, adapter, folder: Path | None, config, tokenizer, promp
         return settings, meta
     if not is_st_folder(folder):
         if prompt_name is not None:
-            raise EffirError(f"--prompt-name needs a sentence-transformers folder with named prompts; {folder or 'a hub model'} "
-                             "has none (use --query-prompt)")
+            raise EffirError(f"--prompt-name needs a sentence-transformers folder with named prompts; "
+                             f"{folder or 'a hub model'} has none (use --query-prompt)")
         return default_settings(adapter), meta
     read = read_st_folder(folder, config, tokenizer, prompt_name)
     for note in read.notes:
@@ -414,6 +414,7 @@ def _add_remote_code(folder: Path, adapter, structure: dict) -> None:
     # trust_remote_code instead of building the full architecture with random weights for the removed parts.
     config[BASE_TYPE_KEY] = config["model_type"]
     config["model_type"] = COMPRESSED_MODEL_TYPE
-    config["auto_map"] = {"AutoConfig": f"{REMOTE_FILE[:-3]}.EffirConfig", "AutoModel": f"{REMOTE_FILE[:-3]}.EffirModel"}
+    module = REMOTE_FILE[:-3]
+    config["auto_map"] = {"AutoConfig": f"{module}.EffirConfig", "AutoModel": f"{module}.EffirModel"}
     config[REMOTE_CONFIG_KEY] = {**structure, "roles": adapter.structure_roles()}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -112,7 +112,8 @@ def _run(args, device: torch.device) -> int:
     doc_ids = list(data.corpus)
     doc_index = {d: i for i, d in enumerate(doc_ids)}
     exclude = torch.tensor([doc_index.get(q, -1) for q in query_ids])  # BEIR: never retrieve doc id == query id
-    top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude, cosine=encoder.settings.similarity == "cosine")
+    top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude,
+               cosine=encoder.settings.similarity == "cosine")  # as the folder scores (equal on normalised vectors)
     model_id = fingerprint(encoder)
     cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
     hit = from_main_process(cache is not None and cache.exists())
