@@ -15,7 +15,8 @@ for BERT). Copied from the published folders:
 - kalm: a KaLM-style Qwen2 with mean pooling and no end token appended;
 - no-normalize: a Phi3 embedder with mean pooling and no Normalize module;
 - minilm: sentence-transformers/all-MiniLM-L6-v2: BERT, mean (legacy keys), Normalize, max_seq_length 256;
-- st6: a Llama folder written by sentence-transformers 6 itself (single-key "pooling_mode", ST 6 module paths).
+- st6: a Llama folder saved by sentence-transformers 6 itself (single-key "pooling_mode", ST 6 module paths,
+  query_length / document_length unset).
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from conftest import TINY_CORPUS, TINY_QUERIES, WORDS, build_tiny_tokenizer, tin
 
 WEB_SEARCH = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
 LEGACY = "sentence_transformers.models."
-ST6 = {"Transformer": "sentence_transformers.base.modules.transformer.Transformer",
-       "Pooling": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
-       "Normalize": "sentence_transformers.base.modules.normalize.Normalize"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class Replica:
     tokenizer_config: dict = field(default_factory=dict)
     post_processor: dict | None = None  # tokenizer.json post-processor; None keeps the trained one
     do_lower_case: bool = False
-    st6: bool = False  # written by sentence-transformers 6 itself
+    st6: bool = False  # saved by sentence-transformers 6 itself
 
 
 def _template(single: list[str], specials: dict[str, int]) -> dict:
@@ -148,9 +146,7 @@ def _write_tokenizer(folder: Path, r: Replica) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({**saved, **r.tokenizer_config}, indent=2))
 
 
-def _pooling_config(r: Replica, dim: int) -> dict:
-    if r.st6:
-        return {"embedding_dimension": dim, "pooling_mode": r.pooling, "include_prompt": True}
+def _legacy_pooling_config(r: Replica, dim: int) -> dict:
     modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
              "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
              "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
@@ -158,27 +154,38 @@ def _pooling_config(r: Replica, dim: int) -> dict:
             "include_prompt": True}
 
 
+def _save_with_sentence_transformers(folder: Path, r: Replica, dim: int) -> None:
+    """Let sentence-transformers 6 write its own files for the HF folder ``folder`` (in place)."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    hf = folder.with_name(folder.name + "-hf")
+    shutil.move(folder, hf)
+    modules = [Transformer(str(hf), max_seq_length=r.max_seq_length), Pooling(dim, pooling_mode=r.pooling)]
+    model = SentenceTransformer(modules=modules + [Normalize()] * r.normalize, prompts=r.prompts, device="cpu")
+    model.save(str(folder))
+    shutil.rmtree(hf)
+
+
 def _write_st_files(folder: Path, r: Replica, dim: int) -> None:
-    types = ST6 if r.st6 else {name: LEGACY + name for name in ("Transformer", "Pooling", "Normalize")}
+    if r.st6:
+        _save_with_sentence_transformers(folder, r, dim)
+        return
+    types = {name: LEGACY + name for name in ("Transformer", "Pooling", "Normalize")}
     modules = [{"idx": 0, "name": "0", "path": "", "type": types["Transformer"]},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": types["Pooling"]}]
     if r.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": types["Normalize"]})
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(r, dim), indent=2))
-    if r.normalize and r.st6:
-        (folder / "2_Normalize").mkdir()
-        (folder / "2_Normalize" / "config.json").write_text("{}")
-    st_config = {"__version__": {"sentence_transformers": "6.2.0" if r.st6 else "3.0.1"},
-                 "prompts": r.prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
-    if r.st6:
-        st_config = {**st_config, "model_type": "SentenceTransformer",
-                     "prompts": {"query": "", "document": "", **r.prompts}}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(_legacy_pooling_config(r, dim), indent=2))
+    st_config = {"__version__": {"sentence_transformers": "3.0.1"}, "prompts": r.prompts, "default_prompt_name": None,
+                 "similarity_fn_name": "cosine"}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
     sbert = {"max_seq_length": r.max_seq_length, "do_lower_case": r.do_lower_case}
-    if r.st6:
-        sbert = {"transformer_task": "feature-extraction", **sbert}
     (folder / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2))
 
 

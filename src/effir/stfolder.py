@@ -12,7 +12,8 @@ A retriever usually arrives as a sentence-transformers (ST) folder. Without an `
   ignores it, so effir says which one it used). A folder with task prompts (``web_search_query``, ...) but no
   ``query`` prompt embeds queries without a prompt, as ``encode_query`` does, with a one-line notice naming them;
   ``prompt_name`` picks one;
-- ``sentence_bert_config.json``: ``query_length`` / ``document_length`` (ST 6) or ``max_seq_length``, capped at
+- ``sentence_bert_config.json``: ``query_length`` / ``document_length`` (ST 6) or ``max_seq_length`` (else the
+  tokenizer's ``model_max_length``, as ST reads it), capped at
   :data:`MAX_LENGTH_CAP` and at the model's ``max_position_embeddings`` (ST caps there too), with a notice when
   capped; ``do_lower_case`` is accepted where the tokenizer lowercases by itself;
 - ``similarity_fn_name`` (cosine when absent, as ST reads it): how retrieval scores, which matters for folders
@@ -157,14 +158,15 @@ def _lengths(folder: Path, config, tokenizer, notes: list[str]) -> tuple[int, in
     out, capped = [], {}
     for side, key, fallback in (("query", "query_length", default.query_max_length),
                                 ("document", "document_length", default.document_max_length)):
-        want = cfg.get(key) or cfg.get("max_seq_length")
+        # ST 6 saves no max_seq_length when it equals the tokenizer's model_max_length, which ST then uses
+        want = cfg.get(key) or cfg.get("max_seq_length") or getattr(tokenizer, "model_max_length", None)
         if not isinstance(want, int) or want < 2:
             want = fallback
         elif want > cap:
             capped[side] = want
         out.append(min(want, cap))
     if capped:
-        said = ", ".join(f"{n} tokens per {side}" for side, n in capped.items())
+        said = ", ".join(f"{n if n < 10 ** 9 else 'unlimited'} tokens per {side}" for side, n in capped.items())
         flags = " / ".join(f"--{side}-max-length" for side in capped)
         notes.append(f"{folder} allows {said}; effir caps that at {cap} (pass {flags} to change)")
     return out[0], out[1]
