@@ -119,6 +119,8 @@ def effir_scores(model_dir, data, device, batch_size: int) -> dict:
     doc_ids, qids = list(data.corpus), list(data.queries)
     d = enc.encode_documents([data.corpus[i] for i in doc_ids], batch_size=batch_size)
     q = enc.encode_queries([data.queries[i] for i in qids], batch_size=batch_size)
+    if enc.settings.similarity == "cosine":  # as effir eval scores (the same on normalised embeddings)
+        d, q = torch.nn.functional.normalize(d, dim=-1), torch.nn.functional.normalize(q, dim=-1)
     # BEIR (and effir) never return a document whose id is the query's own id
     index = {doc: n for n, doc in enumerate(doc_ids)}
     exclude = torch.tensor([index.get(qid, -1) for qid in qids])

@@ -55,9 +55,13 @@ def test_save_reload_with_effir_is_exact(tiny_model_dir, tmp_path):
     prefixes = tuple(dropped_prefixes(enc.adapter, meta["structure"]))
     assert prefixes and not any(k.startswith(prefixes) for k in keys)
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"] == {"AutoModel": "modeling_effir.EffirModel"}
+    assert config["auto_map"] == {"AutoConfig": "modeling_effir.EffirConfig",
+                                  "AutoModel": "modeling_effir.EffirModel"}
+    assert (config["model_type"], config["effir_base_model_type"]) == ("effir", enc.model.config.model_type)
     assert config["effir_structure"]["dropped_mlp"] == [0, 2]
-    assert not hasattr(again.model.config, "effir_structure")  # in memory the config is the base one
+    # in memory the config is the base one
+    assert type(again.model.config) is type(enc.model.config)
+    assert not hasattr(again.model.config, "effir_structure") and not hasattr(again.model.config, "auto_map")
 
 
 def test_drop_composes_across_saves(tiny_llama_dir, tmp_path):
@@ -174,3 +178,21 @@ def test_plain_transformers_reload_without_effir(_tiny_models, tmp_path):
     assert "effir-modules-loaded: []" in proc.stdout
     for mt in expected:
         torch.testing.assert_close(torch.load(tmp_path / f"{mt}.pt"), expected[mt], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["dropped", "slimmed"])
+def test_compressed_folders_refuse_to_load_without_remote_code(tiny_model_dir, tmp_path, kind):
+    """Without trust_remote_code, plain transformers refuses a compressed folder (model_type "effir") instead of
+    building the full architecture with random MLPs (dropped) or failing on shapes (slimmed); effir still reads it
+    as the base architecture, fingerprint and all."""
+    from transformers import AutoConfig, AutoModel
+
+    enc = effir.load(tiny_model_dir, device="cpu", dtype="fp32")
+    _compress(enc, attention=(), mlp=(1,) if kind == "dropped" else (), narrow=kind == "slimmed")
+    fp = fingerprint(enc)
+    out = save(enc, tmp_path / kind)
+    for load in (AutoConfig.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ValueError, match="contains custom code"):
+            load(str(out), trust_remote_code=False)
+    again = effir.load(out, device="cpu", dtype="fp32")
+    assert type(again.model.config) is type(enc.model.config) and fingerprint(again) == fp

@@ -116,7 +116,7 @@ def test_sentence_transformers_round_trip_without_effir(_tiny_models, tmp_path):
             # plain folders need no remote code; compressed ones go through their modeling_effir.py
             job, expected[job_name] = _job(job_name := f"{kind}-{mt}", out, enc, TEXTS, remote=kind == "compressed")
             jobs.append(job)
-    if HAS_MINILM:  # default budgets (256 tokens, as the original folder); the last text is longer than that
+    if HAS_MINILM:  # the folder's own budget (max_seq_length 256, both sides); the last text is longer than that
         minilm = effir.load("minilm-l6", device="cpu", dtype="fp32")
         texts = TEXTS[:2] + [" ".join(["a fish in a river"] * 60)]
         job, expected["minilm"] = _job("minilm", save(minilm, tmp_path / "minilm"), minilm, texts, remote=False)
@@ -136,8 +136,8 @@ def test_sentence_transformers_round_trip_without_effir(_tiny_models, tmp_path):
     assert got["plain-llama"]["prompts"]["query"].startswith("<instruct>")
     if HAS_MINILM:
         assert _cos(got["minilm"]["document"], got["minilm-original"]["document"]).min() >= 0.9999
-        # effir's own query budget for encoders is 128 tokens (the original folder's is 256): compare below it
-        assert _cos(got["minilm"]["query"][:2], got["minilm-original"]["query"][:2]).min() >= 0.9999
+        # effir reads the original folder's budget for queries too (256 tokens): even the truncated text agrees
+        assert _cos(got["minilm"]["query"], got["minilm-original"]["query"]).min() >= 0.9999
 
 
 def test_files_follow_the_embedding_settings(tiny_llama_dir, tmp_path):
@@ -184,11 +184,14 @@ def test_saved_tokenizer_appends_eos_once_and_effir_ids_are_unchanged(tiny_model
         assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
 
 
-def test_template_with_a_suffix_is_not_exported_and_says_why(tiny_llama_dir, tmp_path):
+def test_template_with_a_suffix_is_not_exported_and_says_why(tiny_llama_dir, tmp_path, capsys):
     enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32", query_prompt="query: {text} (answer briefly)")
+    capsys.readouterr()
     out = save(enc, tmp_path / "a")
     record = read_effir_json(out)["sentence_transformers"]
     assert record["exported"] is False and "text after {text}" in record["reason"]
+    warning = capsys.readouterr().err.strip().splitlines()  # said where the folder is written, not only recorded
+    assert len(warning) == 1 and warning[0].startswith("effir: WARNING:") and "text after {text}" in warning[0]
     assert not any((out / name).exists() for name in ST_FILES)
     assert not tokenizer_appends_eos(effir.load(out, device="cpu").tokenizer)  # tokenizer left as saved
     torch.testing.assert_close(effir.load(out, device="cpu", dtype="fp32").encode_queries(TEXTS),

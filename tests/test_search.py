@@ -61,3 +61,13 @@ def test_topk_incremental_offsets_match_one_shot():
 def test_bad_k():
     with pytest.raises(ValueError, match="k must be >= 1"):
         TopK(torch.zeros(1, 2), 0)
+
+
+def test_cosine_ranks_by_angle_not_length():
+    q = torch.tensor([[1.0, 0.0]])
+    docs = torch.tensor([[10.0, 10.0], [0.5, 0.0]])  # the long one wins on dot product, the aligned one on cosine
+    dot, cos = TopK(q, 2), TopK(q, 2, cosine=True)
+    dot.add(docs)
+    cos.add(docs)
+    assert dot.result()[1].tolist() == [[0, 1]] and cos.result()[1].tolist() == [[1, 0]]
+    torch.testing.assert_close(cos.result()[0], torch.tensor([[1.0, 2 ** -0.5]]))

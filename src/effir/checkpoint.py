@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,12 +25,15 @@ import torch
 from .arch import get_adapter
 from .encoder import DEFAULT_TASK, EmbeddingSettings, Encoder, default_settings, prompt_template
 from .export import write_sentence_transformers_files
+from .stfolder import is_st_folder, read_st_folder
 from .utils import EffirError, dtype_name, floating_dtype, pick_device, pick_dtype, sha256_file
 
 EFFIR_JSON = "effir.json"
 FORMAT_VERSION = 1
 REMOTE_FILE = "modeling_effir.py"
 REMOTE_CONFIG_KEY = "effir_structure"  # config.json key read by the remote modeling file
+BASE_TYPE_KEY = "effir_base_model_type"  # a compressed folder's model_type is "effir"; the real one is kept here
+COMPRESSED_MODEL_TYPE = "effir"
 
 
 @dataclass(frozen=True)
@@ -150,23 +153,6 @@ def read_effir_json(folder: Path) -> dict:
     return meta
 
 
-def sentence_transformers_pooling(folder: Path) -> str | None:
-    """Pooling mode from a sentence-transformers folder (``modules.json`` + ``*_Pooling/config.json``)."""
-    modules = Path(folder) / "modules.json"
-    if not modules.exists():
-        return None
-    for module in json.loads(modules.read_text()):
-        if module.get("type", "").endswith("Pooling"):
-            cfg = json.loads((Path(folder) / module["path"] / "config.json").read_text())
-            if cfg.get("pooling_mode_lasttoken"):
-                return "last"
-            if cfg.get("pooling_mode_cls_token"):
-                return "cls"
-            if cfg.get("pooling_mode_mean_tokens"):
-                return "mean"
-    return None
-
-
 @contextlib.contextmanager
 def _hub_errors(ref: str):
     try:
@@ -195,7 +181,7 @@ def _local_errors(folder: Path):
 def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = "auto", pooling: str | None = None,
          query_prompt: str | None = None, document_prompt: str | None = None, task: str | None = None,
          query_max_length: int | None = None, document_max_length: int | None = None,
-         padding_side: str = "right") -> Encoder:
+         padding_side: str | None = None, prompt_name: str | None = None) -> Encoder:
     """Load a model reference as an :class:`Encoder` ready to ``encode_queries`` / ``encode_documents``.
 
     Args:
@@ -206,7 +192,13 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
         pooling, query_prompt, document_prompt, task, query_max_length, document_max_length: override the saved or
             default :class:`EmbeddingSettings`; prompts take a preset name (``effir``, ``e5``, ``none``) or a
             template containing ``{text}``.
-        padding_side: ``right`` or ``left``; embeddings are the same either way.
+        padding_side: ``right`` or ``left`` (default: the tokenizer's); embeddings are the same either way.
+        prompt_name: the named prompt of a sentence-transformers folder (``web_search_query``, ...) to use as the
+            query prompt; ``query_prompt`` still wins. Kept in folders effir writes, so it works on those too.
+
+    A folder without ``effir.json`` that is a sentence-transformers folder embeds as sentence-transformers does:
+    pooling, normalisation, prompts and lengths come from its files (:mod:`effir.stfolder`); notices about what was
+    chosen for it (a capped length, a missing query prompt) go to stderr.
 
     Raises:
         EffirError: the reference cannot be found or loaded, or the architecture is unsupported.
@@ -220,18 +212,45 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
     dev = pick_device(device)
     meta = read_effir_json(where) if kind == "dir" else {}
     with _local_errors(where) if kind == "dir" else _hub_errors(str(ref)):
-        config = AutoConfig.from_pretrained(where)
+        config = _base_config(where) if kind == "dir" else AutoConfig.from_pretrained(where)
         adapter = get_adapter(config)
         stored = stored_dtype(config, where if kind == "dir" else None)
         torch_dtype = pick_dtype(dtype, dev, stored)
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where, config=config)
         model = _load_model(AutoModel, where, config, meta, torch_dtype)
     model.to(dev).eval()
-    settings = _settings(meta, adapter, where if kind == "dir" else None)
+    settings, meta = _settings(meta, adapter, where if kind == "dir" else None, config, tokenizer, prompt_name)
     settings = _override(settings, pooling, query_prompt, document_prompt, task, query_max_length, document_max_length)
     meta = {**meta, "reference": str(ref), "path": str(where), "dtype": dtype_name(torch_dtype),
             "stored_dtype": dtype_name(stored)}
-    return Encoder(model, tokenizer, settings, adapter, meta=meta, padding_side=padding_side)
+    return Encoder(model, tokenizer, settings, adapter, meta=meta, padding_side=padding_side or tokenizer.padding_side)
+
+
+def _base_config(folder: Path):
+    """The folder's config as its base architecture's class (``Qwen3Config``, ...), for plain and compressed folders.
+
+    A compressed folder's config.json says ``model_type: "effir"`` (so plain transformers refuses it without
+    ``trust_remote_code``) and carries what the remote-code loader needs; effir reads it as the base architecture's
+    config without those entries, so a reloaded model fingerprints like the one that was saved.
+    """
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EffirError(f"{path} is not valid JSON ({e}); the model folder is damaged") from None
+    base = data.get(BASE_TYPE_KEY) if isinstance(data, dict) else None
+    if not base:
+        config = AutoConfig.from_pretrained(folder)
+        for key in (REMOTE_CONFIG_KEY, "auto_map"):  # folders effir wrote before compressed ones had their own type
+            if hasattr(config, key):
+                delattr(config, key)
+        return config
+    data = {k: v for k, v in data.items() if k not in ("model_type", "auto_map", REMOTE_CONFIG_KEY, BASE_TYPE_KEY)}
+    if base not in CONFIG_MAPPING:
+        raise EffirError(f"{folder}/config.json names base model type {base!r}, which this transformers does not know")
+    return CONFIG_MAPPING[base].from_dict(data)
 
 
 def stored_dtype(config, folder: Path | None) -> torch.dtype:
@@ -263,11 +282,6 @@ def _first_weight_dtype(folder: Path) -> torch.dtype | None:
 
 def _load_model(auto_model, where, config, meta: dict, torch_dtype):
     structure = meta.get("structure")
-    # config.json of a compressed folder also carries what the remote-code loader needs; in memory the config is
-    # the base architecture's, so a reloaded model fingerprints like the one that was saved.
-    for key in (REMOTE_CONFIG_KEY, "auto_map"):
-        if hasattr(config, key):
-            delattr(config, key)
     if structure:
         from .surgery import load_compressed  # compressed folders need their reduced skeleton built first
 
@@ -295,11 +309,31 @@ def load_with_transformers(folder: str | os.PathLike, torch_dtype=torch.float32)
     return AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch_dtype).eval()
 
 
-def _settings(meta: dict, adapter, folder: Path | None) -> EmbeddingSettings:
+def _settings(meta: dict, adapter, folder: Path | None, config, tokenizer, prompt_name: str | None):
+    """``(settings, meta)``: from effir.json, else from a sentence-transformers folder's files, else the defaults.
+
+    The named prompts of a sentence-transformers source travel in ``meta["source_prompts"]`` (and so into the
+    effir.json and sentence-transformers files of every folder saved from it).
+    """
     if "embedding" in meta:
-        return EmbeddingSettings.from_dict(meta["embedding"])
-    st_pooling = sentence_transformers_pooling(folder) if folder else None
-    return default_settings(adapter, st_pooling)
+        settings = EmbeddingSettings.from_dict(meta["embedding"])
+        if prompt_name is not None:
+            prompts = (meta.get("source_prompts") or {}).get("prompts") or {}
+            if prompt_name not in prompts:
+                raise EffirError(f"--prompt-name {prompt_name!r} is not a prompt of {folder}; its prompts are "
+                                 f"{sorted(prompts) or 'none'}")
+            settings = replace(settings, query_template=prompts[prompt_name] + "{text}")
+        return settings, meta
+    if not is_st_folder(folder):
+        if prompt_name is not None:
+            raise EffirError(f"--prompt-name needs a sentence-transformers folder with named prompts; "
+                             f"{folder or 'a hub model'} has none (use --query-prompt)")
+        return default_settings(adapter), meta
+    read = read_st_folder(folder, config, tokenizer, prompt_name)
+    for note in read.notes:
+        print(f"effir: {note}", file=sys.stderr)
+    meta = {**meta, "source_prompts": {"prompts": read.prompts, "default_prompt_name": read.default_prompt_name}}
+    return read.settings, meta
 
 
 def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task, qlen, dlen) -> EmbeddingSettings:
@@ -354,7 +388,9 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     A structurally compressed model (dropped sub-layers, narrowed MLPs) also gets its structure in ``effir.json``
     (read back from the modules, the source of truth, and mirrored into ``encoder.meta["structure"]``), and a
     self-contained ``modeling_effir.py`` plus ``auto_map`` / ``effir_structure`` entries in ``config.json``, so
-    ``transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it without effir.
+    ``transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)`` rebuilds it without effir; its
+    ``model_type`` becomes ``"effir"`` (the base one kept in ``effir_base_model_type``), so a load without
+    ``trust_remote_code`` is refused rather than filled with random weights.
 
     The folder is written under a temporary name and renamed at the end, so an interrupted save never leaves a
     folder that looks complete. ``stage`` (e.g. ``{"stage": "drop", "mlp": [3, 7]}``) is appended to the history.
@@ -382,6 +418,8 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     if structure:
         _add_remote_code(tmp, encoder.adapter, structure)
     st_export = write_sentence_transformers_files(tmp, encoder)  # SentenceTransformer(out) embeds as effir does
+    if not st_export["exported"]:  # said at the stage that writes the folder, not only recorded in effir.json
+        print(f"effir: WARNING: {out} gets no sentence-transformers files: {st_export['reason']}", file=sys.stderr)
     history = list(encoder.meta.get("history", []))
     if stage:
         history.append(stage)
@@ -396,6 +434,8 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
         "history": history,
         "sentence_transformers": st_export,
     }
+    if encoder.meta.get("source_prompts"):
+        meta["source_prompts"] = encoder.meta["source_prompts"]
     if structure:
         meta["structure"] = structure
     (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the folder complete
@@ -433,6 +473,11 @@ def _add_remote_code(folder: Path, adapter, structure: dict) -> None:
     shutil.copyfile(packaged_remote_code(), folder / REMOTE_FILE)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    config["auto_map"] = {"AutoModel": f"{REMOTE_FILE[:-3]}.EffirModel"}
+    # A type of its own: plain transformers / sentence-transformers then refuse the folder without
+    # trust_remote_code instead of building the full architecture with random weights for the removed parts.
+    config[BASE_TYPE_KEY] = config["model_type"]
+    config["model_type"] = COMPRESSED_MODEL_TYPE
+    module = REMOTE_FILE[:-3]
+    config["auto_map"] = {"AutoConfig": f"{module}.EffirConfig", "AutoModel": f"{module}.EffirModel"}
     config[REMOTE_CONFIG_KEY] = {**structure, "roles": adapter.structure_roles()}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -24,6 +24,7 @@ PROMPT_PRESETS = {
     "none": "{text}",
 }
 POOLINGS = ("last", "mean", "cls")
+SIMILARITIES = ("dot", "cosine")
 
 
 @dataclass
@@ -33,9 +34,14 @@ class EmbeddingSettings:
     pooling: str = "last"
     """``last`` (final hidden state of the last non-pad token), ``mean`` over non-pad tokens, or ``cls``."""
     append_eos: bool = True
-    """Append the tokenizer's EOS token before pooling (decoder LLMs; the last-token recipe needs it)."""
+    """Append the tokenizer's EOS token before pooling (decoder LLMs; the last-token recipe needs it), unless the
+    tokenizer already appends an end token itself. Off for sentence-transformers folders: their tokenizer decides."""
     normalize: bool = True
     """L2-normalise embeddings (scores are then cosine similarities)."""
+    similarity: str = "dot"
+    """How retrieval scores a query against a document: ``dot`` (inner product) or ``cosine``. They agree on
+    normalised embeddings; a sentence-transformers folder without Normalize scores by its ``similarity_fn_name``
+    (cosine unless it says otherwise), and so does effir for it."""
     query_template: str = PROMPT_PRESETS["effir"].replace("{task}", DEFAULT_TASK)
     """Query prompt with a ``{text}`` slot."""
     document_template: str = "{text}"
@@ -48,6 +54,8 @@ class EmbeddingSettings:
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise EffirError(f"unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}")
+        if self.similarity not in SIMILARITIES:
+            raise EffirError(f"unknown similarity {self.similarity!r}; use one of {', '.join(SIMILARITIES)}")
         for name in ("query_template", "document_template"):
             if "{text}" not in getattr(self, name):
                 raise EffirError(f"{name} {getattr(self, name)!r} has no {{text}} slot")
@@ -77,22 +85,32 @@ def prompt_template(preset_or_template: str, task: str = DEFAULT_TASK) -> str:
     return template.replace("{task}", task)
 
 
-def default_settings(adapter: ArchAdapter, st_pooling: str | None = None) -> EmbeddingSettings:
-    """Paper defaults for decoder LLMs; for encoders, the sentence-transformers pooling (mean if unknown), no prompt."""
+def default_settings(adapter: ArchAdapter) -> EmbeddingSettings:
+    """Paper defaults for decoder LLMs; for encoders, mean pooling and no prompt (folders that are not
+    sentence-transformers folders: those say how they embed, see :mod:`effir.stfolder`)."""
     if adapter.is_decoder:
         return EmbeddingSettings()
-    return EmbeddingSettings(pooling=st_pooling or "mean", append_eos=False, query_template="{text}",
+    return EmbeddingSettings(pooling="mean", append_eos=False, query_template="{text}",
                              query_max_length=128, document_max_length=256)
+
+
+def appended_end_token(tokenizer) -> int | None:
+    """The special token the tokenizer itself puts after every text (its post-processor), or ``None``.
+
+    Usually EOS, but not always: Qwen3-Embedding's tokenizer appends its pad token ``<|endoftext|>``, while its
+    ``eos_token`` is ``<|im_end|>``. Pooling the last token then already sees an end token; adding EOS would double it.
+    """
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    last = with_special[-1] if with_special else None
+    if last is None or last not in tokenizer.all_special_ids or with_special[-1:] == without[-1:]:
+        return None
+    return last
 
 
 def tokenizer_appends_eos(tokenizer) -> bool:
     """True when ``tokenizer`` itself ends every encoded text with its EOS token (a post-processor adds it)."""
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return bool(with_special) and with_special[-1] == eos_id and without[-1:] != [eos_id]
+    return tokenizer.eos_token_id is not None and appended_end_token(tokenizer) == tokenizer.eos_token_id
 
 
 def document_text(doc) -> str:
@@ -172,21 +190,21 @@ class Encoder:
     def token_ids(self, texts: Sequence, side: str) -> list[list[int]]:
         """Prompted, truncated token ids (EOS appended when the settings say so), unpadded."""
         max_len = self.settings.query_max_length if side == "query" else self.settings.document_max_length
-        eos = self.settings.append_eos
-        # A tokenizer that appends EOS itself (as in folders effir exports for sentence-transformers) already keeps
-        # room for it when truncating; otherwise truncate one short and append EOS below.
-        reserve = int(eos and not self._tokenizer_appends_eos())
+        # A tokenizer that appends an end token itself (EOS as in folders effir exports for sentence-transformers,
+        # or a pad token as Qwen3-Embedding's) already keeps room for it when truncating and gets no second one;
+        # otherwise truncate one short and append EOS below.
+        eos = self.settings.append_eos and self._appended_end_token() is None
         ids = self.tokenizer(self.format(texts, side), add_special_tokens=True, truncation=True,
-                             max_length=max_len - reserve, padding=False)["input_ids"]
+                             max_length=max_len - int(eos), padding=False)["input_ids"]
         if eos:
             eos_id = self.tokenizer.eos_token_id
             ids = [seq if seq and seq[-1] == eos_id else seq + [eos_id] for seq in ids]
         return ids
 
-    def _tokenizer_appends_eos(self) -> bool:
-        """:func:`tokenizer_appends_eos`, probed once per tokenizer object (tokenize is on the hot path)."""
+    def _appended_end_token(self) -> int | None:
+        """:func:`appended_end_token`, probed once per tokenizer object (tokenize is on the hot path)."""
         if getattr(self, "_eos_probe", (None,))[0] is not self.tokenizer:
-            self._eos_probe = (self.tokenizer, tokenizer_appends_eos(self.tokenizer))
+            self._eos_probe = (self.tokenizer, appended_end_token(self.tokenizer))
         return self._eos_probe[1]
 
     def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -8,14 +8,19 @@ after the weights and the tokenizer. It adds what sentence-transformers (ST) 6 i
 - ``sentence_bert_config.json``: the token budgets. ST truncates ``encode_query`` to ``query_length`` and
   ``encode_document`` to ``document_length`` (keys of ST >= 6.0; ST 5.x raises a TypeError on them, so these folders
   need ST 6). A plain ``encode`` call names no side, so ``max_seq_length`` is the *document* budget there;
-- ``config_sentence_transformers.json``: ``prompts`` {"query", "document"} = effir's templates up to ``{text}``;
+- ``config_sentence_transformers.json``: ``prompts`` {"query", "document"} = effir's templates up to ``{text}``, next to
+  the other named prompts of a sentence-transformers source (``web_search_query``, ...) and its
+  ``default_prompt_name``, so a compressed folder offers what its source offered;
 - ``1_Pooling/config.json``: effir's pooling with ``include_prompt: true`` (effir pools over prompt tokens too);
 - in ``tokenizer_config.json``: a pad token (EOS, as effir falls back to) when there is none, and right padding.
 
 Two things ST cannot be told through its own config:
 
 - **EOS.** effir's last-token recipe appends EOS to every input; ST tokenises with the folder's tokenizer only. So
-  the saved ``tokenizer.json`` gets a post-processor that appends EOS (after whatever it already adds, e.g. BOS).
+  the saved ``tokenizer.json`` gets a post-processor that appends EOS: a ``TemplateProcessing`` one (a BOS template
+  as in Llama / Mistral, or Qwen's) gets EOS added to its templates, any other is followed by one. Nothing is
+  edited when the tokenizer already appends an end token (EOS, or a pad token as Qwen3-Embedding's does): effir
+  then appends none either.
   The tokenizers library counts post-processor tokens when it truncates, so a long text keeps ``max_length - 1``
   tokens plus EOS, exactly as effir truncates. effir's own :class:`~effir.encoder.Encoder` sees that the tokenizer
   already appends EOS and does not add a second one, so effir's token ids are unchanged. The edit is checked by
@@ -23,10 +28,11 @@ Two things ST cannot be told through its own config:
   ST files are not written.
 - **A template with text after** ``{text}`` (ST prompts are prefixes only).
 
-When the ST files cannot be written, the function says why; ``save`` records that in ``effir.json`` under
-``sentence_transformers`` (``{"exported": false, "reason": ...}``), so a folder without ``modules.json`` explains
-itself. Compressed folders load with ``SentenceTransformer(folder, trust_remote_code=True)``: ST passes
-``trust_remote_code`` on to ``AutoConfig`` / ``AutoModel``, which run the folder's ``modeling_effir.py``.
+When the ST files cannot be written, the function says why; ``save`` prints that as a warning on stderr and
+records it in ``effir.json`` under ``sentence_transformers`` (``{"exported": false, "reason": ...}``), so a folder
+without ``modules.json`` explains itself. Compressed folders load with
+``SentenceTransformer(folder, trust_remote_code=True)``: ST passes ``trust_remote_code`` on to ``AutoConfig`` /
+``AutoModel``, which run the folder's ``modeling_effir.py``; without it they refuse to load (``model_type: "effir"``).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from .encoder import tokenizer_appends_eos
+from .encoder import appended_end_token
 
 ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling",
@@ -69,31 +75,26 @@ def write_sentence_transformers_files(folder: str | Path, encoder) -> dict:
         prompts[side] = prefix
     if s.pooling not in ST_POOLING:
         return {"exported": False, "reason": f"pooling {s.pooling!r} has no sentence-transformers equivalent"}
-    if s.append_eos and not tokenizer_appends_eos(encoder.tokenizer):
+    edit = s.append_eos and appended_end_token(encoder.tokenizer) is None
+    if edit:
         reason = _append_eos_in_tokenizer(folder, encoder.tokenizer)
         if reason:
             return {"exported": False, "reason": reason}
     _tidy_tokenizer_config(folder, encoder.tokenizer)
     _write_st_config(folder, encoder, prompts)
-    return {"exported": True, "prompts": prompts, "tokenizer_appends_eos": s.append_eos}
+    return {"exported": True, "prompts": prompts, "tokenizer_appends_eos": edit}
 
 
 # -- tokenizer ------------------------------------------------------------------------------------------------------
 def _append_eos_in_tokenizer(folder: Path, tokenizer) -> str | None:
     """Give the saved tokenizer a post-processor that appends EOS; ``None`` on success, else why not (files restored)."""
-    from tokenizers import Tokenizer, processors
-
     path = folder / "tokenizer.json"
     if not path.exists():
         return "the tokenizer has no tokenizer.json, so EOS cannot be appended for sentence-transformers"
     backup = {name: (folder / name).read_text() for name in _TOKENIZER_FILES if (folder / name).exists()}
-    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
-    backend = Tokenizer.from_file(str(path))
-    append = processors.TemplateProcessing(single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
-                                           special_tokens=[(eos, eos_id)])
-    old = backend.post_processor
-    backend.post_processor = append if old is None else processors.Sequence([old, append])
-    backend.save(str(path))
+    data = json.loads(backup["tokenizer.json"])
+    data["post_processor"] = _appending_eos(data.get("post_processor"), tokenizer.eos_token, tokenizer.eos_token_id)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2))
     config_path = folder / "tokenizer_config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())
@@ -114,6 +115,35 @@ def _append_eos_in_tokenizer(folder: Path, tokenizer) -> str | None:
     for name, text in backup.items():
         (folder / name).write_text(text)
     return f"could not make the saved tokenizer append EOS ({why}); sentence-transformers would embed differently"
+
+
+def _appending_eos(post: dict | None, eos: str, eos_id: int) -> dict:
+    """A post-processor (tokenizer.json form) doing what ``post`` does and then appending ``eos`` to each sequence.
+
+    A ``TemplateProcessing`` (alone or inside a ``Sequence``) gets EOS in its own templates: a second template
+    chained after it in a ``Sequence`` adds nothing (tokenizers 0.23: ``<s> $A`` then ``$A </s>`` gives no ``</s>``).
+    """
+    special = {"id": eos, "ids": [eos_id], "tokens": [eos]}
+    if post is None:
+        post = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {}}
+    if post.get("type") == "Sequence":
+        procs = list(post["processors"])
+        templates = [i for i, p in enumerate(procs) if p.get("type") == "TemplateProcessing"]
+        if templates:
+            procs[templates[-1]] = _appending_eos(procs[templates[-1]], eos, eos_id)
+        else:
+            procs.append(_appending_eos(None, eos, eos_id))
+        return {**post, "processors": procs}
+    if post.get("type") != "TemplateProcessing":  # ByteLevel, BertProcessing, ...: run it, then append EOS
+        return {"type": "Sequence", "processors": [post, _appending_eos(None, eos, eos_id)]}
+    single = post["single"] + [{"SpecialToken": {"id": eos, "type_id": 0}}]
+    pair = list(post["pair"])
+    a_end = max(i for i, item in enumerate(pair) if item.get("Sequence", {}).get("id") == "A")
+    pair = pair[:a_end + 1] + [{"SpecialToken": {"id": eos, "type_id": 0}}] + pair[a_end + 1:]
+    pair.append({"SpecialToken": {"id": eos, "type_id": 1}})
+    return {**post, "single": single, "pair": pair, "special_tokens": {**post.get("special_tokens", {}), eos: special}}
 
 
 def _effir_ids(tokenizer, text: str, max_length: int) -> list[int]:
@@ -162,12 +192,15 @@ def _write_st_config(folder: Path, encoder, prompts: dict) -> None:
         "max_seq_length": s.document_max_length,
         "do_lower_case": False,
     })
+    source = encoder.meta.get("source_prompts") or {}
+    named = {**source.get("prompts", {}), **prompts}  # effir's query/document prompts win over the source's
+    default_name = source.get("default_prompt_name")
     _dump(folder / "config_sentence_transformers.json", {
         "__version__": _versions(),
         "model_type": "SentenceTransformer",
-        "prompts": prompts,
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine" if s.normalize else "dot",
+        "prompts": named,
+        "default_prompt_name": default_name if default_name in named else None,
+        "similarity_fn_name": "cosine" if s.normalize or s.similarity == "cosine" else "dot",
     })
     _dump(folder / "1_Pooling" / "config.json", {
         "embedding_dimension": encoder.dim,

@@ -19,12 +19,16 @@ class TopK:
         exclude: ``(Q,)`` global document index each query must never retrieve (BEIR ignores a document whose id
             equals the query id), ``-1`` for none.
         query_chunk: queries scored per matmul (bounds the ``(query_chunk, corpus_chunk)`` score block).
+        cosine: score by cosine similarity (queries and documents L2-normalised first) instead of inner product;
+            the same when the embeddings are normalised already.
     """
 
-    def __init__(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None, query_chunk: int = 1024):
+    def __init__(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None, query_chunk: int = 1024,
+                 cosine: bool = False):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.queries = queries
+        self.cosine = cosine
+        self.queries = _unit(queries) if cosine else queries
         self.k = k
         self.query_chunk = query_chunk
         n = queries.shape[0]
@@ -37,6 +41,8 @@ class TopK:
         """Score the ``(C, H)`` chunk ``docs`` whose first row is global document ``offset`` (default: next)."""
         offset = self.seen if offset is None else offset
         docs = docs.to(device=self.queries.device, dtype=self.queries.dtype)
+        if self.cosine:
+            docs = _unit(docs)
         n_docs = docs.shape[0]
         self.seen = max(self.seen, offset + n_docs)
         new_scores, new_indices = [], []
@@ -61,6 +67,10 @@ class TopK:
         """``(scores, indices)``, each ``(Q, min(k, docs seen))``, best first; excluded slots have index ``-1``."""
         indices = self.indices.masked_fill(torch.isinf(self.scores) & (self.scores < 0), -1)
         return self.scores, indices
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1).to(x.dtype)
 
 
 def exact_search(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None,

@@ -35,7 +35,7 @@ def test_verify_passes_on_a_dropped_model(tiny_model_dir, tmp_path, capsys):
     assert verify(out) == 0
     text = capsys.readouterr().out
     assert _status(text) == {"integrity": "PASS", "reload": "PASS", "weights": "PASS", "parameters": "PASS",
-                             "reference": "PASS", "transformers": "PASS"}, text
+                             "reference": "PASS", "transformers": "PASS", "sentence-transformers": "PASS"}, text
     assert "verify: PASS" in text
 
 
@@ -167,3 +167,25 @@ def test_smollm2_drop_15_mlps_then_verify(tmp_path, capsys):
                                   "without_embeddings": 134_515_008 - 49152 * 576 - 15 * (3 * 576 * 1536 + 576)}
     capsys.readouterr()
     assert verify(out) == 0, capsys.readouterr().out
+
+
+def test_sentence_transformers_check_fails_when_its_files_embed_differently(tmp_path, capsys):
+    """A Qwen3-Embedding-style folder, dropped: sentence-transformers (without effir) embeds it as effir does; with
+    its pooling file changed to mean, or its modeling file changed, the check fails."""
+    from st_replicas import build_replica
+
+    out = _dropped(build_replica("qwen3-embedding", tmp_path / "src"), tmp_path / "out", "--mlp", 2)
+    capsys.readouterr()
+    assert verify(out) == 0
+    text = capsys.readouterr().out
+    assert _status(text)["sentence-transformers"] == "PASS" and "trust_remote_code=True" in text
+    pooling = out / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_mode": "mean"}))
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert _status(text)["sentence-transformers"] == "FAIL" and _status(text)["transformers"] == "PASS"
+    with open(out / "modeling_effir.py", "a") as f:
+        f.write("\n# edited\n")
+    assert verify(out) == 1
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "sentence-transformers:" in ln)
+    assert line.startswith("FAIL") and "differs from the one effir ships; not run" in line

@@ -5,6 +5,11 @@ transformers and safetensors (which transformers itself requires), never effir. 
 module roles from ``config.json["effir_structure"]``, builds the base architecture's headless model, applies the
 same surgery effir applies (see ``effir/surgery.py``, which this file mirrors), then loads the safetensors strictly.
 
+A compressed folder's ``config.json`` has ``model_type: "effir"`` (the base architecture's type is kept under
+``effir_base_model_type``), so loading it without ``trust_remote_code=True`` fails with transformers' standard
+"contains custom code" error instead of building the full-size architecture and filling the missing or
+resized MLPs with random weights.
+
 A dropped sub-layer keeps its layer in place: in pre-norm layers its module returns a 0-dim zero and its norms
 become the identity (the layer computes ``x + 0``); in post-norm layers (BERT) its module returns its residual
 input. The weights of dropped sub-layers are not stored and not created.
@@ -12,15 +17,30 @@ input. The weights of dropped sub-layers are not stored and not created.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 
 STRUCTURE_KEY = "effir_structure"
+BASE_TYPE_KEY = "effir_base_model_type"
+MODEL_TYPE = "effir"
+_OWN_KEYS = ("model_type", "auto_map", STRUCTURE_KEY, BASE_TYPE_KEY)
+
+
+class EffirConfig(PreTrainedConfig):
+    """The compressed folder's config: the base architecture's settings plus the structure, under its own type."""
+
+    model_type = MODEL_TYPE
+
+    def base_config(self) -> PreTrainedConfig:
+        """The base architecture's config (e.g. ``Qwen3Config``), as its own folder would have loaded it."""
+        from transformers import CONFIG_MAPPING
+
+        data = {k: v for k, v in self.to_dict().items() if k not in _OWN_KEYS}
+        return CONFIG_MAPPING[getattr(self, BASE_TYPE_KEY)].from_dict(data)
 
 
 class DroppedBranch(nn.Module):
@@ -132,7 +152,7 @@ class EffirModel(PreTrainedModel):
     """Entry point named by ``config.json``'s ``auto_map``. ``from_pretrained`` returns the base architecture's
     headless model (e.g. ``LlamaModel``) with the compressed structure, so it behaves like any ``AutoModel``."""
 
-    config_class = PreTrainedConfig
+    config_class = EffirConfig
     base_model_prefix = "model"
 
     @classmethod
@@ -140,14 +160,12 @@ class EffirModel(PreTrainedModel):
                         **kwargs):
         path = os.fspath(pretrained_model_name_or_path)
         if config is None:
-            config = AutoConfig.from_pretrained(path)
+            config = EffirConfig.from_pretrained(path)
         structure = getattr(config, STRUCTURE_KEY, None)
-        if not structure:
-            raise ValueError(f"{path}: config.json has no {STRUCTURE_KEY!r}; it is not an effir compressed model")
-        config = copy.deepcopy(config)  # the base architecture's config: without auto_map, AutoModel builds it
-        for key in (STRUCTURE_KEY, "auto_map"):
-            if hasattr(config, key):
-                delattr(config, key)
+        if not structure or not hasattr(config, BASE_TYPE_KEY):
+            raise ValueError(f"{path}: config.json has no {STRUCTURE_KEY!r} / {BASE_TYPE_KEY!r}; it is not an effir "
+                             "compressed model")
+        config = EffirConfig.base_config(config)  # without auto_map, AutoModel builds the base architecture
         torch_dtype = _dtype(dtype if dtype is not None else torch_dtype, config)
         try:
             from transformers.initialization import no_init_weights

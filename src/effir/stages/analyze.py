@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-prompt", default=None,
                    help="query prompt preset (effir, e5, none) or a template with {text} (default: the model's)")
     p.add_argument("--task", default=None, help="task instruction filled into the query prompt's {task}")
+    p.add_argument("--prompt-name", default=None,
+                   help="named prompt of a sentence-transformers folder to use for queries, e.g. web_search_query "
+                        "(default: its 'query' prompt)")
     p.add_argument("--query-max-length", type=int, default=None, help="query token budget (default: the model's)")
     p.add_argument("--document-max-length", type=int, default=None, help="document token budget (default: the model's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/scores.json")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     texts = load_texts(args.calibration)  # before the model: a bad source fails in a second, not after loading
     side = args.side if args.side != "auto" else ("both" if texts.queries is not texts.documents else "text")
     sides = ("query", "document") if side == "both" else (side,)
-    encoder = load(args.model, device=args.device, dtype=args.dtype, query_prompt=args.query_prompt, task=args.task,
+    encoder = load(args.model, device=args.device, dtype=args.dtype, query_prompt=args.query_prompt,
+                   prompt_name=args.prompt_name, task=args.task,
                    query_max_length=args.query_max_length, document_max_length=args.document_max_length)
     dropped = _dropped(encoder)
 

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-prompt", default=None,
                    help="query prompt preset (effir, e5, none) or a template with {text} (default: the model's)")
     p.add_argument("--task", default=None, help="task instruction filled into the query prompt's {task}")
+    p.add_argument("--prompt-name", default=None,
+                   help="named prompt of a sentence-transformers folder to use for queries, e.g. web_search_query "
+                        "(default: its 'query' prompt)")
     p.add_argument("--query-max-length", type=int, default=None, help="query token budget (default: the model's)")
     p.add_argument("--document-max-length", type=int, default=None, help="document token budget (default: the model's)")
     p.add_argument("--top-k", type=int, default=100, help="documents retrieved per query, >= 100 (default: 100)")
@@ -94,7 +97,8 @@ def _run(args, device: torch.device) -> int:
     data = _load_data(args, rank, world)
     _warn_missing(data, rank)
     encoder = load(args.model, device=str(device), dtype=args.dtype, pooling=args.pooling,
-                   query_prompt=args.query_prompt, task=args.task, query_max_length=args.query_max_length,
+                   query_prompt=args.query_prompt, prompt_name=args.prompt_name, task=args.task,
+                   query_max_length=args.query_max_length,
                    document_max_length=args.document_max_length)
     timing = {"load_s": time.perf_counter() - t0}
     if rank == 0 and args.overwrite:
@@ -109,7 +113,8 @@ def _run(args, device: torch.device) -> int:
     doc_ids = list(data.corpus)
     doc_index = {d: i for i, d in enumerate(doc_ids)}
     exclude = torch.tensor([doc_index.get(q, -1) for q in query_ids])  # BEIR: never retrieve doc id == query id
-    top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)
+    top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude,
+               cosine=encoder.settings.similarity == "cosine")  # as the folder scores (equal on normalised vectors)
     model_id = fingerprint(encoder)
     cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
     t = time.perf_counter()

@@ -13,7 +13,10 @@ Checks, one PASS / FAIL / SKIP line each (exit code 1 when any fails; an unreada
   Skipped when a later stage changed weights or widths that the reference cannot reproduce by dropping alone (the
   integrity check covers those); pass --reference with the right weights then;
 - transformers: `AutoModel.from_pretrained(DIR, trust_remote_code=True)` gives the same embeddings as effir.load.
-  It runs the folder's modeling_effir.py only when that file is byte for byte the one this effir ships.
+  It runs the folder's modeling_effir.py only when that file is byte for byte the one this effir ships;
+- sentence-transformers: `SentenceTransformer(DIR)` in a fresh Python process where effir cannot be imported gives,
+  through `encode_query` / `encode_document`, the same embeddings as effir.load (max |diff| <= --atol). A
+  compressed folder's own modeling file runs there only when it is the one effir ships.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     want = _embeddings(encoder)
     lines.append(_check_reference(args, meta, encoder, structure, want))
     lines.append(_check_transformers(folder, meta, encoder, want, args))
+    lines.append(_check_sentence_transformers(folder, meta, want, args))
     return _report(lines)
 
 
@@ -195,3 +199,50 @@ def _check_transformers(folder: Path, meta: dict, encoder: Encoder, want: torch.
     status = "PASS" if diff <= args.atol else "FAIL"
     return status, "transformers", (f"AutoModel.from_pretrained(DIR, trust_remote_code=True) -> "
                                     f"{type(model).__name__}: max |embedding diff| {diff:.2e} vs effir.load")
+
+
+ST_SCRIPT = """
+import json, sys
+sys.modules["effir"] = None  # the folder must embed without effir: any import of it fails
+from sentence_transformers import SentenceTransformer
+folder, remote, device, texts, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+# fp32 as effir.load(DIR) is compared here, whatever dtype the weights are stored in: like with like
+model = SentenceTransformer(folder, device=device, trust_remote_code=remote, model_kwargs={"dtype": "float32"})
+query = model.encode_query(texts["query"], convert_to_tensor=True).float().cpu().tolist()
+document = model.encode_document(texts["document"], convert_to_tensor=True).float().cpu().tolist()
+json.dump(query + document, open(out, "w"))
+"""
+
+
+def _check_sentence_transformers(folder: Path, meta: dict, want: torch.Tensor, args):
+    """``SentenceTransformer(DIR)`` in a process without effir embeds :data:`QUERIES` / :data:`DOCUMENTS` as effir."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..encoder import document_text
+
+    export = meta.get("sentence_transformers") or {}
+    if not export.get("exported", (folder / "modules.json").is_file()):
+        return "SKIP", "sentence-transformers", f"no sentence-transformers files: {export.get('reason', '?')}"
+    remote = bool(meta.get("structure"))
+    if remote and not remote_code_is_packaged(folder):
+        return "FAIL", "sentence-transformers", f"{REMOTE_FILE} is not the file this effir ships; not run"
+    texts = {"query": QUERIES, "document": [document_text(d) for d in DOCUMENTS]}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "embeddings.json"
+        env = {**os.environ, "PYTHONPATH": "", "HF_MODULES_CACHE": str(Path(tmp) / "modules")}
+        proc = subprocess.run([sys.executable, "-I", "-c", ST_SCRIPT, str(folder.resolve()), str(int(remote)),
+                               args.device, json.dumps(texts), str(out)], cwd=tmp, env=env, capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=600)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return "FAIL", "sentence-transformers", f"SentenceTransformer(DIR) failed: {last}"
+        got = torch.tensor(json.loads(out.read_text()))
+    diff = (got - want).abs().max().item()
+    status = "PASS" if diff <= args.atol else "FAIL"
+    return status, "sentence-transformers", (f"SentenceTransformer(DIR{', trust_remote_code=True' if remote else ''})"
+                                             f" encode_query / encode_document: max |embedding diff| {diff:.2e} vs "
+                                             "effir.load")
