@@ -48,7 +48,8 @@ def _dropped(src, out):
 
 def test_a_student_equal_to_its_parent_has_zero_loss(tiny_llama_dir, texts_dir, tmp_path):
     out = tmp_path / "same"
-    assert main(_args(tiny_llama_dir, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 2)) == 0
+    assert main(_args(tiny_llama_dir, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 2,
+                      "--kl-weight", 1)) == 0
     first = _log(out)[0]
     # LoRA starts as the identity: same embeddings, same in-batch distributions
     assert first["loss"] == pytest.approx(0.0, abs=1e-6)
@@ -99,9 +100,10 @@ def test_distillation_moves_the_student_towards_its_parent(tiny_llama_dir, texts
 
 def test_kill_9_then_the_same_command_resumes_exactly(tiny_llama_dir, texts_dir, tmp_path):
     student = _dropped(tiny_llama_dir, tmp_path / "student")
-    args = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "ref", "--max-steps", 5, "--save-every", 2)
+    common = ["--max-steps", 5, "--save-every", 2, "--kl-weight", 1]
+    args = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "ref", *common)
     assert main(args) == 0
-    killed = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "k", "--max-steps", 5, "--save-every", 2)
+    killed = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "k", *common)
     env = dict(os.environ, PYTHONPATH=str(Path(effir.__file__).parents[1]), OMP_NUM_THREADS="1",
                EFFIR_TEST_KILL_AT_STEP="3")
     proc = subprocess.run([sys.executable, "-m", "effir", *killed], env=env, capture_output=True, text=True)
@@ -162,5 +164,5 @@ def test_a_parent_of_another_size_trains_on_similarities_alone(tiny_llama_dir, t
     teacher = _other_width_model(tmp_path, tiny_llama_dir)
     out = tmp_path / "out"
     assert main(_args(tiny_llama_dir, teacher, f"beir:{texts_dir}", out, "--max-steps", 2, "--embedding-weight",
-                      "0")) == 0
+                      "0", "--kl-weight", "1")) == 0
     assert "embedding" not in _log(out)[0] and _log(out)[0]["kl_dd"] > 0

@@ -8,7 +8,8 @@ space, from text alone. Each step takes --batch-size query-side and --batch-size
     (--embedding-loss cosine: 1 - cos; mse: squared difference per element, as sentence-transformers' MSELoss), plus
   --kl-weight x KL(parent || student) between in-batch similarity distributions: each query over the batch's
     documents, and each document over the other documents (--temperature for the student, --teacher-temperature
-    for the parent).
+    for the parent); off by default. With a parent of another embedding size, train on it alone
+    (--embedding-weight 0 --kl-weight 1).
 The parent's embeddings of every text are computed once and cached as effir eval caches a corpus (row count,
 dimension and sha256 checked), so a step costs only the student's passes, and a second run on the same texts none.
 
@@ -75,9 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
     g.add_argument("--embedding-weight", type=finite_float, default=1.0,
                    help="weight of the embedding distance (needs the parent's embedding size; 0: similarities only)")
-    g.add_argument("--kl-weight", type=finite_float, default=1.0, help="weight of the in-batch similarity KL")
+    g.add_argument("--kl-weight", type=finite_float, default=0.0,
+                   help="weight of the in-batch similarity KL (default 0: at 1 it recovered less than the embedding "
+                        "distance alone, docs/results/minilm-distill-cpu.md)")
     g.add_argument("--temperature", type=finite_float, default=0.05, help="student temperature of the similarity KL")
-    g.add_argument("--teacher-temperature", type=finite_float, default=None, help="parent temperature (default: --temperature)")
+    g.add_argument("--teacher-temperature", type=finite_float, default=None,
+                   help="parent temperature (default: --temperature)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     g.add_argument("--lora-r", type=int, default=32)
@@ -190,10 +194,10 @@ def _run(args, acc, texts: Texts) -> int:
     return 0
 
 
-RUN_KEYS = ("texts", "max_texts", "passage_words", "query_max_length", "document_max_length", "embedding_loss", "embedding_weight", "kl_weight", "temperature",
-            "teacher_temperature", "teacher_dtype", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-            "lr", "weight_decay", "schedule", "warmup_ratio", "batch_size", "grad_accum", "epochs", "max_steps",
-            "max_grad_norm", "precision", "seed")
+RUN_KEYS = ("texts", "max_texts", "passage_words", "query_max_length", "document_max_length", "embedding_loss",
+            "embedding_weight", "kl_weight", "temperature", "teacher_temperature", "teacher_dtype", "full", "lora_r",
+            "lora_alpha", "lora_dropout", "lora_targets", "lr", "weight_decay", "schedule", "warmup_ratio",
+            "batch_size", "grad_accum", "epochs", "max_steps", "max_grad_norm", "precision", "seed")
 
 
 def _check_args(args) -> None:
