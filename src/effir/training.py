@@ -67,6 +67,18 @@ def mixed_precision(precision: str, device: str | None) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def run_with_accelerator(device: str | None, precision: str, body: Callable[[object], int]) -> int:
+    """``body(acc)`` with this process's Accelerator, then a barrier; the process group is always torn down (no
+    barrier on errors: a failed process exits and the launcher stops the others)."""
+    acc = accelerator(device, precision)
+    try:
+        rc = body(acc)
+        acc.wait_for_everyone()
+        return rc
+    finally:
+        end_distributed()
+
+
 def prepare_output(out: Path, marker: str, overwrite: bool, acc) -> None:
     """Create the run folder ``out`` on the main process; a finished run (``out/marker`` exists) is an error unless
     ``overwrite``, which removes it (an unfinished run is kept: it resumes). Every process waits for it."""
@@ -97,6 +109,19 @@ def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+
+
+def trainable_parameters(encoder: Encoder, *, full: bool, gradient_checkpointing: bool, lora_r: int, lora_alpha: int,
+                         lora_dropout: float = 0.0, lora_targets: str = "all") -> list[torch.nn.Parameter]:
+    """Put ``encoder.model`` in training mode and return what trains: every weight (``full``) or LoRA adapters."""
+    encoder.model.train()
+    if gradient_checkpointing:
+        set_activation_checkpointing(encoder.model, True)
+    if full:
+        for p in encoder.model.parameters():
+            p.requires_grad_(True)
+        return list(encoder.model.parameters())
+    return add_lora(encoder, lora_r, lora_alpha, lora_dropout, lora_targets)
 
 
 def add_lora(encoder: Encoder, r: int, alpha: int, dropout: float = 0.0, targets: str = "all") -> list[torch.nn.Parameter]:

@@ -140,13 +140,7 @@ class Loss:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     texts = read_texts(args.texts, args.passage_words, args.max_texts, args.seed)  # before any output or model
-    acc = training.accelerator(args.device, args.precision)
-    try:
-        rc = _run(args, acc, texts)
-        acc.wait_for_everyone()
-        return rc
-    finally:  # no barrier on errors: a failed process exits and the launcher stops the others
-        training.end_distributed()
+    return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
 
 def _run(args, acc, texts: Texts) -> int:
@@ -166,7 +160,9 @@ def _run(args, acc, texts: Texts) -> int:
                  for side, items in (("query", texts.queries), ("document", texts.documents))}
     total = args.max_steps or max(1, round(args.epochs * per_epoch["document"]))
     seed_everything(args.seed)
-    trainable = _wrap(args, student)
+    trainable = training.trainable_parameters(
+        student, full=args.full, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_ratio, args.schedule, total))
     key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "teacher": teacher_id,
@@ -293,17 +289,6 @@ def _cache_teacher(args, texts: Texts, student: Encoder, device: str) -> tuple[d
 
 
 # -- training -------------------------------------------------------------------------------------------------------
-def _wrap(args, student: Encoder) -> list[torch.nn.Parameter]:
-    student.model.train()
-    if args.gradient_checkpointing:
-        training.set_activation_checkpointing(student.model, True)
-    if args.full:
-        for p in student.model.parameters():
-            p.requires_grad_(True)
-        return list(student.model.parameters())
-    return training.add_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-
-
 def _micro_batches(acc, student: Encoder, texts: Texts, targets: dict, loss: Loss, args, per_epoch: dict):
     """The :data:`effir.training.MicroBatch` of distillation: each side's texts in their own seeded order."""
     perms = {"query": {}, "document": {}}

@@ -129,13 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    acc = training.accelerator(args.device, args.precision)
-    try:
-        rc = _run(args, acc)
-        acc.wait_for_everyone()
-        return rc
-    finally:  # no barrier on errors: a failed process exits and the launcher stops the others
-        training.end_distributed()
+    return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc))
 
 
 def _run(args, acc) -> int:
@@ -159,7 +153,9 @@ def _run(args, acc) -> int:
     per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
     total = args.max_steps or max(1, int(round(args.epochs * per_epoch)))
     seed_everything(args.seed)
-    trainable = _wrap_model(args, encoder)
+    trainable = training.trainable_parameters(
+        encoder, full=args.full, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_ratio, args.schedule, total))
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
@@ -277,18 +273,7 @@ def _prepare_examples(args, encoder: Encoder, kind: str | None) -> list[TrainExa
     return examples
 
 
-# -- model ----------------------------------------------------------------------------------------------------------
-def _wrap_model(args, encoder: Encoder) -> list[torch.nn.Parameter]:
-    encoder.model.train()
-    if args.gradient_checkpointing:
-        training.set_activation_checkpointing(encoder.model, True)
-    if args.full:
-        for p in encoder.model.parameters():
-            p.requires_grad_(True)
-        return list(encoder.model.parameters())
-    return training.add_lora(encoder, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-
-
+# -- run key --------------------------------------------------------------------------------------------------------
 RUN_KEYS = ("train", "split", "negatives", "num_negatives", "mine_range", "mine_model", "teacher", "teacher_kind",
             "kl_weight", "kl_teacher_temperature", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
             "temperature", "no_in_batch", "no_gather", "pooling", "query_max_length", "document_max_length", "lr",

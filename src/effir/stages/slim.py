@@ -136,13 +136,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
     texts = load_texts(args.calibration).documents if args.method == "activation" else None
-    acc = training.accelerator(args.device, args.precision)
-    try:
-        rc = _run(args, acc, texts)
-        acc.wait_for_everyone()
-        return rc
-    finally:  # no barrier on errors: a failed process exits and the launcher stops the others
-        training.end_distributed()
+    return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
 
 def _run(args, acc, texts: list[str] | None) -> int:
