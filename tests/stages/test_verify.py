@@ -188,4 +188,4 @@ def test_sentence_transformers_check_fails_when_its_files_embed_differently(tmp_
         f.write("\n# edited\n")
     assert verify(out) == 1
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "sentence-transformers:" in ln)
-    assert line.startswith("FAIL") and "differs from the one effir ships; not run" in line
+    assert line.startswith("FAIL") and "not the file this effir ships; not run" in line
