@@ -130,6 +130,9 @@ class Texts:
 
 @dataclass(frozen=True)
 class Loss:
+    """The distillation loss's options (module docstring): embedding distance kind and weight, KL weight and
+    temperatures."""
+
     embedding: str
     embedding_weight: float
     kl_weight: float

@@ -73,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
     already = torch.distributed.is_available() and torch.distributed.is_initialized()
     owns_group = init_distributed_from_env(str(device)) and not already
     try:
-        return _run(args, device)
-    finally:
+        rc = _run(args, device)
+        if owns_group:  # every rank leaves together: a rank tearing gloo down while rank 0 still works can abort
+            torch.distributed.barrier()
+        return rc
+    finally:  # no barrier on errors: a failed process exits and the launcher stops the others
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
