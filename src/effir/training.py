@@ -99,6 +99,47 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def load_for_training(ref: str, device, *, full: bool, save_dtype: str, pooling: str | None = None,
+                      query_max_length: int | None = None, document_max_length: int | None = None):
+    """Load the model a training stage trains: fp32 master weights under ``full``, else the frozen base in
+    ``save_dtype`` (a bf16 7B backbone stays bf16; peft keeps the adapter in fp32), so merging changes only what LoRA
+    learned. Its settings get the training lengths given. Returns (encoder, the settings to save it with, the
+    dtype to save it in)."""
+    from dataclasses import replace
+
+    from .checkpoint import load
+    from .utils import floating_dtype, pick_dtype
+
+    encoder = load(ref, device=str(device), dtype="fp32" if full else save_dtype, pooling=pooling)
+    dtype = pick_dtype(save_dtype, torch.device(device), floating_dtype(encoder.meta["stored_dtype"]))
+    saved = encoder.settings
+    encoder.settings = replace(saved, query_max_length=query_max_length or saved.query_max_length,
+                               document_max_length=document_max_length or saved.document_max_length)
+    return encoder, saved, dtype
+
+
+def optimizer_and_schedule(params, *, lr: float, weight_decay: float, warmup_ratio: float, schedule: str,
+                           total: int):
+    """AdamW over ``params`` and its warm-up / decay schedule over ``total`` steps (:func:`effir.utils.lr_schedule`)."""
+    from .utils import lr_schedule
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(warmup_ratio, schedule, total))
+
+
+def finished_model(model: torch.nn.Module, *, lora: bool, gradient_checkpointing: bool,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """The trained model as it is saved: LoRA merged, activation checkpointing off, eval mode, ``dtype``, frozen."""
+    if lora:
+        model = model.merge_and_unload()
+    if gradient_checkpointing:
+        set_activation_checkpointing(model, False)
+    model.eval().to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
     """Recompute activations in the backward pass (less memory, ~30 % more time); non-reentrant, so frozen inputs
     and hooks (slim's gates) work."""

@@ -30,7 +30,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,10 +48,7 @@ from ..utils import (
     check_output_dir,
     dtype_name,
     finite_float,
-    floating_dtype,
     from_main_process,
-    lr_schedule,
-    pick_dtype,
     seed_everything,
     write_json,
 )
@@ -151,12 +148,9 @@ def _run(args, acc, texts: Texts) -> int:
     training.prepare_output(out, "distill.json", args.overwrite, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
-    student = load(args.model, device=str(acc.device), dtype="fp32" if args.full else args.save_dtype)
-    save_dtype = pick_dtype(args.save_dtype, acc.device, floating_dtype(student.meta["stored_dtype"]))
-    saved_settings = student.settings
-    student.settings = replace(saved_settings,  # training lengths; the saved model keeps saved_settings
-                               query_max_length=args.query_max_length or saved_settings.query_max_length,
-                               document_max_length=args.document_max_length or saved_settings.document_max_length)
+    student, saved_settings, save_dtype = training.load_for_training(
+        args.model, acc.device, full=args.full, save_dtype=args.save_dtype,
+        query_max_length=args.query_max_length, document_max_length=args.document_max_length)
     targets, teacher_id = _teacher_embeddings(args, acc, texts, student)
     per_epoch = {side: training.steps_per_epoch(len(items), args.batch_size, acc.num_processes, args.grad_accum,
                                                 f"{side}-side texts")
@@ -166,8 +160,9 @@ def _run(args, acc, texts: Texts) -> int:
     trainable = training.trainable_parameters(
         student, full=args.full, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_ratio, args.schedule, total))
+    optimizer, scheduler = training.optimizer_and_schedule(trainable, lr=args.lr, weight_decay=args.weight_decay,
+                                                           warmup_ratio=args.warmup_ratio, schedule=args.schedule,
+                                                           total=total)
     key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "teacher": teacher_id,
            "model_fingerprint": fingerprint(student), "texts": texts.key, "processes": acc.num_processes,
            "total_steps": total}
@@ -343,13 +338,8 @@ def distillation_loss(sq: torch.Tensor, sd: torch.Tensor, tq: torch.Tensor, td: 
 
 def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: Path, stats: dict, total: int,
             wall: float) -> None:
-    model = student.model if args.full else student.model.merge_and_unload()
-    if args.gradient_checkpointing:
-        training.set_activation_checkpointing(model, False)
-    model.eval().to(save_dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    student.model = model
+    student.model = training.finished_model(student.model, lora=not args.full,
+                                            gradient_checkpointing=args.gradient_checkpointing, dtype=save_dtype)
     stage = {"stage": "distill", "teacher": str(args.teacher), "texts": list(args.texts), "steps": total,
              "method": "full" if args.full else f"lora(r={args.lora_r},alpha={args.lora_alpha})", "lr": args.lr,
              "query_texts": len(texts.queries), "document_texts": len(texts.documents)}

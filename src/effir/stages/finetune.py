@@ -21,7 +21,6 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,9 +45,6 @@ from ..utils import (
     check_device,
     check_output_dir,
     finite_float,
-    floating_dtype,
-    lr_schedule,
-    pick_dtype,
     seed_everything,
     write_json,
 )
@@ -137,15 +133,9 @@ def _run(args, acc) -> int:
     _prepare_output(args, out, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
-    # Full fine-tuning keeps fp32 master weights; under LoRA the frozen base stays in the dtype it is saved in (a
-    # bf16 7B backbone stays bf16; peft keeps the adapter in fp32), so merging changes only what LoRA learned.
-    load_dtype = "fp32" if args.full else args.save_dtype
-    encoder = load(args.model, device=str(acc.device), dtype=load_dtype, pooling=args.pooling)
-    save_dtype = pick_dtype(args.save_dtype, acc.device, floating_dtype(encoder.meta["stored_dtype"]))
-    saved_settings = encoder.settings
-    encoder.settings = replace(saved_settings,  # training lengths; the saved model keeps saved_settings
-                               query_max_length=args.query_max_length or saved_settings.query_max_length,
-                               document_max_length=args.document_max_length or saved_settings.document_max_length)
+    encoder, saved_settings, save_dtype = training.load_for_training(
+        args.model, acc.device, full=args.full, save_dtype=args.save_dtype, pooling=args.pooling,
+        query_max_length=args.query_max_length, document_max_length=args.document_max_length)
     model_fp = fingerprint(encoder)
     examples, teacher_t = _training_data(args, encoder, acc, out)
     if args.prepare_only:
@@ -156,8 +146,9 @@ def _run(args, acc) -> int:
     trainable = training.trainable_parameters(
         encoder, full=args.full, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args.warmup_ratio, args.schedule, total))
+    optimizer, scheduler = training.optimizer_and_schedule(trainable, lr=args.lr, weight_decay=args.weight_decay,
+                                                           warmup_ratio=args.warmup_ratio, schedule=args.schedule,
+                                                           total=total)
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
     start = training.resume(out / "checkpoints", acc, encoder.model, optimizer, scheduler, key,
                             log_path=out / "train_log.jsonl", explicit=Path(args.resume) if args.resume else None,
@@ -328,15 +319,9 @@ def _watch_collapse(stats: dict, record: dict, args, main: bool) -> None:
 
 def _finish(args, encoder: Encoder, save_dtype: torch.dtype, settings, out: Path, stats, total: int,
             wall: float) -> None:
-    model = encoder.model
-    if not args.full:
-        model = model.merge_and_unload()
-    if args.gradient_checkpointing:
-        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-    model.eval().to(save_dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    encoder.model, encoder.settings = model, settings
+    encoder.model = training.finished_model(encoder.model, lora=not args.full,
+                                            gradient_checkpointing=args.gradient_checkpointing, dtype=save_dtype)
+    encoder.settings = settings
     stage = {"stage": "finetune", "train": str(args.train), "steps": total,
              "method": "full" if args.full else f"lora(r={args.lora_r},alpha={args.lora_alpha})", "lr": args.lr,
              "teacher": args.teacher, "negatives": args.negatives, "num_negatives": args.num_negatives}
