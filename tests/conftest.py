@@ -86,6 +86,22 @@ def cpu_bf16(request, monkeypatch) -> bool:
     return value == "1"
 
 
+@pytest.fixture
+def encoded(monkeypatch) -> dict:
+    """How many texts of each side any model embedded through ``Encoder.encode`` while the test runs."""
+    from effir.encoder import Encoder
+
+    counted = {"query": 0, "document": 0}
+    encode = Encoder.encode
+
+    def counting(self, texts, side, *a, **k):
+        counted[side] += len(texts)
+        return encode(self, texts, side, *a, **k)
+
+    monkeypatch.setattr(Encoder, "encode", counting)
+    return counted
+
+
 @pytest.fixture(scope="session")
 def _tiny_models():
     from transformers import AutoModel

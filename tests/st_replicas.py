@@ -22,6 +22,9 @@ for BERT). Copied from the published folders:
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,3 +210,16 @@ def build_replica(name: str, folder: Path, st_files: bool = True) -> Path:
     if st_files:
         _write_st_files(folder, r, config.hidden_size)
     return folder
+
+
+def run_without_effir(script: str, tmp_path: Path, job) -> dict:
+    """Run ``script`` (it reads ``job`` as JSON from argv[1], writes JSON to argv[2]) in a fresh interpreter that
+    cannot import effir, offline, stdin closed (no prompt); return what it wrote."""
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    (tmp_path / "script.py").write_text(script)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "script.py"), str(tmp_path / "job.json"),
+                           str(tmp_path / "out.json")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from st_replicas import QWEN_SPECIALS, REPLICAS, WEB_SEARCH, build_replica
+from st_replicas import QWEN_SPECIALS, REPLICAS, WEB_SEARCH, build_replica, run_without_effir
 
 import effir
 from effir import cli
@@ -149,15 +149,8 @@ ST_SCRIPT = textwrap.dedent("""
 
 
 def _run_st(tmp_path, jobs: list[dict]) -> dict:
-    """Run ``ST_SCRIPT`` on ``jobs`` in a fresh interpreter that cannot import effir (stdin closed: no prompt)."""
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "st.py").write_text(ST_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "st.py"), str(tmp_path / "jobs.json"),
-                           str(tmp_path / "out.json")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((tmp_path / "out.json").read_text())
+    """Run ``ST_SCRIPT`` on ``jobs`` where effir cannot be imported."""
+    return run_without_effir(ST_SCRIPT, tmp_path, jobs)
 
 
 def _compressed(src, out, stage: str):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .arch import get_adapter
-from .encoder import DEFAULT_TASK, EmbeddingSettings, Encoder, default_settings, prompt_template
+from .encoder import DEFAULT_TASK, AsymmetricEncoder, EmbeddingSettings, Encoder, default_settings, prompt_template
 from .export import write_sentence_transformers_files
 from .stfolder import is_st_folder, read_st_folder
 from .utils import EffirError, dtype_name, floating_dtype, pick_device, pick_dtype, sha256_file
@@ -34,6 +34,7 @@ REMOTE_FILE = "modeling_effir.py"
 REMOTE_CONFIG_KEY = "effir_structure"  # config.json key read by the remote modeling file
 BASE_TYPE_KEY = "effir_base_model_type"  # a compressed folder's model_type is "effir"; the real one is kept here
 COMPRESSED_MODEL_TYPE = "effir"
+ROUTES_KEY = "routes"  # effir.json of a query-side folder (effir.asymmetric)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
     path = Path(ref_s).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
+            if (path / EFFIR_JSON).is_file() and ROUTES_KEY in read_effir_json(path):
+                raise EffirError(f"{path} is a query-side folder (queries and documents are embedded by two models); "
+                                 f"this command takes one model: pass {path / 'query'} or {path / 'document'}")
             raise EffirError(f"{path} is a directory without config.json; it is not a model folder")
         return "dir", path
     if path.is_file():
@@ -355,15 +359,21 @@ def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task
 QUERY_ONLY_SETTINGS = ("query_template", "query_max_length")
 
 
-def fingerprint(encoder: Encoder, documents_only: bool = False) -> str:
+def fingerprint(encoder: Encoder | AsymmetricEncoder, documents_only: bool = False) -> str:
     """A short, stable identity for a loaded model: config, structure, embedding settings and the weights.
 
     The weights enter through a strided sample of every tensor (first/last elements plus a stride of 4096), so two
     fine-tunes of the same architecture differ, while hashing stays fast for 7B models. The load dtype does not
     enter: the config's dtype is left out and the samples are rounded to bf16, so `effir analyze` on a GPU (bf16)
     and `effir drop` on a CPU (fp32) see the same model. ``documents_only`` leaves out the settings that only
-    change queries (the key of cached corpus embeddings: a new query prompt must not re-encode the corpus).
+    change queries (the key of cached corpus embeddings: a new query prompt must not re-encode the corpus). A
+    query-side model's documents are its document route's, so their key is the parent's.
     """
+    if isinstance(encoder, AsymmetricEncoder):
+        if documents_only:
+            return fingerprint(encoder.route("document"), documents_only=True)
+        both = "|".join(fingerprint(encoder.route(side)) for side in ("query", "document"))
+        return hashlib.sha256(both.encode()).hexdigest()[:16]
     h = hashlib.sha256()
     config = {k: v for k, v in encoder.model.config.to_diff_dict().items() if k not in ("dtype", "torch_dtype")}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())

@@ -166,6 +166,11 @@ class Encoder:
         if settings.append_eos and tokenizer.eos_token_id is None:
             raise EffirError("append_eos is set but the tokenizer has no EOS token; set append_eos: false")
 
+    def route(self, side: str) -> Encoder:
+        """The encoder that embeds ``side`` (``query`` or ``document``): this one (see :class:`AsymmetricEncoder`)."""
+        _check_side(side)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -236,8 +241,7 @@ class Encoder:
         All texts are tokenized first and batches are formed in order of *token* count (longest first), so padding
         is minimal (sorting by characters, as sentence-transformers does, pads more); the order is restored at the end.
         """
-        if side not in ("query", "document"):
-            raise EffirError(f"side must be 'query' or 'document', not {side!r}")
+        _check_side(side)
         if batch_size < 1:
             raise EffirError(f"batch_size must be >= 1, got {batch_size}")
         texts = list(texts)
@@ -264,3 +268,66 @@ class Encoder:
     def encode_documents(self, documents: Iterable, batch_size: int = 32, show_progress: bool = False):
         """``documents``: strings or BEIR dicts with ``title``/``text``."""
         return self.encode(list(documents), "document", batch_size, show_progress)
+
+
+SIDES = ("query", "document")
+
+
+def _check_side(side: str) -> None:
+    if side not in SIDES:
+        raise EffirError(f"side must be 'query' or 'document', not {side!r}")
+
+
+class AsymmetricEncoder:
+    """Queries embedded by one model, documents by another: a compressed query encoder in front of the parent
+    retriever whose document index already exists. Load one with :func:`effir.load` (a folder written by
+    :func:`effir.asymmetric.save`).
+
+    ``encode_documents`` is the document route's (the parent's) exactly; ``settings`` are the query route's query
+    settings with the document route's document settings and scoring.
+
+    Attributes:
+        routes: ``{"query": Encoder, "document": Encoder}``.
+        meta: the folder's ``effir.json`` content, and ``reference`` / ``path``.
+    """
+
+    def __init__(self, query: Encoder, document: Encoder, meta: dict | None = None):
+        if query.dim != document.dim:
+            raise EffirError(f"the query route embeds in {query.dim} dimensions and the document route in "
+                             f"{document.dim}: their embeddings cannot be compared")
+        if query.settings.normalize != document.settings.normalize:
+            raise EffirError("the query and document routes must both normalise their embeddings, or neither")
+        self.routes = {"query": query, "document": document}
+        self.meta = meta or {}
+
+    def route(self, side: str) -> Encoder:
+        _check_side(side)
+        return self.routes[side]
+
+    @property
+    def settings(self) -> EmbeddingSettings:
+        query, document = self.routes["query"].settings, self.routes["document"].settings
+        return EmbeddingSettings(**{**document.to_dict(), **{k: v for k, v in query.to_dict().items()
+                                                            if k.startswith("query_")}})
+
+    @property
+    def device(self) -> torch.device:
+        return self.routes["document"].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.routes["document"].dtype
+
+    @property
+    def dim(self) -> int:
+        return self.routes["document"].dim
+
+    def encode(self, texts: Sequence, side: str, batch_size: int = 32, show_progress: bool = False,
+               desc: str | None = None) -> torch.Tensor:
+        return self.route(side).encode(texts, side, batch_size, show_progress, desc)
+
+    def encode_queries(self, queries: Iterable[str], batch_size: int = 32, show_progress: bool = False):
+        return self.routes["query"].encode_queries(queries, batch_size, show_progress)
+
+    def encode_documents(self, documents: Iterable, batch_size: int = 32, show_progress: bool = False):
+        return self.routes["document"].encode_documents(documents, batch_size, show_progress)

@@ -13,7 +13,6 @@ from conftest import TINY, TINY_CORPUS, TINY_QUERIES, WORDS, write_beir
 
 import effir
 from effir.cli import main
-from effir.encoder import Encoder
 from effir.stages.distill import pseudo_queries, read_texts
 
 EXTRA = [{"_id": f"x{i}", "title": "", "text": f"the {w} and the {v} in the city. a {v} is in the {w} water."}
@@ -56,32 +55,29 @@ def test_a_student_equal_to_its_parent_has_zero_loss(tiny_llama_dir, texts_dir, 
     assert first["embedding"] == pytest.approx(0.0, abs=1e-6) and first["kl_qd"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_parent_encodes_each_text_once(tiny_llama_dir, texts_dir, tmp_path, monkeypatch):
-    counted = {"query": 0, "document": 0}
-    encode = Encoder.encode
-
-    def counting(self, texts, side, *a, **k):
-        counted[side] += len(texts)
-        return encode(self, texts, side, *a, **k)
-
-    monkeypatch.setattr(Encoder, "encode", counting)
+def test_the_parent_encodes_each_text_once(tiny_llama_dir, texts_dir, tmp_path, encoded):
     student = _dropped(tiny_llama_dir, tmp_path / "student")
     texts = read_texts([f"beir:{texts_dir}"], 200, None, 42)
     assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "a", "--max-steps", 3)) == 0
-    assert counted == {"query": len(texts.queries), "document": len(texts.documents)}  # not once per step
+    assert encoded == {"query": len(texts.queries), "document": len(texts.documents)}  # not once per step
     assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "b", "--max-steps", 3)) == 0
-    assert counted == {"query": len(texts.queries), "document": len(texts.documents)}  # the cache serves run 2
+    assert encoded == {"query": len(texts.queries), "document": len(texts.documents)}  # the cache serves run 2
     assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
 
 
-def test_distillation_moves_the_student_towards_its_parent(tiny_llama_dir, texts_dir, tmp_path):
+def _damaged(parent, out):
+    """A damaged copy of the parent: far from it, as a compressed model starts."""
     from effir.checkpoint import save
 
-    enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
-    with torch.no_grad():  # a damaged copy of the parent: far from it, as a compressed model starts
+    enc = effir.load(parent, device="cpu", dtype="fp32")
+    with torch.no_grad():
         for p in enc.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    student = save(enc, tmp_path / "student", {"stage": "drop", "model": str(tiny_llama_dir)})
+    return save(enc, out, {"stage": "drop", "model": str(parent)})
+
+
+def test_distillation_moves_the_student_towards_its_parent(tiny_llama_dir, texts_dir, tmp_path):
+    student = _damaged(tiny_llama_dir, tmp_path / "student")
     out = tmp_path / "run"
     assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 12, "--schedule",
                       "constant")) == 0
@@ -98,9 +94,10 @@ def test_distillation_moves_the_student_towards_its_parent(tiny_llama_dir, texts
     assert summary["steps"] == 12 and summary["teacher"] == str(tiny_llama_dir)
 
 
-def test_kill_9_then_the_same_command_resumes_exactly(tiny_llama_dir, texts_dir, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--query-side"]], ids=["both-sides", "query-side"])
+def test_kill_9_then_the_same_command_resumes_exactly(tiny_llama_dir, texts_dir, tmp_path, mode):
     student = _dropped(tiny_llama_dir, tmp_path / "student")
-    common = ["--max-steps", 5, "--save-every", 2, "--kl-weight", 1]
+    common = ["--max-steps", 5, "--save-every", 2, "--kl-weight", 1, *mode]
     args = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "ref", *common)
     assert main(args) == 0
     killed = _args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / "k", *common)
@@ -166,3 +163,45 @@ def test_a_parent_of_another_size_trains_on_similarities_alone(tiny_llama_dir, t
     assert main(_args(tiny_llama_dir, teacher, f"beir:{texts_dir}", out, "--max-steps", 2, "--embedding-weight",
                       "0", "--kl-weight", "1")) == 0
     assert "embedding" not in _log(out)[0] and _log(out)[0]["kl_dd"] > 0
+
+
+def test_query_side_trains_queries_only_and_keeps_the_parents_documents(tiny_llama_dir, texts_dir, tmp_path,
+                                                                       monkeypatch, encoded):
+    same = tmp_path / "same"
+    assert main(_args(tiny_llama_dir, tiny_llama_dir, f"beir:{texts_dir}", same, "--max-steps", 2, "--kl-weight", 1,
+                      "--query-side")) == 0
+    first = _log(same)[0]  # LoRA starts as the identity: the student's queries are the parent's
+    assert first["loss"] == pytest.approx(0.0, abs=1e-6) and first["kl_qd"] == pytest.approx(0.0, abs=1e-6)
+    assert "kl_dd" not in first
+
+    encoded.update(query=0, document=0)
+    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "fresh-cache"))  # the run above cached the parent's queries
+    student = _damaged(tiny_llama_dir, tmp_path / "student")
+    out = tmp_path / "run"
+    assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 12, "--query-side",
+                      "--schedule", "constant")) == 0
+    texts = read_texts([f"beir:{texts_dir}"], 200, None, 42)
+    assert encoded == {"query": len(texts.queries), "document": 0}  # the parent embeds no document for this loss
+    model = effir.load(out / "model", device="cpu", dtype="fp32")
+    parent = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
+    before = effir.load(student, device="cpu", dtype="fp32")
+    assert torch.equal(model.encode_documents(texts.documents), parent.encode_documents(texts.documents))
+
+    def distance(enc):
+        return (1 - (enc.encode_queries(texts.queries) * parent.encode_queries(texts.queries)).sum(-1)).mean().item()
+
+    assert distance(model) < 0.5 * distance(before)
+    meta = json.loads((out / "model" / "effir.json").read_text())
+    assert meta["routes"] and meta["history"][-1]["query_side"]
+
+
+def test_query_side_needs_the_parents_space_even_without_the_embedding_loss(tiny_llama_dir, texts_dir, tmp_path,
+                                                                            capsys):
+    teacher = _other_width_model(tmp_path, tiny_llama_dir)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(_args(tiny_llama_dir, teacher, f"beir:{texts_dir}", out, "--max-steps", 1, "--query-side",
+                      "--embedding-weight", 0, "--kl-weight", 1)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--query-side" in err and "same space" in err, err
+    assert not (out / "model").exists()

@@ -18,6 +18,11 @@ beir:DIR[:corpus|queries|both]. Documents longer than --passage-words words are 
 sentences. Query-side texts are the sources' queries; a source without queries (wiki, a file, a BEIR corpus) gives
 one sentence of each of its passages instead.
 
+--query-side compresses the query encoder only: the student learns the parent's query embeddings (and, with
+--kl-weight, each query's similarities over the parent's document embeddings) and never embeds a document, and
+DIR/model becomes a query-side folder (effir.asymmetric): queries through the student, documents through the parent
+unchanged, so an index the parent built stays valid and `effir eval` reuses the parent's cached corpus embeddings.
+
 LoRA by default (--full: every weight), resumable after a kill (--save-every; run the same command again), several
 processes under torchrun / accelerate launch as effir finetune (documents are gathered across processes for the
 in-batch distributions). Writes DIR/model, DIR/distill_log.jsonl and DIR/distill.json (last: the run is complete).
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .. import embedding_cache, training
+from .. import asymmetric, embedding_cache, training
 from ..calibration import SOURCE_HELP, load_texts, sample_texts
 from ..checkpoint import cache_dir, fingerprint, load, save
 from ..encoder import Encoder
@@ -62,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="run folder: model/, distill.json, distill_log.jsonl")
     p.add_argument("--max-texts", type=int, default=None,
                    help="at most this many texts per side (a seeded sample; default: all)")
+    p.add_argument("--query-side", action="store_true",
+                   help="compress the query encoder only: train on query-side texts and save a query-side folder "
+                        "whose documents the parent embeds, so its existing index stays valid")
     p.add_argument("--passage-words", type=int, default=200,
                    help="cut longer documents into passages of about this many words (default: 200)")
     p.add_argument("--query-max-length", type=int, default=None,
@@ -152,10 +160,11 @@ def _run(args, acc, texts: Texts) -> int:
         args.model, acc.device, full=args.full, save_dtype=args.save_dtype,
         query_max_length=args.query_max_length, document_max_length=args.document_max_length)
     targets, teacher_id = _teacher_embeddings(args, acc, texts, student)
+    sides = (("query", texts.queries),) if args.query_side and not args.kl_weight else (
+        ("query", texts.queries), ("document", texts.documents))
     per_epoch = {side: training.steps_per_epoch(len(items), args.batch_size, acc.num_processes, args.grad_accum,
-                                                f"{side}-side texts")
-                 for side, items in (("query", texts.queries), ("document", texts.documents))}
-    total = args.max_steps or max(1, round(args.epochs * per_epoch["document"]))
+                                                f"{side}-side texts") for side, items in sides}
+    total = args.max_steps or max(1, round(args.epochs * per_epoch["query" if args.query_side else "document"]))
     seed_everything(args.seed)
     trainable = training.trainable_parameters(
         student, full=args.full, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
@@ -188,7 +197,7 @@ def _run(args, acc, texts: Texts) -> int:
     return 0
 
 
-RUN_KEYS = ("texts", "max_texts", "passage_words", "query_max_length", "document_max_length", "embedding_loss",
+RUN_KEYS = ("texts", "query_side", "max_texts", "passage_words", "query_max_length", "document_max_length", "embedding_loss",
             "embedding_weight", "kl_weight", "temperature", "teacher_temperature", "teacher_dtype", "full", "lora_r",
             "lora_alpha", "lora_dropout", "lora_targets", "lr", "weight_decay", "schedule", "warmup_ratio",
             "batch_size", "grad_accum", "epochs", "max_steps", "max_grad_norm", "precision", "seed")
@@ -270,6 +279,10 @@ def _cache_teacher(args, texts: Texts, student: Encoder, device: str) -> tuple[d
     teacher = load(args.teacher, device=device, dtype=args.teacher_dtype,
                    query_max_length=student.settings.query_max_length,
                    document_max_length=student.settings.document_max_length)
+    if args.query_side and teacher.dim != student.dim:
+        raise EffirError(f"--query-side: teacher {args.teacher} embeds in {teacher.dim} dimensions and the student in "
+                         f"{student.dim}; the student's queries are searched against the parent's document "
+                         "embeddings, so both must embed in the same space")
     if args.embedding_weight and teacher.dim != student.dim:
         raise EffirError(f"teacher {args.teacher} embeds in {teacher.dim} dimensions and the student in "
                          f"{student.dim}: --embedding-weight needs the same space; pass --embedding-weight 0 to "
@@ -277,6 +290,8 @@ def _cache_teacher(args, texts: Texts, student: Encoder, device: str) -> tuple[d
     teacher_id = f"{fingerprint(teacher)}-{dtype_name(teacher.dtype)}"
     paths = {}
     for side, items in (("query", texts.queries), ("document", texts.documents)):
+        if side == "document" and args.query_side and not args.kl_weight:
+            continue  # the query-side embedding loss needs no document at all
         path = cache_dir() / "embeddings" / f"teacher-{teacher_id}-{texts.key}-{side}.npy"
         if embedding_cache.read(path, len(items), teacher.dim) is None:
             emb = teacher.encode(items, side, args.encode_batch_size, show_progress=not args.no_progress,
@@ -299,6 +314,8 @@ def _micro_batches(acc, student: Encoder, texts: Texts, targets: dict, loss: Los
                                       perms=perms[side])
 
     def micro_batch(step: int, micro: int):
+        if args.query_side:
+            return query_side_micro_batch(step, micro)
         _, qi = indices("query", step, micro)
         epoch, di = indices("document", step, micro)
         q_batch = {k: v.to(acc.device) for k, v in student.tokenize([items["query"][i] for i in qi], "query").items()}
@@ -311,6 +328,19 @@ def _micro_batches(acc, student: Encoder, texts: Texts, targets: dict, loss: Los
         tokens = int(q_batch["attention_mask"].sum() + d_batch["attention_mask"].sum())
         parts.update(doc_cos=training.mean_pairwise_cosine(sd.detach()),
                      tokens=torch.tensor(float(tokens), device=acc.device))
+        return total, parts, epoch
+
+    def query_side_micro_batch(step: int, micro: int):
+        epoch, qi = indices("query", step, micro)
+        q_batch = {k: v.to(acc.device) for k, v in student.tokenize([items["query"][i] for i in qi], "query").items()}
+        with acc.autocast():
+            sq = student.embed(**q_batch)
+        td = None
+        if loss.kl_weight:  # the parent's documents: the index the student's queries will be searched against
+            td = targets["document"][indices("document", step, micro)[1]].to(acc.device)
+        total, parts = query_side_loss(sq.float(), targets["query"][qi].to(acc.device), td, loss)
+        parts.update(doc_cos=training.mean_pairwise_cosine(sq.detach()),  # collapse watch, on the only side trained
+                     tokens=q_batch["attention_mask"].sum().float())
         return total, parts, epoch
 
     return micro_batch
@@ -336,6 +366,22 @@ def distillation_loss(sq: torch.Tensor, sd: torch.Tensor, tq: torch.Tensor, td: 
     return total, parts
 
 
+def query_side_loss(sq: torch.Tensor, tq: torch.Tensor, td: torch.Tensor | None, loss: Loss) -> tuple[torch.Tensor,
+                                                                                                    dict]:
+    """The student's query embeddings ``sq`` against the parent's ``tq`` of the same texts, and (``td``: the parent's
+    embeddings of a batch of documents) the KL between each query's similarities over those documents, the student's
+    query against the parent's. Returns the loss and its detached parts."""
+    parts = {}
+    total = torch.zeros((), device=sq.device)
+    if loss.embedding_weight:
+        emb = embedding_match(sq, tq, loss.embedding)
+        total, parts["embedding"] = total + loss.embedding_weight * emb, emb.detach()
+    if loss.kl_weight:
+        kl_qd = similarity_kl(sq, td, tq, td, loss.temperature, loss.teacher_temperature)
+        total, parts["kl_qd"] = total + loss.kl_weight * kl_qd, kl_qd.detach()
+    return total, parts
+
+
 def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: Path, stats: dict, total: int,
             wall: float) -> None:
     student.model = training.finished_model(student.model, lora=not args.full,
@@ -343,7 +389,11 @@ def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: 
     stage = {"stage": "distill", "teacher": str(args.teacher), "texts": list(args.texts), "steps": total,
              "method": "full" if args.full else f"lora(r={args.lora_r},alpha={args.lora_alpha})", "lr": args.lr,
              "query_texts": len(texts.queries), "document_texts": len(texts.documents)}
-    save(student, out / "model", stage=stage, overwrite=True)
+    if args.query_side:  # the parent as it embeds documents: as stored, with its own settings
+        parent = load(args.teacher, device="cpu", dtype="source")
+        asymmetric.save(student, parent, out / "model", stage={**stage, "query_side": True}, overwrite=True)
+    else:
+        save(student, out / "model", stage=stage, overwrite=True)
     summary = {**stage, "model": str(args.model), "output": str(out / "model"), "wall_s": round(wall, 1),
                "train_s": round(stats["train_s"], 1), "tokens": int(stats["tokens"]),
                "final_loss": stats["last_loss"], "args": {k: getattr(args, k) for k in RUN_KEYS}}

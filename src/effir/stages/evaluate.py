@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .. import embedding_cache
-from ..checkpoint import cache_dir, fingerprint, load
+from ..asymmetric import load
+from ..checkpoint import cache_dir, fingerprint
 from ..data import BeirData, load_beir
 from ..encoder import POOLINGS, Encoder
 from ..metrics import DEFAULT_MEASURES, evaluate
@@ -44,7 +45,8 @@ from ..utils import (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="built-in name (minilm-l6, smollm2-135m), model folder, .gguf file or hub id")
+    p.add_argument("model", help="built-in name (minilm-l6, smollm2-135m), model folder (a query-side one too: its "
+                                 "documents reuse the parent's cached corpus embeddings), .gguf file or hub id")
     p.add_argument("--data", required=True, help="BEIR folder, .zip of one, or official BEIR name (downloaded once)")
     p.add_argument("--split", default="test", help="qrels split: qrels/<split>.tsv (default: test)")
     p.add_argument("--output", required=True, help="output folder for results.json and run.trec")
@@ -116,8 +118,11 @@ def _run(args, device: torch.device) -> int:
     doc_ids = list(data.corpus)
     doc_index = {d: i for i, d in enumerate(doc_ids)}
     exclude = torch.tensor([doc_index.get(q, -1) for q in query_ids])  # BEIR: never retrieve doc id == query id
-    top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude,
-               cosine=encoder.settings.similarity == "cosine")  # as the folder scores (equal on normalised vectors)
+    def new_top() -> TopK:  # scored as the folder scores (cosine and dot agree on normalised vectors)
+        return TopK(queries.to(encoder.device), args.top_k, exclude=exclude,
+                    cosine=encoder.settings.similarity == "cosine")
+
+    top = new_top()
     model_id = fingerprint(encoder)
     cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
     t = time.perf_counter()
@@ -127,7 +132,7 @@ def _run(args, device: torch.device) -> int:
         for start in range(0, len(doc_ids), args.chunk_size):
             top.add(torch.from_numpy(np.array(cached[start:start + args.chunk_size])).to(encoder.device), offset=start)
     if not hit:
-        top = TopK(queries.to(encoder.device), args.top_k, exclude=exclude)  # nothing from a rejected cache
+        top = new_top()  # nothing from a rejected cache
         _encode_and_search(encoder, data, doc_ids, top, cache, args.batch_size, args.chunk_size)
     timing["corpus_s" if not hit else "corpus_from_cache_s"] = time.perf_counter() - t
     if rank != 0:
