@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import sys
 import time
@@ -29,8 +28,9 @@ import torch
 from ..checkpoint import load, resolve
 from ..data import load_queries, resolve_beir
 from ..encoder import Encoder
+from ..files import write_json, write_text
 from ..flops import activation_bytes_estimate, count_parameters, flops_per_sequence, structure_summary
-from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, dtype_name, finite_float, write_json
+from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, dtype_name, finite_float
 
 FORMAT = 1
 MAX_QUERIES = 1000
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     result["models"]["candidate"]["reference"] = args.model
     if baseline is not None:
         result["models"]["baseline"]["reference"] = args.baseline
-    _write_text(out / "bench.md", markdown(result))
+    write_text(out / "bench.md", markdown(result))
     write_json(out / "bench.json", result)  # last: its presence means the run is complete
     for line in summary_lines(result):
         print(line)
@@ -411,9 +411,3 @@ def _model_cols(m: dict, tokens: bool) -> str:
         cols += f" {m['tokens_per_s']:.0f} |"
     return cols + f" {m['peak_memory_bytes'] / 2**20:.1f} |"
 
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

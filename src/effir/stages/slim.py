@@ -42,6 +42,7 @@ import torch
 from .. import training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
+from ..files import write_json
 from ..gates import MlpGates, global_keep_masks, uniform_magnitude_masks
 from ..plots import width_plot
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
@@ -57,7 +58,6 @@ from ..utils import (
     from_main_process,
     lr_schedule,
     seed_everything,
-    write_json,
 )
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
