@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from effir.arch import get_adapter, get_path, layer_list
-from effir.gates import MlpGates, global_keep_masks, l0_penalty, super_neurons, uniform_magnitude_masks
+from effir.gates import MlpGates, global_keep_masks, l0_penalty, uniform_magnitude_masks
+from effir.probes import super_neurons
 from effir.surgery import slice_mlp
 from effir.utils import EffirError
 

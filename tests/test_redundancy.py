@@ -142,8 +142,8 @@ def test_massive_activation_source_is_flagged(tiny_model):
 
 
 def test_super_neuron_ratio_matches_gates_and_flags_the_mlp(tiny_model):
-    """The per-MLP ratio is the largest neuron contribution over the median, as effir.gates.super_neurons counts it."""
-    from effir.gates import super_neurons
+    """The per-MLP ratio is the largest neuron contribution over the median, as effir.probes.super_neurons counts it."""
+    from effir.probes import super_neurons
 
     adapter = get_adapter(tiny_model.config)
     ids = torch.randint(3, 128, (2, 9))

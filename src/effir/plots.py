@@ -7,6 +7,8 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .files import atomic_path
+
 COLUMNS = (("attention", "attention"), ("mlp", "MLP"), ("block", "block"))
 
 
@@ -110,8 +112,6 @@ def quality_speed_plot(points: Mapping[str, tuple[Mapping[str, Mapping[str, floa
 
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     return path

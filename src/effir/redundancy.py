@@ -25,7 +25,7 @@ MLP 2 holds a neuron at 706x its layer's median contribution and ranks 16th (num
 11 alone still collapses; keeping 2 and 11 collapses and recovers after 27 steps; keeping every MLP flagged below
 never collapses and reaches the best score. So the analysis also records, per sub-layer, its **peak growth** (the largest ``max|x_out| / max|x_in|``
 over tokens) and, per MLP, its **super-neuron ratio** (the largest neuron contribution, peak ``|activation|`` times
-largest ``|down weight|``, over the layer's median; see :func:`effir.gates.super_neurons`), and
+largest ``|down weight|``, over the layer's median; see :func:`effir.probes.super_neurons`), and
 :func:`massive_sources` names the sub-layers where either reaches :data:`MASSIVE_GROWTH`; `effir drop` keeps them.
 """
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import ArchAdapter, get_path, layer_list
-from .gates import calibration_passes, neuron_contribution, neuron_peak_hook
+from .probes import calibration_passes, neuron_contribution, neuron_peak_hook
 from .utils import EffirError
 
 GROUPS = ("attention", "mlp", "block")

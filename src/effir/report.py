@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import write_json, write_text
 from .plots import quality_speed_plot
-from .utils import write_json
 
 LABELS = {"effir": "EffiR (drop + slim)", "original": "original, not fine-tuned", "full": "full model, fine-tuned"}
 
@@ -25,11 +25,7 @@ def write_report(cfg, out: Path, steps) -> Path:
     report = {"model": cfg.model, "datasets": cfg.datasets, "split": cfg.split, "variants": variants,
               "figures": figures}
     write_json(out / "report.json", report)
-    path = out / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_markdown(cfg, variants, figures))
-    tmp.replace(path)
-    return path
+    return write_text(out / "report.md", _markdown(cfg, variants, figures))
 
 
 def _collect(steps) -> dict[str, dict]:

@@ -11,9 +11,9 @@ import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
+from .files import atomic_path
 from .utils import EffirError
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
@@ -84,14 +84,11 @@ def _query_candidates(sentences: list[str]) -> list[str]:
 
 def _write(out, corpus, queries, qrels) -> Path:
     out = Path(out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "qrels").mkdir(parents=True)
-    (tmp / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    (tmp / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    for split, pairs in qrels.items():
-        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs]
-        (tmp / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        (tmp / "qrels").mkdir(parents=True)
+        (tmp / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+        (tmp / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+        for split, pairs in qrels.items():
+            lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs]
+            (tmp / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return out

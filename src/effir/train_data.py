@@ -29,6 +29,7 @@ import torch
 
 from .data import read_jsonl
 from .encoder import Encoder, document_text
+from .files import atomic_path
 from .search import exact_search
 from .utils import EffirError
 
@@ -157,12 +158,9 @@ def _flag_row(row: dict, path: Path, lineno: int) -> TrainExample:
 def write_flag_jsonl(examples: list[TrainExample], path: str | os.PathLike) -> Path:
     """Write ``examples`` as FlagEmbedding jsonl (atomically: tmp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps(ex.to_flag(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .encoder import Encoder
+from .files import write_text
 from .losses import gather_with_grad, group_scores, info_nce, kl_distill
 from .train_data import TrainExample
 from .utils import EffirError, cpu_supports_bf16
@@ -525,6 +526,4 @@ def truncate_log(path: Path, step: int, match: dict | None = None) -> None:
         return any(record.get(k) != v for k, v in match.items()) or record["step"] <= step
 
     lines = [line for line in path.read_text().splitlines() if line.strip() and keep(line)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines))

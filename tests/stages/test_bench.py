@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import effir
-from effir import checkpoint
+from effir import checkpoint, timing
 from effir.cli import main
-from effir.stages import bench
 from effir.surgery import drop_sublayers
 
 # tiny llama (conftest.TINY): per token and layer, attention projections 2*(32*32 + 2*32*16 + 32*32) = 6144 FLOPs,
@@ -113,14 +112,14 @@ def test_bench_without_baseline_and_real_queries(tmp_path, tiny_llama_dir, tiny_
 def test_models_are_interleaved(tiny_llama_dir, monkeypatch):
     """Each round times both models, alternating which goes first (ABBA), after the warm-up."""
     order = []
-    real = bench._timed_call
+    real = timing._timed_call
     cand = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
     base = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
-    monkeypatch.setattr(bench, "_timed_call", lambda enc, b: (order.append("c" if enc is cand else "b"),
+    monkeypatch.setattr(timing, "_timed_call", lambda enc, b: (order.append("c" if enc is cand else "b"),
                                                               real(enc, b))[1])
-    cfg = dict(sides=["query"], query_length=4, doc_lengths=[], query_batch_sizes=[1], doc_batch_sizes=[1],
-               warmup=1, repeats=3, max_repeats=3, min_time=0, compile=False, seed=0, query_source="synthetic")
-    result = bench.bench_encoders(cand, base, cfg)
+    grid = timing.BenchGrid(sides=("query",), query_length=4, doc_lengths=(), query_batch_sizes=(1,),
+                            doc_batch_sizes=(1,), warmup=1, repeats=3, max_repeats=3, min_time=0)
+    result = timing.bench_encoders(cand, base, grid)
     assert "".join(order) == "cbbccb"
     assert result["cells"][0]["predicted_speedup"] == 1.0
 
@@ -149,9 +148,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_llama_dir, capsys, extr
 
 def test_percentiles():
     values = [float(v) for v in range(1, 21)]
-    assert bench._percentile(values, 50) == 10.5
-    assert bench._percentile(values, 95) == 19.0
-    assert bench._percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert timing.percentile(values, 50) == 10.5
+    assert timing.percentile(values, 95) == 19.0
+    assert timing.percentile([3.0, 1.0, 2.0], 50) == 2.0
 
 
 def test_compile_path_traces(tmp_path, dropped_dir, tiny_llama_dir):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import block_batches, load_texts, sample_texts, side_batches, token_blocks
 from ..checkpoint import fingerprint, load
+from ..files import write_json
 from ..plots import importance_heatmap
 from ..redundancy import (
     GROUPS,
@@ -38,7 +39,7 @@ from ..redundancy import (
     sublayer_importance,
 )
 from ..surgery import structure_of
-from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, write_json
+from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir
 
 SIDES = ("auto", "text", "query", "document", "both")
 SCORES_FILE = "scores.json"

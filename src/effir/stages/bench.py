@@ -17,27 +17,17 @@ Writes ``OUT/bench.md`` and, last, ``OUT/bench.json``; prints one summary line p
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import load, resolve
 from ..data import load_queries, resolve_beir
-from ..encoder import Encoder
-from ..flops import activation_bytes_estimate, count_parameters, flops_per_sequence, structure_summary
-from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, dtype_name, finite_float, write_json
-
-FORMAT = 1
-MAX_QUERIES = 1000
-CPU_MEMORY = ("cpu_estimate: parameter bytes + effir.flops.activation_bytes_estimate = dtype bytes x B x (T x "
-              "(3 x hidden + widest gate/up output) + heads x T x T attention scores); an estimate, not a measurement")
-CUDA_MEMORY = ("cuda_measured: parameter bytes + rise of torch.cuda.max_memory_allocated over the memory allocated "
-               "before the call (both models stay resident, so the absolute peak would count both)")
+from ..files import write_json, write_text
+from ..timing import MAX_QUERIES, BenchGrid, bench_encoders, progress_line
+from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, finite_float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,22 +57,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = _check_args(args)
+    grid = _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    queries = _real_queries(args.data) if args.data and "query" in cfg["sides"] else None
+    queries = _real_queries(args.data) if args.data and "query" in grid.sides else None
     out = Path(args.output)
     for stale in ("bench.json", "bench.md"):  # a failed run must not leave an older result looking current
         (out / stale).unlink(missing_ok=True)
     candidate = load(args.model, device=args.device, dtype=args.dtype)
     baseline = load(args.baseline, device=args.device, dtype=args.dtype) if args.baseline else None
-    if cfg["doc_batch_sizes"] is None:
-        cfg["doc_batch_sizes"] = [1, 8, 32] if candidate.device.type == "cuda" else [1, 4]
-    result = bench_encoders(candidate, baseline, cfg, queries=queries)
+    if not grid.doc_batch_sizes:
+        grid = replace(grid, doc_batch_sizes=(1, 8, 32) if candidate.device.type == "cuda" else (1, 4))
+    result = bench_encoders(candidate, baseline, grid, queries=queries, progress=_print_progress)
     result["models"]["candidate"]["reference"] = args.model
     if baseline is not None:
         result["models"]["baseline"]["reference"] = args.baseline
-    _write_text(out / "bench.md", markdown(result))
+    write_text(out / "bench.md", markdown(result))
     write_json(out / "bench.json", result)  # last: its presence means the run is complete
     for line in summary_lines(result):
         print(line)
@@ -90,19 +80,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_args(args) -> dict:
-    """Validate everything that needs no model, before loading any (a bad flag should not cost a model load)."""
-    sides = _names(args.sides, "--sides", ("query", "document"))
-    cfg = {
-        "sides": sides,
-        "query_length": _ints(args.query_length, "--query-length", minimum=2)[0] if not args.data else None,
-        "doc_lengths": _ints(args.doc_lengths, "--doc-lengths", minimum=2),
-        "query_batch_sizes": _ints(args.query_batch_sizes, "--query-batch-sizes", minimum=1),
-        "doc_batch_sizes": _ints(args.doc_batch_sizes, "--doc-batch-sizes", minimum=1) if args.doc_batch_sizes else None,
-        "warmup": args.warmup, "repeats": args.repeats, "max_repeats": args.max_repeats, "min_time": args.min_time,
-        "compile": args.compile_backend if args.compile else False, "seed": args.seed,
-        "query_source": "data" if args.data else "synthetic",
-    }
+def _check_args(args) -> BenchGrid:
+    """Validate everything that needs no model, before loading any (a bad flag should not cost a model load).
+    ``doc_batch_sizes`` is left empty when not given: its default depends on the device the model lands on."""
+    grid = BenchGrid(
+        sides=_names(args.sides, "--sides", ("query", "document")),
+        query_length=_ints(args.query_length, "--query-length", minimum=2)[0] if not args.data else None,
+        doc_lengths=_ints(args.doc_lengths, "--doc-lengths", minimum=2),
+        query_batch_sizes=_ints(args.query_batch_sizes, "--query-batch-sizes", minimum=1),
+        doc_batch_sizes=_ints(args.doc_batch_sizes, "--doc-batch-sizes", minimum=1) if args.doc_batch_sizes else (),
+        warmup=args.warmup, repeats=args.repeats, max_repeats=args.max_repeats, min_time=args.min_time,
+        compile_backend=args.compile_backend if args.compile else None, seed=args.seed,
+        query_source="data" if args.data else "synthetic",
+    )
     if args.data and len(str(args.query_length).split(",")) > 1:
         raise EffirError("--query-length takes one length")
     if args.warmup is not None and args.warmup < 0:
@@ -121,242 +111,32 @@ def _check_args(args) -> dict:
                 raise EffirError(f"{flag}: {e}") from None
     check_device(args.device)
     check_output_dir(args.output)
-    return cfg
+    return grid
 
 
-def _ints(text: str, flag: str, minimum: int) -> list[int]:
+def _ints(text: str, flag: str, minimum: int) -> tuple[int, ...]:
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         values = []
     if not values or any(v < minimum for v in values):
         raise EffirError(f"{flag} takes comma-separated integers >= {minimum} (e.g. 1,8,32), got {text!r}")
-    return sorted(set(values))
+    return tuple(sorted(set(values)))
 
 
-def _names(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+def _names(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names or any(n not in allowed for n in names):
         raise EffirError(f"{flag} takes {' and/or '.join(allowed)} (comma-separated), got {text!r}")
-    return [n for n in allowed if n in names]
+    return tuple(n for n in allowed if n in names)
 
 
 def _real_queries(data) -> list[str]:
-    texts = list(load_queries(resolve_beir(data) / "queries.jsonl").values())[:MAX_QUERIES]
-    return texts
+    return list(load_queries(resolve_beir(data) / "queries.jsonl").values())[:MAX_QUERIES]
 
 
-# -- the benchmark ------------------------------------------------------------------------------------------------
-def bench_encoders(candidate: Encoder, baseline: Encoder | None, cfg: dict, queries: list[str] | None = None) -> dict:
-    """Time ``candidate`` (and ``baseline``, interleaved) over the grid in ``cfg``; return the ``bench.json`` dict."""
-    encoders = {"candidate": candidate} | ({"baseline": baseline} if baseline is not None else {})
-    device = candidate.device
-    if baseline is not None and (baseline.device != device or baseline.dtype != candidate.dtype):
-        raise EffirError("candidate and baseline ended up on different devices or dtypes")
-    _check_lengths(encoders, cfg)
-    models = {name: _describe(enc) for name, enc in encoders.items()}
-    raw = {name: enc.model for name, enc in encoders.items()}  # uncompiled modules, for FLOP counts
-    warmup = cfg["warmup"] if cfg["warmup"] is not None else (3 if device.type == "cuda" else 1)
-    if cfg["compile"]:
-        _compile(encoders, cfg["compile"])
-        warmup = max(warmup, 2)  # the first call of every shape compiles
-    cells = []
-    for side, length, batch_size in _grid(cfg):
-        batches = {n: _batches(e, side, length, batch_size, cfg["seed"], queries) for n, e in encoders.items()}
-        timings = _time_cell(encoders, batches, warmup, cfg)
-        cells.append(_cell(side, length, batch_size, batches, timings, raw, encoders))
-        print(f"effir bench: {_progress(cells[-1])}", file=sys.stderr, flush=True)
-    result = {
-        "format": FORMAT,
-        "environment": _environment(candidate, warmup, cfg),
-        "timed": "Encoder.embed (forward + pooling + normalisation) on pre-tokenized batches already on the "
-                 "device; tokenization excluded",
-        "flops_method": "analytic, from the instantiated modules (effir.flops): 2*in*out per token for every "
-                        "nn.Linear in the layers, 2*2*T*T*heads*head_dim per layer with attention, once-per-sequence "
-                        "linears outside the layers; norms/activations/embedding lookups neglected",
-        "memory_method": CUDA_MEMORY if device.type == "cuda" else CPU_MEMORY,
-        "models": models,
-        "cells": cells,
-        "summary": _summary(cells) if baseline is not None else {},
-    }
-    return result
-
-
-def _check_lengths(encoders: dict, cfg: dict) -> None:
-    lengths = [cfg["query_length"]] if cfg["query_length"] and "query" in cfg["sides"] else []
-    lengths += cfg["doc_lengths"] if "document" in cfg["sides"] else []
-    if not lengths:
-        return
-    for name, enc in encoders.items():
-        limit = getattr(enc.model.config, "max_position_embeddings", None)
-        if limit and max(lengths) > limit:
-            raise EffirError(f"length {max(lengths)} exceeds the {name} model's max_position_embeddings {limit}; "
-                             "pass shorter --doc-lengths/--query-length")
-
-
-def _describe(enc: Encoder) -> dict:
-    params = count_parameters(enc.model, enc.adapter)
-    return {"reference": enc.meta.get("reference"), "model_type": enc.model.config.model_type,
-            "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters()),
-            "structure": structure_summary(enc.model, enc.adapter),
-            "attn_implementation": getattr(enc.model.config, "_attn_implementation", None)}
-
-
-def _compile(encoders: dict, backend: str) -> None:
-    dynamo = torch._dynamo.config
-    if hasattr(dynamo, "recompile_limit"):
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)  # one static graph per (batch, length) cell
-    else:  # pragma: no cover - older torch
-        dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
-    for enc in encoders.values():
-        enc.model = torch.compile(enc.model, dynamic=False, backend=backend)
-
-
-def _grid(cfg: dict):
-    if "query" in cfg["sides"]:
-        for b in cfg["query_batch_sizes"]:
-            yield "query", cfg["query_length"], b
-    if "document" in cfg["sides"]:
-        for t in cfg["doc_lengths"]:
-            for b in cfg["doc_batch_sizes"]:
-                yield "document", t, b
-
-
-def _batches(enc: Encoder, side: str, length: int | None, batch_size: int, seed: int, queries) -> list[dict]:
-    """Pre-tokenized batches on the device: one synthetic ``(B, T)`` batch, or real query batches (``length=None``)."""
-    if length is None:  # real queries, cycled so a batch is always full; at most MAX_QUERIES // B batches
-        texts = (queries * math.ceil(batch_size / len(queries)))[:max(batch_size, len(queries))]
-        n = len(texts) // batch_size * batch_size
-        chunks = [enc.tokenize(texts[i:i + batch_size], side) for i in range(0, n, batch_size)]
-    else:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + length * 1009 + batch_size)
-        ids = torch.randint(4, enc.model.config.vocab_size, (batch_size, length), generator=gen)  # (B, T)
-        if enc.settings.append_eos:
-            ids[:, -1] = enc.tokenizer.eos_token_id
-        chunks = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
-    return [{k: v.to(enc.device) for k, v in c.items()} for c in chunks]
-
-
-def _time_cell(encoders: dict, batches: dict, warmup: int, cfg: dict) -> dict:
-    """Warm up each model, then alternate them (ABBA order) until both have enough samples."""
-    with torch.inference_mode():
-        for name, enc in encoders.items():
-            for i in range(warmup):
-                enc.embed(**batches[name][i % len(batches[name])])
-        _sync(next(iter(encoders.values())).device)
-        times = {n: [] for n in encoders}
-        peaks = {n: 0 for n in encoders}
-        names = list(encoders)
-        k = 0
-        while True:
-            for name in (names if k % 2 == 0 else names[::-1]):
-                dt, peak = _timed_call(encoders[name], batches[name][k % len(batches[name])])
-                times[name].append(dt)
-                peaks[name] = max(peaks[name], peak)
-            k += 1
-            enough = k >= cfg["repeats"] and all(sum(t) >= cfg["min_time"] for t in times.values())
-            if enough or k >= cfg["max_repeats"]:
-                return {n: (times[n], peaks[n]) for n in encoders}
-
-
-def _timed_call(enc: Encoder, batch: dict) -> tuple[float, int]:
-    device = enc.device
-    before = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    enc.embed(**batch)
-    _sync(device)
-    dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
-    return dt, peak
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cell(side, length, batch_size, batches, timings, raw, encoders) -> dict:
-    cell = {"side": side, "batch_size": batch_size}
-    for name, (times, peak) in timings.items():
-        enc, chunks = encoders[name], batches[name]
-        padded = [c["input_ids"].shape[1] for c in chunks]
-        tokens = sum(int(c["attention_mask"].sum()) for c in chunks) / len(chunks)  # real tokens per batch
-        flops = sum(flops_per_sequence(raw[name], t, enc.adapter)["total"] for t in padded) / len(padded)
-        med = _percentile(times, 50)
-        cell.setdefault("seq_len", sum(padded) / len(padded) if length is None else length)
-        param_bytes = sum(p.numel() * p.element_size() for p in raw[name].parameters())
-        if enc.device.type == "cuda":
-            memory = param_bytes + peak
-        else:
-            elem = next(raw[name].parameters()).element_size()
-            memory = param_bytes + activation_bytes_estimate(raw[name], batch_size, max(padded), elem, enc.adapter)
-        cell[name] = {
-            "latency_ms": {"median": 1e3 * med, "p95": 1e3 * _percentile(times, 95), "min": 1e3 * min(times)},
-            "repeats": len(times), "sequences_per_s": batch_size / med, "tokens_per_s": tokens / med,
-            "flops_per_sequence": flops, "tflops_per_s": flops * batch_size / med / 1e12, "peak_memory_bytes": memory,
-        }
-    if "baseline" in cell:
-        b, c = cell["baseline"], cell["candidate"]
-        cell["speedup"] = b["latency_ms"]["median"] / c["latency_ms"]["median"]
-        cell["predicted_speedup"] = b["flops_per_sequence"] / c["flops_per_sequence"]
-        cell["efficiency"] = cell["speedup"] / cell["predicted_speedup"]
-    return cell
-
-
-def _progress(c: dict) -> str:
-    line = f"{c['side']} T={c['seq_len']:g} batch {c['batch_size']}: candidate {c['candidate']['latency_ms']['median']:.1f} ms"
-    if "baseline" in c:
-        line += (f", baseline {c['baseline']['latency_ms']['median']:.1f} ms: {c['speedup']:.2f}x "
-                 f"(FLOPs predict {c['predicted_speedup']:.2f}x)")
-    return line
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Median for q=50 (mean of the middle two), else nearest-rank percentile."""
-    s = sorted(values)
-    if q == 50:
-        mid = len(s) // 2
-        return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-def _summary(cells: list[dict]) -> dict:
-    """Per side: geometric means over its cells of the measured and the FLOPs-predicted speed-ups."""
-    out = {}
-    for side in ("query", "document"):
-        mine = [c for c in cells if c["side"] == side]
-        if not mine:
-            continue
-        speed = math.exp(sum(math.log(c["speedup"]) for c in mine) / len(mine))
-        pred = math.exp(sum(math.log(c["predicted_speedup"]) for c in mine) / len(mine))
-        out[side] = {"speedup": speed, "predicted_speedup": pred, "efficiency": speed / pred, "cells": len(mine)}
-    return out
-
-
-def _environment(enc: Encoder, warmup: int, cfg: dict) -> dict:
-    import transformers
-
-    device = enc.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"device": str(device), "device_name": name, "dtype": dtype_name(enc.dtype),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "compile": cfg["compile"], "warmup": warmup, "min_repeats": cfg["repeats"],
-            "max_repeats": cfg["max_repeats"], "min_time_s": cfg["min_time"], "seed": cfg["seed"],
-            "query_source": cfg["query_source"]}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _print_progress(cell: dict) -> None:
+    print(f"effir bench: {progress_line(cell)}", file=sys.stderr, flush=True)
 
 
 # -- reporting ----------------------------------------------------------------------------------------------------
@@ -411,9 +191,3 @@ def _model_cols(m: dict, tokens: bool) -> str:
         cols += f" {m['tokens_per_s']:.0f} |"
     return cols + f" {m['peak_memory_bytes'] / 2**20:.1f} |"
 
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

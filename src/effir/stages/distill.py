@@ -44,6 +44,7 @@ from .. import asymmetric, embedding_cache, training
 from ..calibration import SOURCE_HELP, load_texts, sample_texts
 from ..checkpoint import cache_dir, fingerprint, load, save
 from ..encoder import Encoder
+from ..files import write_json
 from ..losses import embedding_match, gather_with_grad, similarity_kl
 from ..synthetic import passages, split_sentences
 from ..utils import (
@@ -55,7 +56,6 @@ from ..utils import (
     finite_float,
     from_main_process,
     seed_everything,
-    write_json,
 )
 
 

@@ -28,6 +28,7 @@ from ..asymmetric import load
 from ..checkpoint import cache_dir, fingerprint
 from ..data import BeirData, load_beir
 from ..encoder import POOLINGS, Encoder
+from ..files import atomic_path, write_json
 from ..metrics import DEFAULT_MEASURES, evaluate
 from ..search import TopK
 from ..utils import (
@@ -40,7 +41,6 @@ from ..utils import (
     from_main_process,
     init_distributed_from_env,
     pick_device,
-    write_json,
 )
 
 
@@ -248,13 +248,10 @@ def _to_run(query_ids, doc_ids, scores: torch.Tensor, indices: torch.Tensor) -> 
 
 def _write_run(path: Path, run_: dict[str, dict[str, float]]) -> None:
     """TREC run format: ``qid Q0 docid rank score effir``, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for q, docs in run_.items():
             for rank, (d, s) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), 1):
                 f.write(f"{q} Q0 {d} {rank} {s:.6f} effir\n")
-    os.replace(tmp, path)
 
 
 def _print_table(results: dict, out: Path) -> None:

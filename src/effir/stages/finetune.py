@@ -28,6 +28,7 @@ import torch
 from .. import training
 from ..checkpoint import fingerprint, load, save
 from ..encoder import POOLINGS, Encoder
+from ..files import write_json
 from ..train_data import (
     TrainExample,
     cross_encoder_scores,
@@ -46,7 +47,6 @@ from ..utils import (
     check_output_dir,
     finite_float,
     seed_everything,
-    write_json,
 )
 
 COLLAPSE_COS = 0.99

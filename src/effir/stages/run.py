@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import STAGES, RunConfig, load_config, stage_argv
-from ..utils import EffirError, check_device, check_output_dir, write_json
+from ..files import write_json, write_text
+from ..utils import EffirError, check_device, check_output_dir
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARKER = ".effir-done.json"
@@ -113,9 +114,7 @@ WIRED_ARGS = {"analyze": ["MODEL", "--output", "OUT"], "drop": ["MODEL", "--outp
 def _save_config(cfg: RunConfig, path: Path) -> None:
     import yaml
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# resolved config of this run (effir run)\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, "# resolved config of this run (effir run)\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # -- data -----------------------------------------------------------------------------------------------------------

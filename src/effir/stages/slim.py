@@ -14,7 +14,7 @@ physically.
 on --calibration text (effir.redundancy.neuron_importance): one forward pass over 64 x 256 tokens, no training data.
 --method magnitude cuts the same fraction of every layer by weight magnitude (Minitron-style), for comparison.
 All three keep the few "super neurons" that write the model's massive activations (attention sinks), found on the
-built-in prose in one forward pass (effir.gates.super_neurons; --super-neuron-factor 0 turns this off).
+built-in prose in one forward pass (effir.probes.super_neurons; --super-neuron-factor 0 turns this off).
 
 Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
 hardware runs fast (see benchmarks/width_multiple.py). Writes DIR/model (compressed-model format with per-layer
@@ -42,8 +42,10 @@ import torch
 from .. import training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
-from ..gates import SUPER_NEURON_FACTOR, MlpGates, global_keep_masks, super_neurons, uniform_magnitude_masks
+from ..files import write_json
+from ..gates import MlpGates, global_keep_masks, uniform_magnitude_masks
 from ..plots import width_plot
+from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
 from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
@@ -56,7 +58,6 @@ from ..utils import (
     from_main_process,
     lr_schedule,
     seed_everything,
-    write_json,
 )
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help

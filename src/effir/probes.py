@@ -1,0 +1,82 @@
+"""Calibration probes: forward passes over calibration batches with hooks on the MLP down projections, and the
+super neurons they reveal.
+
+Super neurons. A handful of MLP neurons write the massive activations that attention uses as a sink (see
+:mod:`effir.redundancy`); pruning one breaks the whole model, and nothing in an InfoNCE-trained gate protects it.
+:func:`super_neurons` finds them from one calibration pass: the neuron's peak activation times its largest
+down-projection weight, against the layer's median. The maskers of :mod:`effir.gates` keep them when given them as
+``protect``. Measured ratios: docs/results/smollm2-figure3-cpu.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .arch import ArchAdapter, get_path, layer_list
+
+SUPER_NEURON_FACTOR = 100.0
+"""A neuron whose peak contribution reaches this multiple of its layer's median is a super neuron."""
+
+
+@torch.no_grad()
+def super_neurons(model: nn.Module, adapter: ArchAdapter, layers: list[int], batches,
+                  factor: float = SUPER_NEURON_FACTOR) -> list[torch.Tensor]:
+    """Boolean masks (one per layer in ``layers``) of the neurons that carry massive activations.
+
+    A neuron's contribution (:func:`neuron_contribution`) is its peak ``|activation|`` over the non-pad tokens of
+    ``batches`` (dicts with ``input_ids`` and ``attention_mask``) times the largest ``|weight|`` of its
+    down-projection column; it is a super neuron when that reaches ``factor`` times the median contribution of its
+    layer. ``factor <= 0`` flags none.
+    """
+    blocks = layer_list(model, adapter)
+    downs = [get_path(blocks[i], adapter.down_proj) for i in layers]
+    if factor <= 0:
+        return [torch.zeros(d.in_features, dtype=torch.bool) for d in downs]
+    peaks: dict[int, torch.Tensor] = {}
+    state = {"mask": None}
+    handles = [d.register_forward_pre_hook(neuron_peak_hook(peaks, k, state)) for k, d in enumerate(downs)]
+    try:
+        calibration_passes(model, batches, state)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for k, d in enumerate(downs):
+        contribution = neuron_contribution(peaks[k], d) if k in peaks else torch.zeros(d.in_features)
+        out.append(contribution >= factor * contribution.median().clamp(min=1e-12))
+    return out
+
+
+def calibration_passes(model: nn.Module, batches, state: dict, after_batch=None) -> int:
+    """Run ``model`` over ``batches`` (dicts with ``input_ids`` and ``attention_mask``) for the hooks a caller has
+    registered: ``state["mask"]`` holds the current ``(B, T)`` mask as floats, ``after_batch()`` runs after each
+    forward. Positions count real tokens only, as in Encoder.embed (left padding == right padding). Returns the
+    number of non-pad tokens."""
+    device = next(model.parameters()).device
+    tokens = 0
+    for batch in batches:
+        mask = batch["attention_mask"].to(device)
+        state["mask"] = mask.float()
+        model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+              position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        if after_batch is not None:
+            after_batch()
+        tokens += int(mask.sum())
+    return tokens
+
+
+def neuron_peak_hook(store: dict, key, state: dict):
+    """Forward pre-hook for a down projection: ``store[key]`` becomes the per-neuron peak ``|input|`` over the
+    tokens where ``state["mask"]`` ``(B, T)`` is 1, accumulated over calls."""
+
+    def hook(_module, args):
+        peak = (args[0].detach().float().abs() * state["mask"][..., None]).amax(dim=(0, 1))  # (d_ff,)
+        store[key] = peak if key not in store else torch.maximum(store[key], peak)
+
+    return hook
+
+
+def neuron_contribution(peak: torch.Tensor, down: nn.Module) -> torch.Tensor:
+    """Each neuron's peak ``|activation|`` times the largest ``|weight|`` of its down-projection column: ``(d_ff,)``."""
+    return peak.float().cpu() * down.weight.detach().float().abs().amax(dim=0).cpu()

@@ -1,0 +1,285 @@
+"""The timing engine of ``effir bench``: query- and document-side ``Encoder.embed`` timed over a grid of lengths and
+batch sizes, interleaved against a baseline, beside the speed-up the FLOPs predict.
+
+What is timed: ``Encoder.embed`` (forward pass + pooling + L2 normalisation) on pre-tokenized fixed-length batches
+already on the device; tokenization is excluded. For every (side, length, batch size) cell both models are warmed
+up, then timed *interleaved* (candidate, baseline, baseline, candidate, ...) with device synchronisation, at least
+``repeats`` times each and until each has run ``min_time`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .encoder import Encoder
+from .flops import activation_bytes_estimate, count_parameters, flops_per_sequence, structure_summary
+from .utils import EffirError, dtype_name
+
+FORMAT = 1
+MAX_QUERIES = 1000
+"""Real queries are cycled over at most this many texts."""
+CPU_MEMORY = ("cpu_estimate: parameter bytes + effir.flops.activation_bytes_estimate = dtype bytes x B x (T x "
+              "(3 x hidden + widest gate/up output) + heads x T x T attention scores); an estimate, not a measurement")
+CUDA_MEMORY = ("cuda_measured: parameter bytes + rise of torch.cuda.max_memory_allocated over the memory allocated "
+               "before the call (both models stay resident, so the absolute peak would count both)")
+
+
+@dataclass(frozen=True)
+class BenchGrid:
+    """What :func:`bench_encoders` times, and for how long."""
+
+    sides: tuple[str, ...]
+    """``query`` and/or ``document``, in that order."""
+    query_length: int | None
+    """Tokens per synthetic query, EOS included; ``None``: real queries (padded to the longest of each batch)."""
+    doc_lengths: tuple[int, ...]
+    """Tokens per synthetic document."""
+    query_batch_sizes: tuple[int, ...]
+    doc_batch_sizes: tuple[int, ...]
+    warmup: int | None = None
+    """Untimed calls per model and cell; ``None``: 1 on CPU, 3 on CUDA (at least 2 when compiling)."""
+    repeats: int = 5
+    """Minimum timed calls per model and cell."""
+    max_repeats: int = 200
+    """Maximum timed calls per model and cell."""
+    min_time: float = 1.0
+    """Keep timing a cell until each model ran this many seconds (or ``max_repeats`` is reached)."""
+    compile_backend: str | None = None
+    """``torch.compile`` both models with this backend (static shapes); ``None``: eager."""
+    seed: int = 0
+    """Seed of the synthetic token ids."""
+    query_source: str = "synthetic"
+    """``synthetic`` or ``data``: recorded in the result's environment."""
+
+    def cells(self) -> Iterator[tuple[str, int | None, int]]:
+        """``(side, length, batch size)`` of every cell, queries first."""
+        if "query" in self.sides:
+            for b in self.query_batch_sizes:
+                yield "query", self.query_length, b
+        if "document" in self.sides:
+            for t in self.doc_lengths:
+                for b in self.doc_batch_sizes:
+                    yield "document", t, b
+
+
+def bench_encoders(candidate: Encoder, baseline: Encoder | None, grid: BenchGrid, queries: list[str] | None = None,
+                   progress: Callable[[dict], None] | None = None) -> dict:
+    """Time ``candidate`` (and ``baseline``, interleaved) over ``grid``; return the ``bench.json`` dict.
+
+    Args:
+        candidate: the model to time.
+        baseline: the model to compare against (same device and dtype), or ``None``.
+        grid: what to time and how long (see :class:`BenchGrid`).
+        queries: real query texts for the query side when ``grid.query_length`` is ``None``.
+        progress: called with each finished cell (a ``cells`` entry of the result).
+
+    Raises:
+        EffirError: the two models differ in device or dtype, or a length exceeds a model's positions.
+    """
+    encoders = {"candidate": candidate} | ({"baseline": baseline} if baseline is not None else {})
+    device = candidate.device
+    if baseline is not None and (baseline.device != device or baseline.dtype != candidate.dtype):
+        raise EffirError("candidate and baseline ended up on different devices or dtypes")
+    _check_lengths(encoders, grid)
+    models = {name: _describe(enc) for name, enc in encoders.items()}
+    raw = {name: enc.model for name, enc in encoders.items()}  # uncompiled modules, for FLOP counts
+    warmup = grid.warmup if grid.warmup is not None else (3 if device.type == "cuda" else 1)
+    if grid.compile_backend:
+        _compile(encoders, grid.compile_backend)
+        warmup = max(warmup, 2)  # the first call of every shape compiles
+    cells = []
+    for side, length, batch_size in grid.cells():
+        batches = {n: _batches(e, side, length, batch_size, grid.seed, queries) for n, e in encoders.items()}
+        timings = _time_cell(encoders, batches, warmup, grid)
+        cells.append(_cell(side, length, batch_size, batches, timings, raw, encoders))
+        if progress is not None:
+            progress(cells[-1])
+    result = {
+        "format": FORMAT,
+        "environment": _environment(candidate, warmup, grid),
+        "timed": "Encoder.embed (forward + pooling + normalisation) on pre-tokenized batches already on the "
+                 "device; tokenization excluded",
+        "flops_method": "analytic, from the instantiated modules (effir.flops): 2*in*out per token for every "
+                        "nn.Linear in the layers, 2*2*T*T*heads*head_dim per layer with attention, once-per-sequence "
+                        "linears outside the layers; norms/activations/embedding lookups neglected",
+        "memory_method": CUDA_MEMORY if device.type == "cuda" else CPU_MEMORY,
+        "models": models,
+        "cells": cells,
+        "summary": _summary(cells) if baseline is not None else {},
+    }
+    return result
+
+
+def _check_lengths(encoders: dict, grid: BenchGrid) -> None:
+    lengths = [grid.query_length] if grid.query_length and "query" in grid.sides else []
+    lengths += grid.doc_lengths if "document" in grid.sides else []
+    if not lengths:
+        return
+    for name, enc in encoders.items():
+        limit = getattr(enc.model.config, "max_position_embeddings", None)
+        if limit and max(lengths) > limit:
+            raise EffirError(f"length {max(lengths)} exceeds the {name} model's max_position_embeddings {limit}; "
+                             "pass shorter --doc-lengths/--query-length")
+
+
+def _describe(enc: Encoder) -> dict:
+    params = count_parameters(enc.model, enc.adapter)
+    return {"reference": enc.meta.get("reference"), "model_type": enc.model.config.model_type,
+            "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters()),
+            "structure": structure_summary(enc.model, enc.adapter),
+            "attn_implementation": getattr(enc.model.config, "_attn_implementation", None)}
+
+
+def _compile(encoders: dict, backend: str) -> None:
+    dynamo = torch._dynamo.config
+    if hasattr(dynamo, "recompile_limit"):
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)  # one static graph per (batch, length) cell
+    else:  # pragma: no cover - older torch
+        dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
+    for enc in encoders.values():
+        enc.model = torch.compile(enc.model, dynamic=False, backend=backend)
+
+
+def _batches(enc: Encoder, side: str, length: int | None, batch_size: int, seed: int, queries) -> list[dict]:
+    """Pre-tokenized batches on the device: one synthetic ``(B, T)`` batch, or real query batches (``length=None``)."""
+    if length is None:  # real queries, cycled so a batch is always full; at most MAX_QUERIES // B batches
+        texts = (queries * math.ceil(batch_size / len(queries)))[:max(batch_size, len(queries))]
+        n = len(texts) // batch_size * batch_size
+        chunks = [enc.tokenize(texts[i:i + batch_size], side) for i in range(0, n, batch_size)]
+    else:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + length * 1009 + batch_size)
+        ids = torch.randint(4, enc.model.config.vocab_size, (batch_size, length), generator=gen)  # (B, T)
+        if enc.settings.append_eos:
+            ids[:, -1] = enc.tokenizer.eos_token_id
+        chunks = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    return [{k: v.to(enc.device) for k, v in c.items()} for c in chunks]
+
+
+def _time_cell(encoders: dict, batches: dict, warmup: int, grid: BenchGrid) -> dict:
+    """Warm up each model, then alternate them (ABBA order) until both have enough samples."""
+    with torch.inference_mode():
+        for name, enc in encoders.items():
+            for i in range(warmup):
+                enc.embed(**batches[name][i % len(batches[name])])
+        _sync(next(iter(encoders.values())).device)
+        times = {n: [] for n in encoders}
+        peaks = {n: 0 for n in encoders}
+        names = list(encoders)
+        k = 0
+        while True:
+            for name in (names if k % 2 == 0 else names[::-1]):
+                dt, peak = _timed_call(encoders[name], batches[name][k % len(batches[name])])
+                times[name].append(dt)
+                peaks[name] = max(peaks[name], peak)
+            k += 1
+            enough = k >= grid.repeats and all(sum(t) >= grid.min_time for t in times.values())
+            if enough or k >= grid.max_repeats:
+                return {n: (times[n], peaks[n]) for n in encoders}
+
+
+def _timed_call(enc: Encoder, batch: dict) -> tuple[float, int]:
+    device = enc.device
+    before = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    enc.embed(**batch)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
+    return dt, peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cell(side, length, batch_size, batches, timings, raw, encoders) -> dict:
+    cell = {"side": side, "batch_size": batch_size}
+    for name, (times, peak) in timings.items():
+        enc, chunks = encoders[name], batches[name]
+        padded = [c["input_ids"].shape[1] for c in chunks]
+        tokens = sum(int(c["attention_mask"].sum()) for c in chunks) / len(chunks)  # real tokens per batch
+        flops = sum(flops_per_sequence(raw[name], t, enc.adapter)["total"] for t in padded) / len(padded)
+        med = percentile(times, 50)
+        cell.setdefault("seq_len", sum(padded) / len(padded) if length is None else length)
+        param_bytes = sum(p.numel() * p.element_size() for p in raw[name].parameters())
+        if enc.device.type == "cuda":
+            memory = param_bytes + peak
+        else:
+            elem = next(raw[name].parameters()).element_size()
+            memory = param_bytes + activation_bytes_estimate(raw[name], batch_size, max(padded), elem, enc.adapter)
+        cell[name] = {
+            "latency_ms": {"median": 1e3 * med, "p95": 1e3 * percentile(times, 95), "min": 1e3 * min(times)},
+            "repeats": len(times), "sequences_per_s": batch_size / med, "tokens_per_s": tokens / med,
+            "flops_per_sequence": flops, "tflops_per_s": flops * batch_size / med / 1e12, "peak_memory_bytes": memory,
+        }
+    if "baseline" in cell:
+        b, c = cell["baseline"], cell["candidate"]
+        cell["speedup"] = b["latency_ms"]["median"] / c["latency_ms"]["median"]
+        cell["predicted_speedup"] = b["flops_per_sequence"] / c["flops_per_sequence"]
+        cell["efficiency"] = cell["speedup"] / cell["predicted_speedup"]
+    return cell
+
+
+def progress_line(c: dict) -> str:
+    """One line describing a finished cell."""
+    line = f"{c['side']} T={c['seq_len']:g} batch {c['batch_size']}: candidate {c['candidate']['latency_ms']['median']:.1f} ms"
+    if "baseline" in c:
+        line += (f", baseline {c['baseline']['latency_ms']['median']:.1f} ms: {c['speedup']:.2f}x "
+                 f"(FLOPs predict {c['predicted_speedup']:.2f}x)")
+    return line
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Median for q=50 (mean of the middle two), else nearest-rank percentile."""
+    s = sorted(values)
+    if q == 50:
+        mid = len(s) // 2
+        return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def _summary(cells: list[dict]) -> dict:
+    """Per side: geometric means over its cells of the measured and the FLOPs-predicted speed-ups."""
+    out = {}
+    for side in ("query", "document"):
+        mine = [c for c in cells if c["side"] == side]
+        if not mine:
+            continue
+        speed = math.exp(sum(math.log(c["speedup"]) for c in mine) / len(mine))
+        pred = math.exp(sum(math.log(c["predicted_speedup"]) for c in mine) / len(mine))
+        out[side] = {"speedup": speed, "predicted_speedup": pred, "efficiency": speed / pred, "cells": len(mine)}
+    return out
+
+
+def _environment(enc: Encoder, warmup: int, grid: BenchGrid) -> dict:
+    import transformers
+
+    device = enc.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "dtype": dtype_name(enc.dtype),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "compile": grid.compile_backend or False, "warmup": warmup, "min_repeats": grid.repeats,
+            "max_repeats": grid.max_repeats, "min_time_s": grid.min_time, "seed": grid.seed,
+            "query_source": grid.query_source}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
