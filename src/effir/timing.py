@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .encoder import Encoder
+from .encoder import SIDES, AsymmetricEncoder, Encoder
 from .flops import activation_bytes_estimate, count_parameters, flops_per_sequence, structure_summary
 from .utils import EffirError, dtype_name
 
@@ -69,12 +69,14 @@ class BenchGrid:
                     yield "document", t, b
 
 
-def bench_encoders(candidate: Encoder, baseline: Encoder | None, grid: BenchGrid, queries: list[str] | None = None,
+def bench_encoders(candidate: Encoder | AsymmetricEncoder, baseline: Encoder | AsymmetricEncoder | None,
+                   grid: BenchGrid, queries: list[str] | None = None,
                    progress: Callable[[dict], None] | None = None) -> dict:
     """Time ``candidate`` (and ``baseline``, interleaved) over ``grid``; return the ``bench.json`` dict.
 
     Args:
-        candidate: the model to time.
+        candidate: the model to time; a query-side model is timed through its query route on the query side and
+            its document route on the document side.
         baseline: the model to compare against (same device and dtype), or ``None``.
         grid: what to time and how long (see :class:`BenchGrid`).
         queries: real query texts for the query side when ``grid.query_length`` is ``None``.
@@ -87,18 +89,22 @@ def bench_encoders(candidate: Encoder, baseline: Encoder | None, grid: BenchGrid
     device = candidate.device
     if baseline is not None and (baseline.device != device or baseline.dtype != candidate.dtype):
         raise EffirError("candidate and baseline ended up on different devices or dtypes")
-    _check_lengths(encoders, grid)
+    routes = {name: {side: enc.route(side) for side in SIDES} for name, enc in encoders.items()}
+    for name, by_side in routes.items():
+        _check_lengths(name, by_side, grid)
     models = {name: _describe(enc) for name, enc in encoders.items()}
-    raw = {name: enc.model for name, enc in encoders.items()}  # uncompiled modules, for FLOP counts
+    raw = {id(e): e.model for by_side in routes.values() for e in by_side.values()}  # uncompiled, for FLOP counts
     warmup = grid.warmup if grid.warmup is not None else (3 if device.type == "cuda" else 1)
     if grid.compile_backend:
-        _compile(encoders, grid.compile_backend)
+        _compile({id(e): e for by_side in routes.values() for e in by_side.values()}.values(), grid.compile_backend)
         warmup = max(warmup, 2)  # the first call of every shape compiles
     cells = []
     for side, length, batch_size in grid.cells():
-        batches = {n: _batches(e, side, length, batch_size, grid.seed, queries) for n, e in encoders.items()}
-        timings = _time_cell(encoders, batches, warmup, grid)
-        cells.append(_cell(side, length, batch_size, batches, timings, raw, encoders))
+        timed = {name: by_side[side] for name, by_side in routes.items()}
+        batches = {n: _batches(e, side, length, batch_size, grid.seed, queries) for n, e in timed.items()}
+        timings = _time_cell(timed, batches, warmup, grid)
+        cells.append(_cell(side, length, batch_size, batches, timings, {n: raw[id(e)] for n, e in timed.items()},
+                           timed))
         if progress is not None:
             progress(cells[-1])
     result = {
@@ -117,19 +123,21 @@ def bench_encoders(candidate: Encoder, baseline: Encoder | None, grid: BenchGrid
     return result
 
 
-def _check_lengths(encoders: dict, grid: BenchGrid) -> None:
-    lengths = [grid.query_length] if grid.query_length and "query" in grid.sides else []
-    lengths += grid.doc_lengths if "document" in grid.sides else []
-    if not lengths:
-        return
-    for name, enc in encoders.items():
-        limit = getattr(enc.model.config, "max_position_embeddings", None)
-        if limit and max(lengths) > limit:
-            raise EffirError(f"length {max(lengths)} exceeds the {name} model's max_position_embeddings {limit}; "
-                             "pass shorter --doc-lengths/--query-length")
+def _check_lengths(name: str, by_side: dict[str, Encoder], grid: BenchGrid) -> None:
+    lengths = {"query": [grid.query_length] if grid.query_length else [], "document": list(grid.doc_lengths)}
+    for side in grid.sides:
+        limit = getattr(by_side[side].model.config, "max_position_embeddings", None)
+        if lengths[side] and limit and max(lengths[side]) > limit:
+            raise EffirError(f"length {max(lengths[side])} exceeds the {name} model's max_position_embeddings "
+                             f"{limit}; pass shorter --doc-lengths/--query-length")
 
 
-def _describe(enc: Encoder) -> dict:
+def _describe(enc: Encoder | AsymmetricEncoder) -> dict:
+    """Size and structure of a model; of each route for a query-side model (``routes``, the query route's at the
+    top level)."""
+    if isinstance(enc, AsymmetricEncoder):
+        routes = {side: _describe(enc.route(side)) for side in SIDES}
+        return {**routes["query"], "reference": enc.meta.get("reference"), "routes": routes}
     params = count_parameters(enc.model, enc.adapter)
     return {"reference": enc.meta.get("reference"), "model_type": enc.model.config.model_type,
             "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters()),
@@ -137,13 +145,13 @@ def _describe(enc: Encoder) -> dict:
             "attn_implementation": getattr(enc.model.config, "_attn_implementation", None)}
 
 
-def _compile(encoders: dict, backend: str) -> None:
+def _compile(encoders, backend: str) -> None:
     dynamo = torch._dynamo.config
     if hasattr(dynamo, "recompile_limit"):
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)  # one static graph per (batch, length) cell
     else:  # pragma: no cover - older torch
         dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
-    for enc in encoders.values():
+    for enc in encoders:
         enc.model = torch.compile(enc.model, dynamic=False, backend=backend)
 
 

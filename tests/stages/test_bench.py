@@ -91,6 +91,28 @@ def test_bench_against_baseline(tmp_path, dropped_dir, tiny_llama_dir, capsys):
     assert "efficiency" in md and "tokenization excluded" in md
 
 
+def test_a_query_side_model_is_timed_against_its_parent_route_by_route(tmp_path, dropped_dir, tiny_llama_dir):
+    from effir import asymmetric
+
+    folder = asymmetric.save(effir.load(dropped_dir, device="cpu", dtype="fp32"),
+                             effir.load(tiny_llama_dir, device="cpu", dtype="fp32"), tmp_path / "asym")
+    out = tmp_path / "bench"
+    assert main(["bench", str(folder), "--output", str(out), *GRID]) == 0  # no --baseline: its document route
+    result = json.loads((out / "bench.json").read_text())
+    _check_schema(result, with_baseline=True)
+    for c in result["cells"]:
+        mlps = 2 if c["side"] == "query" else 4  # queries through the dropped model, documents through the parent
+        assert c["candidate"]["flops_per_sequence"] == hand_flops(c["seq_len"], mlps)
+        assert c["baseline"]["flops_per_sequence"] == hand_flops(c["seq_len"], 4)
+    assert result["summary"]["document"]["predicted_speedup"] == 1.0
+    assert result["summary"]["query"]["predicted_speedup"] > 1.2
+    routes = result["models"]["candidate"]["routes"]
+    assert (routes["query"]["structure"]["mlp"], routes["document"]["structure"]["mlp"]) == (2, 4)
+    assert result["models"]["baseline"]["reference"] == str(folder / "document")
+    md = (out / "bench.md").read_text()
+    assert "a query-side model" in md and "- query route: " in md and "- document route: " in md
+
+
 def test_bench_without_baseline_and_real_queries(tmp_path, tiny_llama_dir, tiny_beir, capsys):
     out = tmp_path / "bench"
     args = ["bench", str(tiny_llama_dir), "--output", str(out), "--data", str(tiny_beir), "--sides", "query",

@@ -78,6 +78,22 @@ def test_eval_matches_brute_force(tiny_llama_dir, tiny_beir, tmp_path, capsys):
     assert "nDCG@10" in printed and f"{results['metrics']['nDCG@10']:.4f}" in printed
 
 
+def test_a_cosine_model_without_normalize_scores_by_cosine_with_and_without_the_cache(tiny_beir, tmp_path):
+    from st_replicas import build_replica
+
+    folder = build_replica("no-normalize", tmp_path / "m")  # similarity cosine, no Normalize module
+    enc = effir.load(folder, device="cpu", dtype="fp32")
+    data = load_beir(tiny_beir)
+    q = torch.nn.functional.normalize(enc.encode_queries(data.queries.values()), dim=-1)
+    d = torch.nn.functional.normalize(enc.encode_documents(data.corpus.values()), dim=-1)
+    expected = {qid: dict(zip(data.corpus, row.tolist(), strict=True)) for qid, row in zip(data.queries, q @ d.T,
+                                                                                        strict=True)}
+    for name, extra in (("fresh", ["--no-cache"]), ("filled", []), ("cached", [])):
+        assert _eval(folder, tiny_beir, tmp_path / name, *extra) == 0
+        _assert_runs_close(_read_run(tmp_path / name / "run.trec"), expected)
+    assert json.loads((tmp_path / "cached" / "results.json").read_text())["corpus_cached"]
+
+
 def test_cache_reused_and_bypassed(tiny_llama_dir, tiny_beir, tmp_path):
     assert _eval(tiny_llama_dir, tiny_beir, tmp_path / "a") == 0
     cached = list((tmp_path / "cache" / "embeddings").glob("*.npy"))

@@ -12,6 +12,9 @@ Reported per cell: median and p95 latency, sequences/s, tokens/s, peak memory (C
 see ``memory_method``) and FLOPs per sequence counted from the instantiated modules (``effir.flops``); with a
 baseline, measured speed-up / FLOPs-predicted speed-up = efficiency, and per side the geometric means over its cells.
 Writes ``OUT/bench.md`` and, last, ``OUT/bench.json``; prints one summary line per side.
+
+A query-side model (``effir distill --query-side``) is timed through its query route on the query side and its
+document route on the other; without ``--baseline`` it is compared with its own document route, the parent.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load, resolve
+from ..asymmetric import load, routes_of
+from ..checkpoint import resolve
 from ..data import load_queries, resolve_beir
+from ..encoder import AsymmetricEncoder
 from ..files import write_json, write_text
 from ..timing import MAX_QUERIES, BenchGrid, bench_encoders, progress_line
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, finite_float
@@ -66,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         (out / stale).unlink(missing_ok=True)
     candidate = load(args.model, device=args.device, dtype=args.dtype)
     baseline = load(args.baseline, device=args.device, dtype=args.dtype) if args.baseline else None
+    if baseline is None and isinstance(candidate, AsymmetricEncoder):  # a query-side model against its parent
+        baseline, args.baseline = candidate.route("document"), str(Path(args.model) / "document")
     if not grid.doc_batch_sizes:
         grid = replace(grid, doc_batch_sizes=(1, 8, 32) if candidate.device.type == "cuda" else (1, 4))
     result = bench_encoders(candidate, baseline, grid, queries=queries, progress=_print_progress)
@@ -104,7 +111,7 @@ def _check_args(args) -> BenchGrid:
     if args.threads is not None and args.threads < 1:
         raise EffirError(f"--threads must be >= 1, got {args.threads}")
     for flag, ref in (("MODEL", args.model), ("--baseline", args.baseline)):
-        if ref is not None:
+        if ref is not None and not routes_of(Path(ref)):  # a query-side folder is two models: load() takes it
             try:
                 resolve(ref)
             except EffirError as e:
@@ -160,10 +167,11 @@ def markdown(result: dict) -> str:
     lines = [f"# effir bench: {env['device_name']} ({env['device']}), {env['dtype']}, "
              f"{'torch.compile (' + env['compile'] + ')' if env['compile'] else 'eager'}, {env['threads']} threads", ""]
     for name, m in models.items():
-        p = m["parameters"]
-        lines.append(f"- {name}: `{m['reference']}`: {p['total']:,} parameters ({p['without_embeddings']:,} without "
-                     f"embeddings); {m['structure']['attention']} attention + {m['structure']['mlp']} MLP sub-layers "
-                     f"of {m['structure']['layers']} layers")
+        if "routes" in m:
+            lines.append(f"- {name}: `{m['reference']}`, a query-side model:")
+            lines += [f"  - {side} route: {_size(r)}" for side, r in m["routes"].items()]
+        else:
+            lines.append(f"- {name}: `{m['reference']}`: {_size(m)}")
     lines += ["", *[f"**{line}**" for line in summary_lines(result)], ""]
     has_base = "baseline" in models
     head = "| side | T | batch | candidate ms (median / p95) | seq/s | tokens/s | peak MiB |"
@@ -182,6 +190,12 @@ def markdown(result: dict) -> str:
               f"model and cell (until {env['min_time_s']} s each); p95 is nearest-rank. torch {env['torch']}, "
               f"transformers {env['transformers']}.", ""]
     return "\n".join(lines)
+
+
+def _size(m: dict) -> str:
+    p, s = m["parameters"], m["structure"]
+    return (f"{p['total']:,} parameters ({p['without_embeddings']:,} without embeddings); {s['attention']} attention "
+            f"+ {s['mlp']} MLP sub-layers of {s['layers']} layers")
 
 
 def _model_cols(m: dict, tokens: bool) -> str:
