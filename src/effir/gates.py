@@ -9,9 +9,14 @@ sees the original Linear modules.
 
 The maskers take an optional ``protect`` mask (e.g. :func:`effir.probes.super_neurons`) of neurons they always
 keep.
+
+Two ways to train the gates: the paper's fixed ``lambda * sum sigmoid(beta |z|)`` added to the loss (plain Adam), or
+:class:`TargetSparsityAdam`, which needs no lambda: it drives the fraction of closed gates to the ratio to be cut.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -29,9 +34,12 @@ class MlpGates(nn.Module):
         layers: indices of the MLPs to gate (the kept ones).
     """
 
-    def __init__(self, model: nn.Module, adapter: ArchAdapter, layers: list[int]):
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, layers: list[int], straight_through: bool = False):
         super().__init__()
         self.layers = list(layers)
+        self.straight_through = straight_through
+        """Gradient of the gate value w.r.t. z taken as 1 below zero too: a closed gate still learns whether the task
+        wants it back (the task gradient at gate 0), so it can reopen."""
         blocks = layer_list(model, adapter)
         downs = [get_path(blocks[i], adapter.down_proj) for i in self.layers]
         self.z = nn.ParameterList([nn.Parameter(torch.ones(d.in_features, dtype=torch.float32)) for d in downs])
@@ -41,10 +49,17 @@ class MlpGates(nn.Module):
     def _hook(self, k: int):
         def gate(_module, args):
             (x,) = args
-            g = self._hard[k] if self._hard[k] is not None else torch.relu(self.z[k])
+            g = self._hard[k] if self._hard[k] is not None else self.value(k)
             return (x * g.to(x.dtype),)  # (..., d_ff) * (d_ff,)
 
         return gate
+
+    def value(self, k: int) -> torch.Tensor:
+        """``ReLU(z)`` of gate vector ``k``; with ``straight_through`` its gradient is 1 everywhere."""
+        z = self.z[k]
+        if not self.straight_through:
+            return torch.relu(z)
+        return z + (torch.relu(z) - z).detach()
 
     def set_hard_masks(self, masks: list[torch.Tensor] | None) -> None:
         """Replace ``ReLU(z)`` by fixed 0/1 masks (``None`` returns to the soft gates)."""
@@ -66,12 +81,15 @@ def l0_penalty(zs: list[torch.Tensor], beta: float = 5.0) -> torch.Tensor:
 
 
 def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 1,
-                      protect: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                      protect: list[torch.Tensor] | None = None,
+                      secondary: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Rank neuron ``scores`` (e.g. ``ReLU(z)``) across *all* layers and drop the lowest ``ratio`` of them.
 
     Each layer's kept count is then rounded to the nearest multiple of ``multiple`` (so matmuls keep hardware-
     friendly shapes), keeping that layer's top-scoring neurons. Neurons in ``protect`` (boolean masks, e.g. from
-    :func:`super_neurons`) rank above all others. Returns one boolean keep-mask per layer.
+    :func:`effir.probes.super_neurons`) rank above all others. Equal scores are ordered by ``secondary`` (e.g. the
+    gates' recorded task importance), higher kept first; only neurons equal in both keep their position order.
+    Returns one boolean keep-mask per layer.
 
     Raises:
         EffirError: ``ratio`` outside (0, 1), or a layer would be left with no neuron.
@@ -82,9 +100,9 @@ def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 
         raise EffirError(f"width multiple must be >= 1, got {multiple}")
     scores = _protected(scores, protect)
     flat = torch.cat([s.detach().float().flatten() for s in scores])
+    second = None if secondary is None else [v.detach().float().flatten().cpu() for v in secondary]
     n_drop = int(round(ratio * flat.numel()))
-    # Stable global order: sort by score, ties broken by position, so equal scores give a deterministic cut.
-    order = torch.argsort(flat, stable=True)
+    order = _ascending(flat.cpu(), None if second is None else torch.cat(second))
     dropped = torch.zeros_like(flat, dtype=torch.bool)
     dropped[order[:n_drop]] = True
     masks, start = [], 0
@@ -96,11 +114,18 @@ def global_keep_masks(scores: list[torch.Tensor], ratio: float, multiple: int = 
         if target <= 0:
             raise EffirError(f"ratio {ratio} would empty MLP {i} (it keeps {kept} of {n} neurons, rounded to "
                              f"multiples of {multiple}); use a smaller --ratio or --width-multiple")
-        top = torch.argsort(s.detach().float().flatten(), descending=True, stable=True)[:target]
+        top = _ascending(s.detach().float().flatten().cpu(), None if second is None else second[i]).flip(0)[:target]
         mask = torch.zeros(n, dtype=torch.bool)
         mask[top] = True
         masks.append(mask)
     return masks
+
+
+def _ascending(primary: torch.Tensor, secondary: torch.Tensor | None) -> torch.Tensor:
+    """Indices from lowest to highest ``primary``, equal ones by ``secondary``, then by position (lexicographic by
+    two stable sorts)."""
+    order = torch.arange(primary.numel()) if secondary is None else torch.argsort(secondary, stable=True)
+    return order[torch.argsort(primary[order], stable=True)]
 
 
 def _protected(scores: list[torch.Tensor], protect: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -144,3 +169,95 @@ def neuron_magnitude(layer: nn.Module, adapter: ArchAdapter) -> torch.Tensor:
             score = score * half.norm(dim=1)
     return score
 
+
+
+class TargetSparsityAdam(torch.optim.Adam):
+    """Adam whose gate group (``{"params": z, "target": ratio}``) closes the ``target`` fraction of gates by itself.
+
+    Every gate above zero is pushed down by a constant ``lam`` added to its task gradient, which is first divided by
+    its mean magnitude over all gates, so neither the loss scale nor the model size sets how hard that is. ``lam``
+    then follows the gap between the target and the fraction of gates that are closed or on their way down (the
+    sign of Adam's running mean): ``lam *= exp(rate * (target - fraction))`` each step, a multiplicative controller
+    (the Lagrangian idea of CoFi / Sheared-LLaMA without a loss-scaled multiplier). Closed gates feel no push (they
+    only follow the task, which may reopen them), so the fraction settles at the target instead of collapsing.
+    The task importance of each gate (a running mean of the normalised gradient magnitude) is recorded as the
+    ranking's secondary key. All of it lives in the optimizer's state, so it is checkpointed and resumed with it.
+    Other groups (LoRA) are plain Adam.
+    """
+
+    def __init__(self, groups: list[dict], rate: float = 1.0, importance_decay: float = 0.9):
+        for g in groups:
+            if "target" in g:
+                if not 0.0 < g["target"] < 1.0:
+                    raise EffirError(f"target fraction of closed gates must be in (0, 1), got {g['target']}")
+                g.setdefault("lam", 1.0)
+                g.setdefault("closing", 0.0)
+        super().__init__(groups)
+        self.rate, self.importance_decay = rate, importance_decay
+
+    @property
+    def gate_group(self) -> dict:
+        return next(g for g in self.param_groups if "target" in g)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        group = self.gate_group
+        zs = [z for z in group["params"] if z.grad is not None]
+        scale = torch.cat([z.grad.abs().flatten() for z in zs]).mean().clamp(min=1e-30)
+        task = []
+        for z in zs:
+            z.grad.div_(scale)
+            task.append(z.grad.abs())
+            z.grad.add_((z > 0).to(z.grad.dtype), alpha=group["lam"])
+        loss = super().step(closure)  # first, so Adam sets up each gate's state before it holds the importance
+        for z, magnitude in zip(zs, task, strict=True):
+            state = self.state[z]
+            if "importance" not in state:
+                state["importance"] = torch.zeros_like(z)
+            state["importance"].mul_(self.importance_decay).add_(magnitude, alpha=1 - self.importance_decay)
+        closing = self.closing_fraction()
+        group["closing"] = closing
+        group["lam"] = min(1e6, max(1e-6, group["lam"] * math.exp(self.rate * (group["target"] - closing))))
+        return loss
+
+    def closing_fraction(self) -> float:
+        """Fraction of gates closed (z <= 0) or moving down (Adam's running mean of their gradient > 0)."""
+        group = self.gate_group
+        down = [(z <= 0) | (self.state[z]["exp_avg"] > 0) if "exp_avg" in self.state[z] else z <= 0
+                for z in group["params"]]
+        return float(sum(int(d.sum()) for d in down)) / sum(z.numel() for z in group["params"])
+
+    def importance(self) -> list[torch.Tensor]:
+        """The recorded task importance of every gate (zeros before the first step)."""
+        return [self.state[z].get("importance", torch.zeros_like(z)).detach().cpu().clone()
+                for z in self.gate_group["params"]]
+
+
+def closed_fraction(z: list[torch.Tensor]) -> float:
+    """Fraction of gates with ReLU(z) = 0."""
+    return sum(int((v <= 0).sum()) for v in z) / sum(v.numel() for v in z)
+
+
+class SettledRanking:
+    """Ends gate training once the cut has settled: checked every ``every`` steps, the set of neurons the ranking
+    would cut changed by less than ``tolerance`` of all neurons and the closed fraction is within
+    ``max(tolerance, 0.02)`` of the target, ``patience`` checks in a row. Its state lives in ``group`` (the
+    optimizer's gate group), so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, group: dict, every: int = 10, patience: int = 2, tolerance: float = 0.01):
+        self.group, self.every, self.patience, self.tolerance = group, every, patience, tolerance
+
+    def settled(self, step: int, z: list[torch.Tensor], cut: torch.Tensor) -> bool:
+        """``cut``: flat boolean mask of the neurons the ranking would cut now."""
+        if self.group.get("settled_at"):
+            return True
+        if step % self.every:
+            return False
+        previous = self.group.get("settle_cut")
+        changed = 1.0 if previous is None else float((cut != previous).float().mean())
+        self.group["settle_cut"] = cut.clone()
+        near = abs(closed_fraction(z) - self.group["target"]) <= max(self.tolerance, 0.02)
+        self.group["settle_calm"] = self.group.get("settle_calm", 0) + 1 if changed <= self.tolerance and near else 0
+        if self.group["settle_calm"] >= self.patience:
+            self.group["settled_at"] = step
+        return bool(self.group.get("settled_at"))

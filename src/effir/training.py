@@ -315,11 +315,13 @@ def mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
 def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, start: int, total: int, grad_accum: int,
                 max_grad_norm: float | None, log_path: Path, log_fields: dict | None = None,
                 on_record: Callable[[dict], None] | None = None, save: Callable[[int], None] | None = None,
-                save_every: int = 0, save_last: bool = False, desc: str = "train", progress: bool = True) -> dict:
+                save_every: int = 0, save_last: bool = False, desc: str = "train", progress: bool = True,
+                stop: Callable[[int], bool] | None = None) -> dict:
     """Optimizer steps ``start .. total - 1`` over ``grad_accum`` micro-batches each (gradients synced on the last
     one only). Appends one JSON line per step to ``log_path`` (main process; ``log_fields`` added to each), calls
     ``on_record(record)`` on every process, and ``save(step)`` every ``save_every`` steps (and after the last step
-    with ``save_last``). Returns totals: tokens, train_s, last_loss.
+    with ``save_last``). ``stop(step)`` true after a step ends the loop there, as if it were the last one. Returns
+    totals: tokens, train_s, last_loss, steps (the last step run).
 
     Raises:
         EffirError: the loss or the gradient norm of a step is not finite, or the weights are not when a checkpoint
@@ -331,7 +333,7 @@ def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, st
     model.train()
     kill_at = int(os.environ.get(KILL_ENV, "0"))
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress or not acc.is_main_process)
-    stats = {"tokens": 0.0, "train_s": 0.0, "last_loss": None}
+    stats = {"tokens": 0.0, "train_s": 0.0, "last_loss": None, "steps": start}
     for step in range(start, total):
         t = time.perf_counter()
         sums: dict[str, float] = {}
@@ -365,13 +367,17 @@ def train_steps(acc, model, optimizer, scheduler, micro_batch: MicroBatch, *, st
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-        due = save_every and (step + 1) % save_every == 0 and step + 1 < total
-        if step + 1 == total or (save is not None and due):
+        last = step + 1 == total or (stop is not None and stop(step + 1))
+        due = save_every and (step + 1) % save_every == 0 and not last
+        if last or (save is not None and due):
             check_finite_weights(step + 1, model)  # nothing non-finite is saved, by a checkpoint or by the caller
-        if save is not None and (due or (save_last and step + 1 == total)):
+        if save is not None and (due or (save_last and last)):
             save(step + 1)
+        stats["steps"] = step + 1
         if kill_at and step + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if last:
+            break
     bar.close()
     return stats
 

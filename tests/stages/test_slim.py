@@ -184,7 +184,7 @@ def test_gradient_checkpointing_does_not_change_gate_training(tiny_llama_dir, tr
     assert main(_args(tiny_llama_dir, tmp_path / "b", *common, "--gradient-checkpointing")) == 0
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-6)
-    assert a[0]["penalty"] > 0 and a[-1]["loss"] != a[0]["loss"]
+    assert a[0]["lam"] > 0 and a[-1]["loss"] != a[0]["loss"]
     sa, sb = (json.loads((tmp_path / p / "slim.json").read_text()) for p in "ab")
     assert sa["gate_stats"] == sb["gate_stats"] and sa["widths_after"] == sb["widths_after"]
 

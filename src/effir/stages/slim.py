@@ -5,9 +5,13 @@
     effir slim MODEL --method magnitude --ratio 0.3 --output DIR      # the homogeneous-width baseline, no training
 
 --method learned (default, the paper's): every kept MLP gets a gate vector z (init 1) applied as
-``down(ReLU(z) * act(gate(x)) * up(x))``; z trains for --gate-steps steps on InfoNCE + lambda * sum sigmoid(beta |z|)
-(z alone by default, z with LoRA under --gates-with-lora). ReLU(z) is then ranked *globally* across all kept MLPs
-and the lowest --ratio of neurons is masked, so layers end up with different widths. --recover-steps trains the
+``down(ReLU(z) * act(gate(x)) * up(x))``; z trains on InfoNCE (z alone by default, z with LoRA under
+--gates-with-lora) while effir.gates.TargetSparsityAdam pushes gates down until the --ratio fraction of them is
+closed, whatever the loss scale: no lambda to tune. Gate training ends once the cut has settled (the set of neurons
+it would remove stops changing; --no-early-stop runs all --gate-steps). z is then ranked *globally* across all kept
+MLPs (equal values by each gate's recorded task importance) and the lowest --ratio of neurons is masked, so layers
+end up with different widths. --lam L trains instead with the paper's fixed objective, InfoNCE + L * sum
+sigmoid(beta |z|) and plain Adam, for --gate-steps steps (the paper's L is 1e-8). --recover-steps trains the
 masked model with the retrieval loss (LoRA; after any --method), then the masked rows and columns are removed
 physically.
 --method activation ranks neurons globally by what each writes into the residual stream, relative to that stream,
@@ -43,7 +47,14 @@ from .. import training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..files import write_json
-from ..gates import MlpGates, global_keep_masks, uniform_magnitude_masks
+from ..gates import (
+    MlpGates,
+    SettledRanking,
+    TargetSparsityAdam,
+    closed_fraction,
+    global_keep_masks,
+    uniform_magnitude_masks,
+)
 from ..plots import width_plot
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import neuron_importance
@@ -61,6 +72,8 @@ from ..utils import (
 )
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
+TARGET_GATE_LR = 0.05  # a gate crosses from 1 to 0 in about 20 Adam steps, within the shortest budgets tried
+PAPER_GATE_LR = 1e-2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,14 +102,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "learned and by --recover-steps")
     p.add_argument("--split", default="train")
     g = p.add_argument_group("gate training")
-    g.add_argument("--gate-steps", type=int, default=500, help="steps of gate training (paper: 500)")
-    g.add_argument("--gate-lr", type=finite_float, default=1e-2, help="Adam lr for z (not stated by the paper)")
-    g.add_argument("--beta", type=finite_float, default=5.0, help="sharpness of the l0 surrogate sigmoid(beta*|z|)")
-    g.add_argument("--lam", type=finite_float, default=1e-8,
-                   help="weight lambda of the l0 surrogate. The paper's 1e-8 (default) is too small to move a gate "
-                        "next to effir's mean InfoNCE; measured (docs/results/smollm2-slim-order-cpu.md): lambda 0.1 "
-                        "for 40 (SmolLM2) / 100 (MiniLM) gate steps matched or beat --method activation; longer "
-                        "(100 / 500 steps) closed most gates and lost the ranking, which slim warns about")
+    g.add_argument("--gate-steps", type=int, default=500,
+                   help="most steps of gate training (paper: 500); without --lam it ends earlier once the cut settles")
+    g.add_argument("--no-early-stop", action="store_true",
+                   help="train the gates for all --gate-steps even after the cut has settled")
+    g.add_argument("--gate-lr", type=finite_float, default=None,
+                   help=f"Adam lr for z (default {TARGET_GATE_LR:g}, or {PAPER_GATE_LR:g} with --lam; the paper "
+                        "states none)")
+    g.add_argument("--beta", type=finite_float, default=5.0,
+                   help="sharpness of the paper's l0 surrogate sigmoid(beta*|z|) (with --lam)")
+    g.add_argument("--lam", type=finite_float, default=None,
+                   help="train the gates with the paper's fixed objective: InfoNCE + LAM * sum sigmoid(beta*|z|), "
+                        "plain Adam, all --gate-steps (the paper's value is 1e-8; docs/results/"
+                        "smollm2-slim-order-cpu.md shows how it behaves). Default: none, the gates are driven to "
+                        "--ratio closed by themselves")
     g.add_argument("--gates-with-lora", action="store_true", help="train LoRA adapters together with z")
     g.add_argument("--recover-steps", type=int, default=0,
                    help="LoRA steps on the masked model before slicing, any --method (needs --train; 0: leave "
@@ -158,6 +177,7 @@ def _run(args, acc, texts: list[str] | None) -> int:
     widths_before = [structure["mlp_widths"][i] for i in layers]
     protect = from_main_process(_super_neurons(args, encoder, layers, acc.is_main_process))
     masks = z = None
+    gate_info = {}
     if args.method == "activation":
         scores = _activation_scores(args, encoder, layers, texts, acc.is_main_process)
         masks = global_keep_masks(scores, args.ratio, args.width_multiple, protect)
@@ -166,7 +186,7 @@ def _run(args, acc, texts: list[str] | None) -> int:
     # calibration statistics may differ in the last bits between GPUs: every process trains rank 0's masks
     masks = from_main_process(masks)
     if trains:
-        masks, z = _trained_masks(args, acc, encoder, layers, out, protect, masks)
+        masks, z, gate_info = _trained_masks(args, acc, encoder, layers, out, protect, masks)
     for i, mask in zip(layers, masks, strict=True):
         slice_mlp(encoder.model, adapter, i, torch.nonzero(mask).flatten())
     encoder.model.eval()
@@ -174,11 +194,11 @@ def _run(args, acc, texts: list[str] | None) -> int:
         p.requires_grad_(False)
     encoder.meta["structure"] = structure_of(encoder.model, adapter)
     if acc.is_main_process:
-        _finish(args, encoder, out, layers, widths_before, before, protect, z, time.perf_counter() - t0)
+        _finish(args, encoder, out, layers, widths_before, before, protect, z, gate_info, time.perf_counter() - t0)
     return 0
 
 
-def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z, wall: float) -> None:
+def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z, gate_info: dict, wall: float) -> None:
     after = count_parameters(encoder.model, encoder.adapter)
     widths_after = [encoder.meta["structure"]["mlp_widths"][i] for i in layers]
     stage = {"stage": "slim", "method": args.method, "ratio": args.ratio, "width_multiple": args.width_multiple,
@@ -197,7 +217,7 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
                                  if m.any()},
                "wall_s": round(wall, 1)}
     if z is not None:
-        summary["closed_gate_fraction"] = round(closed_fraction(z), 4)
+        summary.update(gate_info, objective="paper" if args.lam is not None else "target")
         summary["gate_stats"] = [{"layer": i, "mean_relu_z": round(float(torch.relu(v).mean()), 4)}
                                  for i, v in zip(layers, z, strict=True)]
     write_json(out / "slim.json", summary)  # last: its presence marks a finished run
@@ -225,7 +245,7 @@ def _check(args) -> None:
         for name in ("gate_steps", "batch_size", "grad_accum", "num_negatives"):
             if getattr(args, name) < 1:
                 raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.gate_lr <= 0 or args.temperature <= 0:
+        if (args.gate_lr is not None and args.gate_lr <= 0) or args.temperature <= 0:
             raise EffirError("--gate-lr and --temperature must be > 0")
 
 
@@ -269,15 +289,16 @@ GATES_MODULE = "effir_gates"
 """Name under which the gates sit inside the model while they train, so DDP syncs their gradients and the
 training checkpoints hold them."""
 RUN_KEYS = ("train", "split", "seed", "ratio", "method", "negatives", "num_negatives", "mine_range", "temperature",
-            "batch_size", "grad_accum", "gate_steps", "gate_lr", "beta", "lam", "gates_with_lora", "recover_steps",
+            "batch_size", "grad_accum", "gate_steps", "gate_lr", "beta", "lam", "no_early_stop", "gates_with_lora",
+            "recover_steps",
             "lr", "lora_r", "lora_alpha", "pooling", "query_max_length", "document_max_length", "precision")
 
 
 def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: list[torch.Tensor],
                    masks: list[torch.Tensor] | None):
-    """Without ``masks`` (--method learned): train z (phase "gates") and rank ReLU(z) globally into masks. Then, with
-    --recover-steps, train the masked model with LoRA (phase "recover", any method) and merge it. Returns (masks, z).
-    """
+    """Without ``masks`` (--method learned): train z (phase "gates") and rank z globally into masks. Then, with
+    --recover-steps, train the masked model with LoRA (phase "recover", any method) and merge it. Returns (masks, z,
+    what gate training did)."""
     saved = encoder.settings
     encoder.settings = replace(saved, query_max_length=args.query_max_length or saved.query_max_length,
                                document_max_length=args.document_max_length or saved.document_max_length)
@@ -292,22 +313,12 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
         training.set_activation_checkpointing(base, True)
     lora = args.gates_with_lora or args.recover_steps > 0
     lora_params = training.add_lora(encoder, args.lora_r, args.lora_alpha) if lora else []
-    gates = MlpGates(base, encoder.adapter, layers).to(encoder.device)  # hooks on the (LoRA-wrapped) down projections
-    z = None
+    paper = args.lam is not None
+    # hooks on the (LoRA-wrapped) down projections
+    gates = MlpGates(base, encoder.adapter, layers, straight_through=not paper).to(encoder.device)
+    z, info = None, {}
     if masks is None:
-        base.add_module(GATES_MODULE, gates)
-        _set_trainable(gates.z, True)
-        _set_trainable(lora_params, args.gates_with_lora)
-        groups = [{"params": list(gates.z), "lr": args.gate_lr}]
-        if args.gates_with_lora:
-            groups.append({"params": lora_params, "lr": args.lr})
-        _phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
-               penalty=lambda: args.lam * gates.penalty(args.beta))
-        delattr(base, GATES_MODULE)
-        _set_trainable(gates.z, False)
-        z = [v.detach().cpu().clone() for v in gates.z]
-        _warn_if_ties(z, args, acc.is_main_process)
-        masks = global_keep_masks([torch.relu(v) for v in z], args.ratio, args.width_multiple, protect)
+        z, masks, info = _train_gates(args, acc, encoder, examples, gates, lora_params, protect, out, key)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
         _set_trainable(lora_params, True)
@@ -319,21 +330,49 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     if lora:
         encoder.model = encoder.model.merge_and_unload()
     encoder.settings = saved
-    return masks, z
+    return masks, z, info
 
 
-def closed_fraction(z: list[torch.Tensor]) -> float:
-    """Fraction of gates with ReLU(z) = 0: among those, the global ranking has no order left (ties)."""
-    return sum(int((v <= 0).sum()) for v in z) / sum(v.numel() for v in z)
+def _train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, protect, out: Path, key: dict):
+    """Phase "gates": train z (and LoRA under --gates-with-lora), then rank z globally into keep masks.
+    Returns (z, masks)."""
+    base, paper = encoder.model, args.lam is not None
+    base.add_module(GATES_MODULE, gates)
+    _set_trainable(gates.z, True)
+    _set_trainable(lora_params, args.gates_with_lora)
+    lr = args.gate_lr or (PAPER_GATE_LR if paper else TARGET_GATE_LR)
+    groups = [{"params": list(gates.z), "lr": lr} | ({} if paper else {"target": args.ratio})]
+    if args.gates_with_lora:
+        groups.append({"params": lora_params, "lr": args.lr})
 
+    def cut(optimizer) -> list[torch.Tensor]:
+        importance = None if paper else optimizer.importance()
+        return global_keep_masks([v.detach().cpu() for v in gates.z], args.ratio, args.width_multiple, protect,
+                                 secondary=importance)
 
-def _warn_if_ties(z: list[torch.Tensor], args, main: bool) -> None:
-    closed = closed_fraction(z)
-    if closed > args.ratio and main:
-        print(f"effir slim: warning: {closed:.0%} of the gates closed (ReLU(z) = 0), more than --ratio {args.ratio}: "
-              "the cut among them follows layer order, not importance (measured: it cuts the first layers and "
-              f"loses quality); lower --lam (now {args.lam:g}) or --gate-steps (now {args.gate_steps})",
-              file=sys.stderr, flush=True)
+    def stop_rule(optimizer):
+        if paper or args.no_early_stop:
+            return None
+        rule = SettledRanking(optimizer.gate_group)
+        return lambda step: rule.settled(step, [v.detach().cpu() for v in gates.z], ~torch.cat(cut(optimizer)))
+
+    optimizer = _phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
+                       penalty=(lambda: args.lam * gates.penalty(args.beta)) if paper else None,
+                       optimizer_class=torch.optim.Adam if paper else TargetSparsityAdam, stop_rule=stop_rule)
+    delattr(base, GATES_MODULE)
+    _set_trainable(gates.z, False)
+    z = [v.detach().cpu().clone() for v in gates.z]
+    settled = optimizer.param_groups[0].get("settled_at")
+    ran = int(optimizer.state[gates.z[0]]["step"]) if "step" in optimizer.state[gates.z[0]] else 0
+    info = {"gate_steps_run": ran, "settled_at": settled, "closed_gate_fraction": round(closed_fraction(z), 4)}
+    if acc.is_main_process:
+        print(f"effir slim: gates: {closed_fraction(z):.1%} closed (target {args.ratio:.0%})"
+              + (f"; the cut settled after {settled} steps" if settled else ""), flush=True)
+        if paper and closed_fraction(z) > args.ratio:
+            print(f"effir slim: warning: {closed_fraction(z):.0%} of the gates closed, more than --ratio "
+                  f"{args.ratio}: the cut among them follows z below zero, not the task (lower --lam or --gate-steps, "
+                  "or leave --lam out)", file=sys.stderr, flush=True)
+    return z, cut(optimizer), info
 
 
 def _set_trainable(params, on: bool) -> None:
@@ -352,11 +391,12 @@ def _examples(args):
 
 
 def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: int, out: Path, key: dict,
-           penalty) -> None:
-    """InfoNCE (+ ``penalty()``) on the parameter ``groups`` for ``steps`` steps, with effir finetune's loop: several
-    processes, gradient accumulation, autocast; checkpoints in DIR/checkpoints/PHASE, the last one after the final
-    step (a phase that finished is skipped on resume, its weights restored)."""
-    optimizer = torch.optim.Adam(groups)
+           penalty, optimizer_class=torch.optim.Adam, stop_rule=None):
+    """InfoNCE (+ ``penalty()``) on the parameter ``groups`` for at most ``steps`` steps, with effir finetune's loop:
+    several processes, gradient accumulation, autocast; checkpoints in DIR/checkpoints/PHASE, the last one after the
+    final step (a phase that finished is skipped on resume, its weights restored). ``stop_rule(optimizer)`` may give
+    a ``stop(step)`` that ends the phase early. Returns the optimizer."""
+    optimizer = raw = optimizer_class(groups)
     # recovery fine-tunes a damaged model: warm up, decay and clip as effir finetune does; gate training keeps the
     # paper's plain Adam
     factor = lr_schedule(0.1, "linear", steps) if phase == "recover" else (lambda _step: 1.0)
@@ -364,8 +404,9 @@ def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: 
     root, log_path, key = out / "checkpoints" / phase, out / "slim_log.jsonl", {**key, "phase": phase}
     start = training.resume(root, acc, encoder.model, optimizer, scheduler, key, log_path=log_path,
                             log_match={"phase": phase})
-    if start >= steps:
-        return
+    stop = stop_rule(raw) if stop_rule is not None else None
+    if start >= steps or raw.param_groups[0].get("settled_at"):  # finished, or stopped early, before a kill
+        return raw
     if start and acc.is_main_process:
         print(f"effir slim: resuming {phase} at step {start}")
     per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
@@ -381,8 +422,18 @@ def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: 
     training.train_steps(acc, model, optimizer, scheduler, micro_batch, start=start, total=steps,
                          grad_accum=args.grad_accum, max_grad_norm=1.0 if phase == "recover" else None,
                          log_path=log_path, log_fields={"phase": phase}, save=save, save_every=args.save_every,
-                         save_last=True, desc=f"slim: {phase}", progress=not args.no_progress)
+                         save_last=True, desc=f"slim: {phase}", progress=not args.no_progress, stop=stop,
+                         on_record=_controller_fields(raw))
     encoder.model = acc.unwrap_model(model)
+    return raw
+
+
+def _controller_fields(optimizer):
+    """Adds the gate controller's weight and closing fraction to each log record (target-driven gates only)."""
+    group = optimizer.param_groups[0]
+    if "target" not in group:
+        return None
+    return lambda record: record.update(lam=group["lam"], closing=round(group["closing"], 4))
 
 
 def _print_summary(s: dict) -> None:
