@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load, resolve
+from ..checkpoint import load
 from ..data import load_queries, resolve_beir
 from ..files import write_json, write_text
+from ..refs import resolve
 from ..timing import MAX_QUERIES, BenchGrid, bench_encoders, progress_line
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, finite_float
 

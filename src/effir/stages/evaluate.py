@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from .. import embedding_cache
-from ..checkpoint import cache_dir, fingerprint, load
+from ..checkpoint import fingerprint, load
 from ..data import BeirData, load_beir
 from ..encoder import POOLINGS, Encoder
-from ..files import atomic_path, write_json
+from ..files import atomic_path, cache_dir, write_json
 from ..metrics import DEFAULT_MEASURES, evaluate
 from ..search import TopK
 from ..utils import (
