@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import replace
@@ -17,7 +18,7 @@ import torch
 
 from ._version import __version__
 from .arch import get_adapter
-from .encoder import DEFAULT_TASK, EmbeddingSettings, Encoder, default_settings, prompt_template
+from .encoder import DEFAULT_TASK, PROMPT_PRESETS, EmbeddingSettings, Encoder, default_settings, prompt_template
 from .export import write_sentence_transformers_files
 from .files import atomic_path
 from .refs import gguf_to_folder, quiet_transformers, resolve
@@ -234,8 +235,10 @@ def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task
     data = s.to_dict()
     if pooling:
         data["pooling"] = pooling
-    if query_prompt or task:
-        data["query_template"] = prompt_template(query_prompt or "effir", task or DEFAULT_TASK)
+    if query_prompt:
+        data["query_template"] = prompt_template(query_prompt, task or DEFAULT_TASK)
+    elif task:
+        data["query_template"] = _with_task(s.query_template, task)
     if document_prompt:
         data["document_template"] = prompt_template(document_prompt, task or DEFAULT_TASK)
     if qlen:
@@ -244,6 +247,20 @@ def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task
         data["document_max_length"] = dlen
     return EmbeddingSettings.from_dict(data)
 
+
+def _with_task(template: str, task: str) -> str:
+    """A filled query ``template`` of a preset with a ``{task}`` slot (``effir``, ``e5``), its task replaced by
+    ``task``: ``--task`` alone keeps the prompt the model was saved with.
+
+    Raises:
+        EffirError: ``template`` is not such a preset, so there is no task to replace.
+    """
+    for preset in PROMPT_PRESETS.values():
+        head, slot, tail = preset.partition("{task}")
+        if slot and re.fullmatch(re.escape(head) + ".*" + re.escape(tail), template, re.DOTALL):
+            return preset.replace("{task}", task)
+    raise EffirError(f"--task: the query prompt {template!r} has no task to replace; give the whole prompt with "
+                     "--query-prompt (a preset such as e5, or a template with {task} and {text})")
 
 
 QUERY_ONLY_SETTINGS = ("query_template", "query_max_length")

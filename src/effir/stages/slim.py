@@ -48,7 +48,7 @@ from ..plots import width_plot
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
-from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
+from ..train_data import check_negatives, load_training_data, parse_rank_range, prepare_negatives
 from ..utils import (
     DTYPE_CHOICES,
     EffirError,
@@ -343,11 +343,9 @@ def _set_trainable(params, on: bool) -> None:
 
 def _examples(args):
     examples, corpus = load_training_data(args.train, args.split)
-    n = args.num_negatives
-    if args.negatives == "bm25":
-        mine_bm25(examples, corpus, parse_rank_range(args.mine_range), n, seed=args.seed)
-    if args.negatives != "data" or any(len(ex.neg) < n for ex in examples):
-        random_negatives(examples, corpus, n, seed=args.seed)
+    prepare_negatives(examples, corpus, args.negatives, args.num_negatives, parse_rank_range(args.mine_range),
+                      args.seed)
+    check_negatives(examples, args.num_negatives)
     return examples
 
 
