@@ -51,9 +51,8 @@ from ..utils import (
 
 COLLAPSE_COS = 0.99
 """Mean cosine between the different documents of a batch above which the embeddings count as collapsed: every
-text maps to nearly the same vector and InfoNCE sits at ln(#candidates). Runs often pass close to it early on, and
-a run that learns moves away (SmolLM2 on SciFact: 0.61 after 15 steps; its 15-MLP model peaks at 0.982, then
-0.70-0.80); a stuck run reads 0.998 and up."""
+text maps to nearly the same vector and InfoNCE sits at ln(#candidates). Runs can pass close to it early on; a run
+that learns moves away (measured values: docs/results/figures-behind-defaults.md)."""
 COLLAPSE_STEPS = 5
 """Consecutive collapsed steps before the warning: a run may pass through a collapse and recover from it."""
 
