@@ -10,7 +10,7 @@ that `effir eval` (and anything else) loads.
     python benchmarks/distill_vs_st.py TEACHER_DIR --keep 0,2,4 --texts wiki beir:DIR --steps 400 --output OUT
 
 TEACHER_DIR is a sentence-transformers folder of a BERT-style model (e.g. all-MiniLM-L6-v2: ``minilm-l6``'s files,
-see effir.checkpoint.BUILTINS). Measured figures: docs/results.
+see effir.refs.BUILTINS). Measured figures: docs/results.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     python benchmarks/encode_vs_st.py --models minilm-l6 --n-texts 512 --repeats 5 --json out.json
 
 Same weights, dtype (fp32), texts, max length and batch size on both sides. For smollm2-135m the
-sentence-transformers model is built from the safetensors folder ``effir.checkpoint.gguf_to_folder`` caches, with
+sentence-transformers model is built from the safetensors folder ``effir.refs.gguf_to_folder`` caches, with
 a ``lasttoken`` Pooling module and Normalize, and its texts are effir's truncated token sequences decoded back to text
 with the EOS token appended, so both sides run and pool the same tokens. After a one-batch warm-up each, the two sides run interleaved (the side that goes first
 alternates) and the median of ``--repeats`` timings is reported, with the min cosine between both sides' embeddings.
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import effir
-from effir.checkpoint import gguf_to_folder, resolve
 from effir.data import load_corpus
 from effir.encoder import document_text
+from effir.refs import gguf_to_folder, resolve
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 ENCODER_TEXTS, LLM_TEXTS = 256, 32  # keeps the default run (both models) under ~5 min on 2 idle CPU cores

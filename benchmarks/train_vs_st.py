@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--output", default="benchmarks/results/train_vs_st.json")
     args = ap.parse_args()
 
-    from effir.checkpoint import resolve
+    from effir.refs import resolve
     from effir.train_data import TrainExample, write_flag_jsonl
 
     kind, where = resolve(args.model)

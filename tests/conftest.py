@@ -183,3 +183,11 @@ def tiny_beir(tmp_path) -> Path:
 
 def needs_scifact():
     return pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").exists(), reason=f"SciFact not found at {SCIFACT}")
+
+
+def flag_jsonl_with_negatives(path: Path, n: int = 8) -> Path:
+    """A FlagEmbedding jsonl of ``n`` queries, each with one positive and one negative of its own."""
+    rows = [{"query": f"q{i} " + WORDS[i], "pos": [f"positive {i} " + WORDS[i + 1]],
+             "neg": [f"negative {i} " + WORDS[i + 2]]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -116,6 +116,10 @@ CASES = [
     ("slim-diverges", SLIM + " --method magnitude --recover-steps 4 --lr 1e30 --save-every 1", SLIM_DONE, "step 2"),
     ("slim-gates-overflow", SLIM + " --lam 1e37 --gate-steps 4 --save-every 1",
      [*SLIM_DONE, "sl/checkpoints/gates/step-0000001"], "step 1: the loss is inf"),
+    # -- bugs found in review (issue 18 item 6) --
+    ("slim-corpus-smaller-than-negatives", SLIM + " --num-negatives 20", SLIM_DONE, "fewer than --num-negatives 20"),
+    ("finetune-zero-negatives", FT + " --num-negatives 0", FT_DONE, "--num-negatives must be >= 1"),
+    ("bench-two-query-lengths", BENCH + " --query-length 8,16", ["be/bench.json"], "--query-length takes one length"),
     # -- a GPU asked for on a machine without one --
     ("analyze-cuda", ANALYZE + " --device cuda", ["an/scores.json"], "CUDA"),
     ("drop-cuda", DROP + " --device cuda", ["dr"], "CUDA"),

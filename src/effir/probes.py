@@ -5,7 +5,7 @@ Super neurons. A handful of MLP neurons write the massive activations that atten
 :mod:`effir.redundancy`); pruning one breaks the whole model, and nothing in an InfoNCE-trained gate protects it.
 :func:`super_neurons` finds them from one calibration pass: the neuron's peak activation times its largest
 down-projection weight, against the layer's median. The maskers of :mod:`effir.gates` keep them when given them as
-``protect``. Measured ratios: docs/results/smollm2-figure3-cpu.md.
+``protect``. Measured ratios: docs/results/figures-behind-defaults.md.
 """
 
 from __future__ import annotations

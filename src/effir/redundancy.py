@@ -18,13 +18,9 @@ What ``x_in`` and ``x_out`` are, per group:
 Massive activations. Decoder LLMs grow a few huge activations (thousands of times the typical size) on one token,
 usually the first, which attention then uses as a sink (Sun et al., "Massive Activations in Large Language Models",
 2024), written by a few "super neurons" in a few MLPs. Such an MLP's mean ``1 - cos`` is low, because it changes a
-few tokens of thousands, yet dropping it breaks every attention layer after it. Measured on SmolLM2-135M: MLP 11
-multiplies one token's largest activation 853x (every other sub-layer at most 27x) and ranks 10th least important;
-MLP 2 holds a neuron at 706x its layer's median contribution and ranks 16th (numbers: :data:`MASSIVE_GROWTH`). In 60 LoRA steps on SciFact, a
-15-MLP model that drops 2, 9 and 11 collapses to constant embeddings (InfoNCE stuck at ln(#candidates)); keeping
-11 alone still collapses; keeping 2 and 11 collapses and recovers after 27 steps; keeping every MLP flagged below
-never collapses and reaches the best score. So the analysis also records, per sub-layer, its **peak growth** (the largest ``max|x_out| / max|x_in|``
-over tokens) and, per MLP, its **super-neuron ratio** (the largest neuron contribution, peak ``|activation|`` times
+few tokens of thousands, yet dropping it breaks every attention layer after it (measured: docs/results/
+figures-behind-defaults.md). So the analysis also records, per sub-layer, its **peak growth** (the largest
+``max|x_out| / max|x_in|`` over tokens) and, per MLP, its **super-neuron ratio** (the largest neuron contribution, peak ``|activation|`` times
 largest ``|down weight|``, over the layer's median; see :func:`effir.probes.super_neurons`), and
 :func:`massive_sources` names the sub-layers where either reaches :data:`MASSIVE_GROWTH`; `effir drop` keeps them.
 """
@@ -42,10 +38,8 @@ from .utils import EffirError
 
 GROUPS = ("attention", "mlp", "block")
 MASSIVE_GROWTH = 100.0
-"""Peak growth or super-neuron ratio from which a sub-layer counts as a massive-activation source. SmolLM2-135M,
-``effir analyze smollm2-135m --calibration wiki --samples 8 --seq-len 256``: growth 853 for MLP 11, <= 27 for every
-other sub-layer; super-neuron ratios 20,799 (MLP 11), 3,401 (28), 706 (2), 477 (9), 320 (29), 273 (1), 178 (10),
-then <= 69."""
+"""Peak growth or super-neuron ratio from which a sub-layer counts as a massive-activation source (the figures that
+chose it: docs/results/figures-behind-defaults.md)."""
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
-"""Structural edits through the architecture table: drop sub-layers, resize or slice MLP widths, count parameters,
-and rebuild a compressed model from its folder.
+"""Structural edits of models in memory, through the architecture table: drop sub-layers, resize or slice MLP
+widths, count parameters, and turn a full-size skeleton into a saved structure.
 
 A compressed model keeps every layer in place (so layer indices stay the original ones and drops compose); a dropped
 sub-layer's modules are replaced by parameter-free stand-ins that make the layer's own forward skip the branch:
@@ -17,18 +17,13 @@ by :func:`structure_of`, stored in ``effir.json`` and rebuilt by :func:`apply_st
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .arch import ArchAdapter, get_adapter, get_path, layer_list, set_path
+from .arch import ArchAdapter, get_path, layer_list, set_path
 from .utils import EffirError
-
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 class DroppedBranch(nn.Module):
@@ -290,63 +285,3 @@ def count_parameters(model: nn.Module, adapter: ArchAdapter | None = None) -> di
     total = sum(p.numel() for p in params)
     emb = sum(p.numel() for p in params if id(p) in emb_ids)
     return {"total": total, "without_embeddings": total - emb}
-
-
-# -- loading -------------------------------------------------------------------------------------------------------
-def load_compressed(folder: str | Path, config, structure: dict, torch_dtype: torch.dtype) -> nn.Module:
-    """Rebuild a compressed model: base skeleton from ``config``, the same surgery, then the safetensors, strictly.
-
-    Raises:
-        EffirError: the structure is invalid, or the weights in ``folder`` do not fit it exactly.
-    """
-    from .checkpoint import empty_model  # the only place that builds HF models
-
-    adapter = get_adapter(config)
-    model = empty_model(config, torch_dtype)
-    apply_structure(model, adapter, structure)
-    state = read_weights(folder)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise EffirError(f"the weights in {folder} do not match the structure in its effir.json: "
-                         f"{'; '.join(parts)}; the folder is damaged, re-run the stage that wrote it")
-    # assign=True adopts the loaded tensors instead of copying into the skeleton, whose uninitialised memory is
-    # never touched: peak memory stays ~1x the model. Cast to the skeleton's dtype per tensor first.
-    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's ``model.safetensors`` (or sharded ``model-*.safetensors`` + index)."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in weight_files(folder):
-        state.update(load_file(str(f)))
-    return state
-
-
-def weight_keys(folder: str | Path) -> list[str]:
-    """Tensor names stored in a folder's safetensors, without reading the tensors."""
-    from safetensors import safe_open
-
-    keys = []
-    for f in weight_files(folder):
-        with safe_open(str(f), framework="pt") as fh:
-            keys += list(fh.keys())
-    return keys
-
-
-def weight_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if (folder / WEIGHTS).exists():
-        return [folder / WEIGHTS]
-    if (folder / WEIGHTS_INDEX).exists():
-        index = json.loads((folder / WEIGHTS_INDEX).read_text())
-        return [folder / f for f in sorted(set(index["weight_map"].values()))]
-    raise EffirError(f"{folder} has no {WEIGHTS} (or {WEIGHTS_INDEX}); the model folder is incomplete")

@@ -237,6 +237,41 @@ def random_negatives(examples: list[TrainExample], corpus: dict[str, str], num_n
     return examples
 
 
+NEGATIVES = ("auto", "data", "bm25", "dense", "random")
+"""Where hard negatives come from (:func:`prepare_negatives`)."""
+
+
+def prepare_negatives(examples: list[TrainExample], corpus: dict[str, str], how: str, num_negatives: int,
+                      rank_range=(10, 100), seed: int = 0, miner: Encoder | None = None, batch_size: int = 32,
+                      show_progress: bool = False) -> list[TrainExample]:
+    """Give every example ``num_negatives`` negatives, in place.
+
+    ``how``: ``data`` keeps the data's own negatives; ``bm25`` / ``dense`` replace them by documents mined with BM25
+    or with ``miner`` (ranks ``rank_range``); ``random`` replaces them by random documents; ``auto`` is ``data``
+    when every example has enough negatives, else ``bm25``. Short lists are then topped up at random; a corpus too
+    small to fill them is left for :func:`check_negatives` to report.
+    """
+    if how == "auto":
+        how = "data" if all(len(ex.neg) >= num_negatives for ex in examples) else "bm25"
+    if how == "random":
+        for ex in examples:
+            ex.neg, ex.neg_ids = [], []
+            ex.pos_scores = ex.neg_scores = None  # new candidates: old teacher scores no longer apply
+    elif how == "bm25":
+        mine_bm25(examples, corpus, rank_range, num_negatives, seed=seed)
+    elif how == "dense":
+        mine_dense(examples, corpus, miner, rank_range, num_negatives, seed, batch_size, show_progress)
+    return random_negatives(examples, corpus, num_negatives, seed=seed)
+
+
+def check_negatives(examples: list[TrainExample], num_negatives: int) -> None:
+    """Raises :class:`EffirError` when an example has fewer than ``num_negatives`` negatives."""
+    short = sum(len(ex.neg) < num_negatives for ex in examples)
+    if short:
+        raise EffirError(f"{short} training queries have fewer than --num-negatives {num_negatives} negatives "
+                         "(the corpus is too small); lower --num-negatives")
+
+
 def _check_range(rank_range, num_negatives: int) -> tuple[int, int]:
     lo, hi = int(rank_range[0]), int(rank_range[1])
     if lo < 0 or hi <= lo:

@@ -172,8 +172,8 @@ def test_real_smollm2_on_scifact(tmp_path):
     """Real weights, real data: both sides of SciFact; the embedding-adjacent first layer is never redundant."""
     from conftest import SCIFACT
 
-    from effir.checkpoint import BUILTINS
     from effir.files import package_file
+    from effir.refs import BUILTINS
     from effir.utils import EffirError
 
     if not (SCIFACT / "corpus.jsonl").exists():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CORPUS, build_tiny_tokenizer, needs_scifact, write_beir
+from conftest import TINY_CORPUS, build_tiny_tokenizer, flag_jsonl_with_negatives, needs_scifact, write_beir
 from safetensors.torch import load_file
 
 import effir
@@ -296,3 +296,15 @@ def test_collapse_is_logged_and_warned_once(tiny_llama_dir, train_dir, tmp_path,
             warned_at.append(step)
     # a dip below the threshold resets the count; then exactly one warning, COLLAPSE_STEPS steps in
     assert warned_at == [2 * COLLAPSE_STEPS] and stats["collapsed_steps"] == COLLAPSE_STEPS + 3
+
+
+def test_random_negatives_replace_the_datas_own(tmp_path):
+    """--negatives random draws every negative at random, also for data that brings its own."""
+    from effir.stages import finetune
+
+    data = flag_jsonl_with_negatives(tmp_path / "train.jsonl")
+    args = argparse.Namespace(train=str(data), split="train", negatives="random", num_negatives=1, seed=0,
+                              mine_range="10-100", mine_model=None, encode_batch_size=4, no_progress=True)
+    examples = finetune._prepare_examples(args, None, None)
+    assert [len(ex.neg) for ex in examples] == [1] * 8
+    assert any(not ex.neg[0].startswith("negative") for ex in examples)

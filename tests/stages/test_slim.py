@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_beir
+from conftest import flag_jsonl_with_negatives, write_beir
 
 import effir
 from effir.cli import main
@@ -252,3 +252,17 @@ def test_real_smollm2_activation_ranking_keeps_the_model_magnitude_does_not(tmp_
         cos[method] = torch.cosine_similarity(_mean_hidden(slim, texts), ref, dim=-1).mean().item()
     print(f"mean-pooled hidden-state cosine to the original: {cos}")
     assert cos["activation"] > 0.8 and cos["activation"] > cos["magnitude"] + 0.3, cos
+
+
+def test_random_negatives_replace_the_datas_own(tmp_path):
+    """--negatives random draws every negative at random, also for data that brings its own."""
+    import argparse
+
+    from effir.stages import slim
+
+    data = flag_jsonl_with_negatives(tmp_path / "train.jsonl")
+    args = argparse.Namespace(train=str(data), split="train", negatives="random", num_negatives=1, seed=0,
+                              mine_range="10-100")
+    examples = slim._examples(args)
+    assert [len(ex.neg) for ex in examples] == [1] * 8
+    assert any(not ex.neg[0].startswith("negative") for ex in examples)

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from ..asymmetric import load, routes_of
-from ..checkpoint import resolve
 from ..data import load_queries, resolve_beir
 from ..encoder import AsymmetricEncoder
 from ..files import write_json, write_text
+from ..refs import resolve
 from ..timing import MAX_QUERIES, BenchGrid, bench_encoders, progress_line
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, finite_float
 
@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 def _check_args(args) -> BenchGrid:
     """Validate everything that needs no model, before loading any (a bad flag should not cost a model load).
     ``doc_batch_sizes`` is left empty when not given: its default depends on the device the model lands on."""
+    if len([v for v in str(args.query_length).split(",") if v.strip()]) > 1:  # checked with or without --data
+        raise EffirError(f"--query-length takes one length, got {args.query_length!r}")
     grid = BenchGrid(
         sides=_names(args.sides, "--sides", ("query", "document")),
         query_length=_ints(args.query_length, "--query-length", minimum=2)[0] if not args.data else None,
@@ -100,8 +102,6 @@ def _check_args(args) -> BenchGrid:
         compile_backend=args.compile_backend if args.compile else None, seed=args.seed,
         query_source="data" if args.data else "synthetic",
     )
-    if args.data and len(str(args.query_length).split(",")) > 1:
-        raise EffirError("--query-length takes one length")
     if args.warmup is not None and args.warmup < 0:
         raise EffirError(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeats < 1 or args.max_repeats < args.repeats:

@@ -42,9 +42,9 @@ import torch
 
 from .. import asymmetric, embedding_cache, training
 from ..calibration import SOURCE_HELP, load_texts, sample_texts
-from ..checkpoint import cache_dir, fingerprint, load, save
+from ..checkpoint import fingerprint, load, save
 from ..encoder import Encoder
-from ..files import write_json
+from ..files import cache_dir, write_json
 from ..losses import embedding_match, gather_with_grad, similarity_kl
 from ..synthetic import passages, split_sentences
 from ..utils import (

@@ -25,10 +25,10 @@ import torch
 
 from .. import embedding_cache
 from ..asymmetric import load
-from ..checkpoint import cache_dir, fingerprint
+from ..checkpoint import fingerprint
 from ..data import BeirData, load_beir
 from ..encoder import POOLINGS, Encoder
-from ..files import atomic_path, write_json
+from ..files import atomic_path, cache_dir, write_json
 from ..metrics import DEFAULT_MEASURES, evaluate
 from ..search import TopK
 from ..utils import (

@@ -30,14 +30,14 @@ from ..checkpoint import fingerprint, load, save
 from ..encoder import POOLINGS, Encoder
 from ..files import write_json
 from ..train_data import (
+    NEGATIVES,
     TrainExample,
+    check_negatives,
     cross_encoder_scores,
     dense_teacher_scores,
     load_training_data,
-    mine_bm25,
-    mine_dense,
     parse_rank_range,
-    random_negatives,
+    prepare_negatives,
     write_flag_jsonl,
 )
 from ..utils import (
@@ -51,9 +51,8 @@ from ..utils import (
 
 COLLAPSE_COS = 0.99
 """Mean cosine between the different documents of a batch above which the embeddings count as collapsed: every
-text maps to nearly the same vector and InfoNCE sits at ln(#candidates). Runs often pass close to it early on, and
-a run that learns moves away (SmolLM2 on SciFact: 0.61 after 15 steps; its 15-MLP model peaks at 0.982, then
-0.70-0.80); a stuck run reads 0.998 and up."""
+text maps to nearly the same vector and InfoNCE sits at ln(#candidates). Runs can pass close to it early on; a run
+that learns moves away (measured values: docs/results/figures-behind-defaults.md)."""
 COLLAPSE_STEPS = 5
 """Consecutive collapsed steps before the warning: a run may pass through a collapse and recover from it."""
 
@@ -64,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="run folder: data, checkpoints, log, model/ and finetune.json")
     p.add_argument("--split", default="train", help="qrels split of a BEIR folder (default: train)")
     g = p.add_argument_group("negatives and teacher")
-    g.add_argument("--negatives", default="auto", choices=["auto", "data", "bm25", "dense", "random"],
+    g.add_argument("--negatives", default="auto", choices=NEGATIVES,
                    help="auto: the data's own negatives when it has them, else BM25 (default: auto)")
     g.add_argument("--num-negatives", type=int, default=7, help="hard negatives per query (paper: 7)")
     g.add_argument("--mine-range", default="10-100", help="ranks LO-HI (0-based, positives removed) to draw from")
@@ -164,7 +163,7 @@ def _run(args, acc) -> int:
 
 def _check_args(args) -> None:
     for name in ("num_negatives", "batch_size", "grad_accum", "lora_r", "lora_alpha", "encode_batch_size"):
-        if getattr(args, name) < (0 if name == "num_negatives" else 1):
+        if getattr(args, name) < 1:
             raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature <= 0 or args.lr <= 0:
         raise EffirError("--temperature and --lr must be > 0")
@@ -208,10 +207,7 @@ def _training_data(args, encoder: Encoder, acc, out: Path) -> tuple[list[TrainEx
             write_json(meta_path, prep)
     acc.wait_for_everyone()
     examples, _ = load_training_data(path)
-    short = sum(len(ex.neg) < args.num_negatives for ex in examples)
-    if short:
-        raise EffirError(f"{short} training queries have fewer than --num-negatives {args.num_negatives} negatives "
-                         "(the corpus is too small); lower --num-negatives")
+    check_negatives(examples, args.num_negatives)
     if kind and any(ex.pos_scores is None for ex in examples):
         raise EffirError("--teacher data: the training data has no pos_scores/neg_scores for some queries; score "
                          "them with --teacher MODEL or drop --teacher")
@@ -243,16 +239,12 @@ def _prepare_examples(args, encoder: Encoder, kind: str | None) -> list[TrainExa
                              "cross-encoder with --teacher-kind cross-encoder")
         teacher.settings = encoder.settings
     examples, corpus = load_training_data(args.train, args.split)
-    lo_hi, n, show = parse_rank_range(args.mine_range), args.num_negatives, not args.no_progress
-    how = args.negatives
-    if how == "auto":
-        how = "data" if all(len(ex.neg) >= n for ex in examples) else "bm25"
-    if how == "bm25":
-        mine_bm25(examples, corpus, lo_hi, n, seed=args.seed)
-    elif how == "dense":
+    show = not args.no_progress
+    miner = None
+    if args.negatives == "dense":
         miner = encoder if args.mine_model is None else load(args.mine_model, device=str(encoder.device))
-        mine_dense(examples, corpus, miner, lo_hi, n, args.seed, args.encode_batch_size, show)
-    random_negatives(examples, corpus, n, seed=args.seed)  # tops up short lists ("random": all of them)
+    prepare_negatives(examples, corpus, args.negatives, args.num_negatives, parse_rank_range(args.mine_range),
+                      args.seed, miner, args.encode_batch_size, show)
     if teacher is not None:
         dense_teacher_scores(examples, teacher, args.encode_batch_size, show)
     elif kind == "cross-encoder":

@@ -27,6 +27,7 @@ from pathlib import Path
 from ..config import STAGES, RunConfig, load_config, stage_argv
 from ..files import write_json, write_text
 from ..utils import EffirError, check_device, check_output_dir
+from . import VERBS, RaisingParser, main_verb, verb_parser
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARKER = ".effir-done.json"
@@ -88,18 +89,15 @@ def resolve_config(ref: str) -> Path:
 def check_stage_options(cfg: RunConfig) -> None:
     """Every option in a stage section must be a real option of that stage (misspellings name the key), with a value
     its parser accepts: checked for every stage before the first one runs, not when the bad one is reached."""
-    from ..cli import COMMANDS, RaisingParser, build_parser
-
-    parser = build_parser(RaisingParser)
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     for stage in STAGES:
-        known = {opt for action in subparsers[stage]._actions for opt in action.option_strings}
+        parser = verb_parser(stage, RaisingParser)
+        known = parser.flags()
         for key in getattr(cfg, stage):
             if "--" + key.replace("_", "-") not in known:
-                raise EffirError(f"unknown option '{stage}.{key}' for `effir {stage}` ({COMMANDS[stage][1]}); "
+                raise EffirError(f"unknown option '{stage}.{key}' for `effir {stage}` ({VERBS[stage][1]}); "
                                  f"see effir {stage} -h")
         try:  # the options the pipeline wires itself get placeholders; only the config's values are at stake
-            options = subparsers[stage].parse_args([*WIRED_ARGS[stage], *stage_argv(getattr(cfg, stage))])
+            options = parser.parse_args([*WIRED_ARGS[stage], *stage_argv(getattr(cfg, stage))])
             check_device(options.device, "--device")
         except EffirError as e:
             raise EffirError(f"section '{stage}' of the config: {e}; fix the value") from None
@@ -279,10 +277,8 @@ def _in_process(argv: list[str]) -> int:
     """Run one stage in this process (no launcher): same CLI, no interpreter start-up per stage."""
     import gc
 
-    from ..cli import main as cli_main
-
     try:
-        return cli_main(argv)
+        return main_verb(argv[0], argv[1:])
     finally:
         gc.collect()
 

@@ -59,7 +59,7 @@ from ..plots import width_plot
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import neuron_importance
 from ..surgery import count_parameters, slice_mlp, structure_of
-from ..train_data import load_training_data, mine_bm25, parse_rank_range, random_negatives
+from ..train_data import check_negatives, load_training_data, parse_rank_range, prepare_negatives
 from ..utils import (
     DTYPE_CHOICES,
     EffirError,
@@ -91,10 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="blocks of --seq-len tokens scored by --method activation (default: 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
     p.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
-                   help=f"round every kept width to a multiple of this (default {DEFAULT_WIDTH_MULTIPLE}). Measured on "
-                        "an H200 in bf16 (benchmarks/width_multiple.py, widths 1005-1145): widths that are not a "
-                        "multiple of 8 cost 3.6x more time per neuron; multiples of 8/16/32/64 cost 1.08/1.06/1.04/"
-                        "1.06x the best. 32 also keeps fp32 rows whole AVX-512 vectors on CPUs")
+                   help=f"round every kept width to a multiple of this (default {DEFAULT_WIDTH_MULTIPLE}): matmuls "
+                        "run faster on such widths (benchmarks/width_multiple.py; figures in "
+                        "docs/results/figures-behind-defaults.md)")
     p.add_argument("--super-neuron-factor", type=finite_float, default=SUPER_NEURON_FACTOR,
                    help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
                         f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
@@ -126,8 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, more time (SmolLM2 Drop-15M gate "
-                        "training, 8 queries x 4 docs x 256 tokens, CPU: peak 12.6 -> 4.7 GB, +19 %% time)")
+                   help="recompute activations in the backward pass: less memory, more time (figures in "
+                        "docs/results/figures-behind-defaults.md)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype while training; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
     g.add_argument("--negatives", choices=["random", "bm25", "data"], default="random",
@@ -382,11 +381,9 @@ def _set_trainable(params, on: bool) -> None:
 
 def _examples(args):
     examples, corpus = load_training_data(args.train, args.split)
-    n = args.num_negatives
-    if args.negatives == "bm25":
-        mine_bm25(examples, corpus, parse_rank_range(args.mine_range), n, seed=args.seed)
-    if args.negatives != "data" or any(len(ex.neg) < n for ex in examples):
-        random_negatives(examples, corpus, n, seed=args.seed)
+    prepare_negatives(examples, corpus, args.negatives, args.num_negatives, parse_rank_range(args.mine_range),
+                      args.seed)
+    check_negatives(examples, args.num_negatives)
     return examples
 
 

@@ -33,10 +33,11 @@ from ..checkpoint import (
     load_with_transformers,
     read_effir_json,
     remote_code_is_packaged,
+    weight_keys,
     weights_digest,
 )
 from ..encoder import Encoder
-from ..surgery import count_parameters, drop_sublayers, dropped_prefixes, structure_of, weight_keys
+from ..surgery import count_parameters, drop_sublayers, dropped_prefixes, structure_of
 from ..utils import EffirError, check_device, finite_float, floating_dtype
 
 QUERIES = ["what is the capital of france", "how do vaccines train the immune system",
