@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import serving
 from ..checkpoint import load, resolve
 from ..data import load_queries, resolve_beir
 from ..encoder import Encoder
@@ -64,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile backend (default: inductor; eager/aot_eager only check the tracing)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic token ids")
+    p.add_argument("--backend", default="torch", choices=serving.BACKENDS,
+                   help="runtime of MODEL: torch, or the onnx / openvino graph of a folder written by `effir export` "
+                        "(the baseline stays on torch, fp32)")
+    p.add_argument("--quantize", default="none", choices=serving.QUANTIZATIONS,
+                   help="precision of MODEL: int8 (torchao on torch, the exported int8 graph on onnx/openvino) or "
+                        "nf4 (bitsandbytes, CUDA only); the baseline is not quantised")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,12 +81,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     for stale in ("bench.json", "bench.md"):  # a failed run must not leave an older result looking current
         (out / stale).unlink(missing_ok=True)
-    candidate = load(args.model, device=args.device, dtype=args.dtype)
-    baseline = load(args.baseline, device=args.device, dtype=args.dtype) if args.baseline else None
+    served = args.backend != "torch"
+    dtype = "fp32" if served and args.dtype == "auto" else args.dtype  # the graphs compute in fp32
+    candidate = load(args.model, device=args.device, dtype=dtype, padding_side="right" if served else None)
+    candidate = serving.apply_variant(candidate, args.backend, args.quantize, args.threads)
+    baseline = load(args.baseline, device=args.device, dtype=dtype) if args.baseline else None
     if cfg["doc_batch_sizes"] is None:
         cfg["doc_batch_sizes"] = [1, 8, 32] if candidate.device.type == "cuda" else [1, 4]
     result = bench_encoders(candidate, baseline, cfg, queries=queries)
-    result["models"]["candidate"]["reference"] = args.model
+    variant = serving.variant_name(args.backend, args.quantize)
+    result["models"]["candidate"]["reference"] = args.model + (f" [{variant}]" if variant else "")
     if baseline is not None:
         result["models"]["baseline"]["reference"] = args.baseline
     _write_text(out / "bench.md", markdown(result))
@@ -120,6 +131,9 @@ def _check_args(args) -> dict:
             except EffirError as e:
                 raise EffirError(f"{flag}: {e}") from None
     check_device(args.device)
+    serving.check_variant(args.backend, args.quantize, args.device, args.dtype)
+    if args.compile and args.backend != "torch":
+        raise EffirError(f"--compile applies to the torch backend, not --backend {args.backend}")
     check_output_dir(args.output)
     return cfg
 
@@ -155,7 +169,7 @@ def bench_encoders(candidate: Encoder, baseline: Encoder | None, cfg: dict, quer
         raise EffirError("candidate and baseline ended up on different devices or dtypes")
     _check_lengths(encoders, cfg)
     models = {name: _describe(enc) for name, enc in encoders.items()}
-    raw = {name: enc.model for name, enc in encoders.items()}  # uncompiled modules, for FLOP counts
+    raw = {name: serving.torch_module(enc.model) for name, enc in encoders.items()}  # uncompiled modules, for FLOP counts
     warmup = cfg["warmup"] if cfg["warmup"] is not None else (3 if device.type == "cuda" else 1)
     if cfg["compile"]:
         _compile(encoders, cfg["compile"])
@@ -195,10 +209,11 @@ def _check_lengths(encoders: dict, cfg: dict) -> None:
 
 
 def _describe(enc: Encoder) -> dict:
-    params = count_parameters(enc.model, enc.adapter)
+    model = serving.torch_module(enc.model)
+    params = count_parameters(model, enc.adapter)
     return {"reference": enc.meta.get("reference"), "model_type": enc.model.config.model_type,
-            "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters()),
-            "structure": structure_summary(enc.model, enc.adapter),
+            "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "size": serving.size_report(enc), "structure": structure_summary(model, enc.adapter),
             "attn_implementation": getattr(enc.model.config, "_attn_implementation", None)}
 
 
