@@ -128,6 +128,8 @@ CASES = [
     ("eval-cuda", EVAL + " --device cuda", EVAL_DONE, "CUDA"),
     ("bench-cuda", BENCH + " --device cuda", ["be/bench.json"], "CUDA"),
     ("verify-cuda", "verify {compressed} --device cuda", [], "CUDA"),
+    ("eval-nf4-on-cpu", EVAL + " --quantize nf4 --device cpu", EVAL_DONE, "--quantize nf4 needs a CUDA GPU"),
+    ("bench-nf4-on-cpu", BENCH + " --quantize nf4 --device cpu", ["be/bench.json"], "--quantize nf4 needs a CUDA GPU"),
     ("analyze-not-a-device", ANALYZE + " --device gpu0", ["an/scores.json"], "not a device"),
     # -- an output folder that cannot be created --
     ("analyze-output-under-file", "analyze {llama} --output {file}/an --samples 2", [], "is a file"),
@@ -136,6 +138,7 @@ CASES = [
     ("finetune-output-under-file", "finetune {llama} --train {beir} --output {file}/ft", [], "is a file"),
     ("eval-output-under-file", "eval {llama} --data {beir} --output {file}/ev", [], "is a file"),
     ("bench-output-under-file", "bench {llama} --output {file}/be", [], "is a file"),
+    ("export-output-under-file", "export {llama} --format onnx --output {file}/ex", [], "is a file"),
     ("eval-output-is-file", "eval {llama} --data {beir} --output {file}", [], "not a folder"),
     # -- damaged model folders: one line that says the folder is damaged, not a hub download failure --
     ("eval-truncated-safetensors", "eval {truncated} --data {beir} --output {out}/ev --device cpu", EVAL_DONE,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import serving
 from .encoder import SIDES, AsymmetricEncoder, Encoder
 from .flops import activation_bytes_estimate, count_parameters, flops_per_sequence, structure_summary
 from .utils import EffirError, dtype_name
@@ -93,7 +94,8 @@ def bench_encoders(candidate: Encoder | AsymmetricEncoder, baseline: Encoder | A
     for name, by_side in routes.items():
         _check_lengths(name, by_side, grid)
     models = {name: _describe(enc) for name, enc in encoders.items()}
-    raw = {id(e): e.model for by_side in routes.values() for e in by_side.values()}  # uncompiled, for FLOP counts
+    # uncompiled torch modules (of a served graph too), for FLOP counts
+    raw = {id(e): serving.torch_module(e.model) for by_side in routes.values() for e in by_side.values()}
     warmup = grid.warmup if grid.warmup is not None else (3 if device.type == "cuda" else 1)
     if grid.compile_backend:
         _compile({id(e): e for by_side in routes.values() for e in by_side.values()}.values(), grid.compile_backend)
@@ -138,10 +140,11 @@ def _describe(enc: Encoder | AsymmetricEncoder) -> dict:
     if isinstance(enc, AsymmetricEncoder):
         routes = {side: _describe(enc.route(side)) for side in SIDES}
         return {**routes["query"], "reference": enc.meta.get("reference"), "routes": routes}
-    params = count_parameters(enc.model, enc.adapter)
+    model = serving.torch_module(enc.model)
+    params = count_parameters(model, enc.adapter)
     return {"reference": enc.meta.get("reference"), "model_type": enc.model.config.model_type,
-            "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters()),
-            "structure": structure_summary(enc.model, enc.adapter),
+            "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "size": serving.size_report(enc), "structure": structure_summary(model, enc.adapter),
             "attn_implementation": getattr(enc.model.config, "_attn_implementation", None)}
 
 

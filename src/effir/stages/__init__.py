@@ -25,6 +25,8 @@ VERBS: dict[str, tuple[str, str]] = {
                 "similarity distillation, LoRA or full)"),
     "eval": ("effir.stages.evaluate", "evaluate a model on a BEIR folder: nDCG@10, R@100, RR@10 + a TREC run"),
     "bench": ("effir.stages.bench", "time query/document encoding against a baseline, beside the FLOPs-predicted speed-up"),
+    "export": ("effir.stages.export", "export a model for serving: ONNX or OpenVINO graph (fp32, + int8 with --int8) "
+               "beside its sentence-transformers files"),
     "run": ("effir.stages.run", "the whole pipeline from one YAML config, resumable, ending in a report"),
     "demo": ("effir.stages.run", "the whole pipeline on smollm2-135m and built-in Wikipedia data (= effir run demo)"),
     "verify": ("effir.stages.verify", "check a compressed model folder: reloads, weights, parameter counts, embeddings"),

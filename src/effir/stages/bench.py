@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import serving
 from ..asymmetric import load, routes_of
 from ..data import load_queries, resolve_beir
 from ..encoder import AsymmetricEncoder
@@ -59,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile backend (default: inductor; eager/aot_eager only check the tracing)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic token ids")
+    p.add_argument("--backend", default="torch", choices=serving.BACKENDS,
+                   help="runtime of MODEL: torch, or the onnx / openvino graph of a folder written by `effir export` "
+                        "(the baseline stays on torch, fp32)")
+    p.add_argument("--quantize", default="none", choices=serving.QUANTIZATIONS,
+                   help="precision of MODEL: int8 (torchao on torch, the exported int8 graph on onnx/openvino) or "
+                        "nf4 (bitsandbytes, CUDA only); the baseline is not quantised")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,14 +76,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     for stale in ("bench.json", "bench.md"):  # a failed run must not leave an older result looking current
         (out / stale).unlink(missing_ok=True)
-    candidate = load(args.model, device=args.device, dtype=args.dtype)
-    baseline = load(args.baseline, device=args.device, dtype=args.dtype) if args.baseline else None
+    served = args.backend != "torch"
+    dtype = "fp32" if served and args.dtype == "auto" else args.dtype  # the graphs compute in fp32
+    candidate = load(args.model, device=args.device, dtype=dtype, padding_side="right" if served else None)
+    variant = serving.variant_name(args.backend, args.quantize)
+    if variant and isinstance(candidate, AsymmetricEncoder):
+        raise EffirError(f"{args.model} is a query-side folder; --backend / --quantize serve one model: bench "
+                         "without them, or export and bench its query route")
+    candidate = serving.apply_variant(candidate, args.backend, args.quantize, args.threads)
+    baseline = load(args.baseline, device=args.device, dtype=dtype) if args.baseline else None
     if baseline is None and isinstance(candidate, AsymmetricEncoder):  # a query-side model against its parent
         baseline, args.baseline = candidate.route("document"), str(Path(args.model) / "document")
     if not grid.doc_batch_sizes:
         grid = replace(grid, doc_batch_sizes=(1, 8, 32) if candidate.device.type == "cuda" else (1, 4))
     result = bench_encoders(candidate, baseline, grid, queries=queries, progress=_print_progress)
-    result["models"]["candidate"]["reference"] = args.model
+    result["models"]["candidate"]["reference"] = args.model + (f" [{variant}]" if variant else "")
     if baseline is not None:
         result["models"]["baseline"]["reference"] = args.baseline
     write_text(out / "bench.md", markdown(result))
@@ -117,6 +131,9 @@ def _check_args(args) -> BenchGrid:
             except EffirError as e:
                 raise EffirError(f"{flag}: {e}") from None
     check_device(args.device)
+    serving.check_variant(args.backend, args.quantize, args.device, args.dtype)
+    if args.compile and args.backend != "torch":
+        raise EffirError(f"--compile applies to the torch backend, not --backend {args.backend}")
     check_output_dir(args.output)
     return grid
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import embedding_cache
+from .. import embedding_cache, serving
 from ..asymmetric import load
 from ..checkpoint import fingerprint
 from ..data import BeirData, load_beir
-from ..encoder import POOLINGS, Encoder
+from ..encoder import POOLINGS, AsymmetricEncoder, Encoder
 from ..files import atomic_path, cache_dir, write_json
 from ..metrics import DEFAULT_MEASURES, evaluate
 from ..search import TopK
@@ -68,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=50_000, help="documents encoded and searched per step")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the corpus-embedding cache")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/results.json")
+    p.add_argument("--backend", default="torch", choices=serving.BACKENDS,
+                   help="runtime: torch, or the onnx / openvino graph of a folder written by `effir export`")
+    p.add_argument("--quantize", default="none", choices=serving.QUANTIZATIONS,
+                   help="int8: torchao on torch, the exported int8 graph on onnx/openvino; nf4: bitsandbytes, "
+                        "CUDA only (default: none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +109,14 @@ def _run(args, device: torch.device) -> int:
     encoder = load(args.model, device=str(device), dtype=args.dtype, pooling=args.pooling,
                    query_prompt=args.query_prompt, prompt_name=args.prompt_name, task=args.task,
                    query_max_length=args.query_max_length,
-                   document_max_length=args.document_max_length)
+                   document_max_length=args.document_max_length,
+                   padding_side="right" if args.backend != "torch" else None)
+    model_id, documents_id = fingerprint(encoder), fingerprint(encoder, documents_only=True)  # of the source model
+    variant = serving.variant_name(args.backend, args.quantize)
+    if variant and isinstance(encoder, AsymmetricEncoder):
+        raise EffirError(f"{args.model} is a query-side folder; --backend / --quantize serve one model: evaluate "
+                         "without them, or export and evaluate its query route")
+    encoder = serving.apply_variant(encoder, args.backend, args.quantize)
     timing = {"load_s": time.perf_counter() - t0}
     if rank == 0 and args.overwrite:
         (out / "results.json").unlink(missing_ok=True)  # a crash below must not leave stale results looking fresh
@@ -123,8 +135,9 @@ def _run(args, device: torch.device) -> int:
                     cosine=encoder.settings.similarity == "cosine")
 
     top = new_top()
-    model_id = fingerprint(encoder)
-    cache = None if args.no_cache else _cache_path(fingerprint(encoder, documents_only=True), encoder, data)
+    if variant:  # another runtime or precision gives other embeddings: its own cache entry and identity
+        model_id, documents_id = f"{model_id}-{variant}", f"{documents_id}-{variant}"
+    cache = None if args.no_cache else _cache_path(documents_id, encoder, data)
     t = time.perf_counter()
     cached = embedding_cache.read(cache, len(doc_ids), encoder.dim) if rank == 0 and cache is not None else None
     hit = from_main_process(cached is not None)
@@ -159,6 +172,9 @@ def _run(args, device: torch.device) -> int:
         "top_k": args.top_k,
         "fingerprint": model_id,
         "embedding": encoder.settings.to_dict(),
+        "backend": args.backend,
+        "quantize": args.quantize,
+        "size": serving.size_report(encoder),
         "data": {"path": str(data.path), **data.report},
     }
     write_json(out / "results.json", results)  # last: its presence means the run is complete
@@ -171,6 +187,7 @@ def _check_args(args, out: Path) -> None:
         raise EffirError(f"--top-k must be >= 100 (R@100 needs 100 documents per query), got {args.top_k}")
     if args.batch_size < 1 or args.chunk_size < 1:
         raise EffirError("--batch-size and --chunk-size must be >= 1")
+    serving.check_variant(args.backend, args.quantize, args.device, args.dtype)
     check_output_dir(out)
     if (out / "results.json").exists() and not args.overwrite:
         raise EffirError(f"{out / 'results.json'} already exists; pass --overwrite or choose another --output")

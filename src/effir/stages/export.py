@@ -1,0 +1,155 @@
+"""Export a model for serving: an effir folder plus an ONNX or OpenVINO graph (fp32, and int8 with --int8).
+
+    effir export MODEL --format onnx [--int8] --output DIR
+    effir export MODEL --format openvino [--int8] [--calibration wiki] --output DIR
+
+DIR is a complete effir model folder (weights, tokenizer, ``effir.json``, sentence-transformers files with the
+``query`` / ``document`` prompts, pooling and Normalize) plus, in sentence-transformers' backend layout:
+
+- ``onnx/model.onnx`` and, with --int8, ``onnx/model_qint8.onnx`` (ONNX Runtime dynamic quantisation);
+- ``openvino/openvino_model.xml`` and, with --int8, ``openvino/openvino_model_qint8_quantized.xml`` (NNCF static
+  quantisation, calibrated on --calibration text encoded as queries and documents).
+
+Every graph maps ``input_ids`` / ``attention_mask`` to ``last_hidden_state``; pooling, normalisation, prompts and
+EOS stay in the folder's modules, so ``effir eval DIR --backend onnx [--quantize int8]`` and ``effir bench DIR
+--backend onnx --baseline MODEL`` embed exactly as the torch model does. The export checks itself: probe queries and
+documents are embedded by the torch model and by every written graph, and ``DIR/export.json`` (written last)
+records the largest absolute difference and the cosine between them. Compressed models (``model_type: "effir"``)
+export like any other: the graph is traced from the loaded torch modules, so no remote code is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from .. import serving
+from ..calibration import load_texts
+from ..checkpoint import load, save
+from ..encoder import Encoder
+from ..files import write_json
+from ..refs import resolve
+from ..utils import EffirError, check_output_dir
+
+FORMATS = ("onnx", "openvino")
+PROBE_QUERIES = ["what causes scurvy?", "Vitamin C deficiency in sailors", "q"]
+PROBE_DOCUMENTS = [
+    {"title": "Scurvy", "text": "Scurvy is a disease resulting from a lack of vitamin C. Early symptoms include "
+                                "weakness, feeling tired and sore arms and legs."},
+    "The river is blue.",
+    "Paris is the capital and most populous city of France, with an estimated population of two million residents.",
+]
+FP32_TOLERANCE = 1e-3  # largest |difference| of normalised embeddings the fp32 graphs may show (float32 reordering)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="built-in name (minilm-l6, smollm2-135m), model folder (compressed or not), .gguf "
+                                 "or hub id")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime) or openvino")
+    p.add_argument("--int8", action="store_true",
+                   help="also write the int8 graph (onnx: dynamic quantisation; openvino: static, calibrated)")
+    p.add_argument("--output", required=True, help="folder for the exported model")
+    p.add_argument("--calibration", default="wiki",
+                   help="text for --format openvino --int8, as for effir analyze: wiki, a .txt/.jsonl file or "
+                        "beir:DIR (default: wiki)")
+    p.add_argument("--calibration-samples", type=int, default=32,
+                   help="calibration batches of 4 texts for OpenVINO int8, half queries, half documents (default: 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder in --output")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    out = Path(args.output)
+    t0 = time.perf_counter()
+    encoder = load(args.model, device="cpu", dtype="fp32", padding_side="right")
+    (out / "export.json").unlink(missing_ok=True)  # a failed run must not leave an older record looking current
+    save(encoder, out, {"stage": "export", "format": args.format, "int8": args.int8}, overwrite=args.overwrite)
+    written = _export(encoder, out, args)
+    encoder.model.eval()
+    checks = {rel: _parity(encoder, out, rel) for rel in written}
+    report = {"model": args.model, "format": args.format, "int8": args.int8, "files": written, "checks": checks,
+              "seconds": time.perf_counter() - t0, "torch": torch.__version__, "versions": _versions(args.format)}
+    write_json(out / "export.json", report)  # last: its presence means the export is complete
+    for rel, c in checks.items():
+        print(f"effir export: {rel}: {c['megabytes']:.1f} MB, embeddings vs torch: max |diff| "
+              f"{c['max_abs_diff']:.2e}, min cosine {c['min_cosine']:.5f}")
+    bad = [rel for rel, c in checks.items() if not c["int8"] and c["max_abs_diff"] > FP32_TOLERANCE]
+    if bad:
+        raise EffirError(f"{', '.join(bad)} embed(s) differently from the torch model (max |diff| > "
+                         f"{FP32_TOLERANCE}); see {out / 'export.json'}")
+    print(f"effir export: wrote {out}")
+    return 0
+
+
+def _check_args(args) -> None:
+    serving.require(args.format, f"--format {args.format}")
+    if args.calibration_samples < 1:
+        raise EffirError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
+    try:
+        resolve(args.model)
+    except EffirError as e:
+        raise EffirError(f"MODEL: {e}") from None
+    out = check_output_dir(args.output, siblings=True)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise EffirError(f"{out} already exists and is not empty; pass --overwrite or choose another --output")
+
+
+def _export(encoder, out: Path, args) -> list[str]:
+    """Write the graphs; return their paths relative to ``out``."""
+    sample = encoder.tokenize(PROBE_DOCUMENTS + PROBE_QUERIES, "document")  # rows of different lengths
+    files = []
+    if args.format == "onnx":
+        onnx_path = serving.export_onnx(encoder.model, sample, out / serving.SERVED_FILES[("onnx", False)])
+        files.append(serving.SERVED_FILES[("onnx", False)])
+        if args.int8:
+            serving.quantize_onnx_int8(onnx_path, out / serving.SERVED_FILES[("onnx", True)])
+            files.append(serving.SERVED_FILES[("onnx", True)])
+        return files
+    with serving.scratch_dir() as tmp:
+        onnx_path = serving.export_onnx(encoder.model, sample, Path(tmp) / "model.onnx")
+        xml = serving.onnx_to_openvino(onnx_path, out / serving.SERVED_FILES[("openvino", False)])
+    files.append(serving.SERVED_FILES[("openvino", False)])
+    if args.int8:
+        batches = _calibration_batches(encoder, args.calibration, args.calibration_samples)
+        serving.quantize_openvino_int8(xml, out / serving.SERVED_FILES[("openvino", True)], batches)
+        files.append(serving.SERVED_FILES[("openvino", True)])
+    return files
+
+
+def _calibration_batches(encoder, source: str, n: int, per_batch: int = 4) -> list[dict[str, torch.Tensor]]:
+    texts = load_texts(source)
+    sides = [("query", texts.queries or texts.documents), ("document", texts.documents or texts.queries)]
+    batches = []
+    for i in range(n):
+        side, pool = sides[i % 2]
+        start = (i // 2) * per_batch % max(1, len(pool))
+        chunk = (pool[start:] + pool)[:per_batch]
+        batches.append(encoder.tokenize(chunk, side))
+    return batches
+
+
+def _parity(encoder, out: Path, rel: str) -> dict:
+    """Embed the probes with the torch model and with the graph at ``out / rel`` (same tokens); compare."""
+    backend = "onnx" if rel.startswith("onnx/") else "openvino"
+    runner = serving.OnnxRunner(out / rel) if backend == "onnx" else serving.OpenVinoRunner(out / rel)
+    served = Encoder(serving.ServedModel(runner, encoder.model.config), encoder.tokenizer, encoder.settings,
+                     encoder.adapter, padding_side="right")
+    diffs, cosines = [], []
+    for side, texts in (("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS)):
+        batch = encoder.tokenize(texts, side)
+        with torch.inference_mode():
+            ref, got = encoder.embed(**batch), served.embed(**batch)
+        diffs.append((got - ref).abs().max().item())
+        cosines.append(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item())
+    return {"backend": backend, "int8": "qint8" in rel, "megabytes": serving.files_bytes(out / rel) / 1e6,
+            "max_abs_diff": max(diffs), "min_cosine": min(cosines)}
+
+
+def _versions(fmt: str) -> dict:
+    import importlib.metadata as md
+
+    names = ["onnx", "onnxruntime", "onnxscript"] if fmt == "onnx" else ["onnx", "onnxscript", "openvino", "nncf"]
+    return {n: md.version(n) for n in names}

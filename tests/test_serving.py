@@ -1,0 +1,120 @@
+"""Export for serving (ONNX / OpenVINO, fp32 and int8) and the runtimes behind eval / bench (effir.serving).
+
+Equivalence, not smoke: the exported fp32 graph of every architecture in the table, compressed (dropped attention
+and MLP sub-layers, a narrowed MLP), embeds queries and documents as the torch model does within 1e-4.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from effir import serving
+from effir.checkpoint import load, save
+from effir.cli import main
+from effir.surgery import drop_sublayers, slice_mlp
+
+needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
+                                reason="onnx, onnxruntime and onnxscript are not installed (pip install 'effir[serve]')")
+needs_openvino = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("openvino", "nncf", "onnxscript")),
+                                    reason="openvino and nncf are not installed (pip install 'effir[serve]')")
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="torchao is not installed (pip install 'effir[quant]')")
+
+QUERIES = ["what is the capital of france", "cat", "how does the virus affect the cell protein and the gene"]
+DOCS = [{"title": "paris", "text": "paris is the capital of france and a city on a river"}, "blue", "the sun is a star"]
+
+
+def _compressed(folder, out):
+    enc = load(folder, device="cpu", dtype="fp32")
+    drop_sublayers(enc.model, enc.adapter, attention=[1], mlp=[0, 2])
+    slice_mlp(enc.model, enc.adapter, 3, list(range(0, 60, 3)))
+    return save(enc, out)
+
+
+def _embeddings(folder, backend="torch", quantize="none"):
+    enc = load(folder, device="cpu", dtype="fp32", padding_side="right")
+    enc = serving.apply_variant(enc, backend, quantize)
+    return torch.cat([enc.encode(QUERIES, "query", batch_size=2), enc.encode(DOCS, "document", batch_size=2)])
+
+
+@needs_onnx
+def test_onnx_export_equals_torch_on_every_architecture(tiny_model_dir, tmp_path, model_type):
+    src = _compressed(tiny_model_dir, tmp_path / "compressed")
+    out = tmp_path / "served"
+    assert main(["export", str(src), "--format", "onnx", "--int8", "--output", str(out)]) == 0
+    assert (out / "onnx" / "model.onnx").exists() and (out / "onnx" / "model_qint8.onnx").exists()
+    ref = _embeddings(out)
+    got = _embeddings(out, "onnx")
+    assert (got - ref).abs().max().item() < 1e-4
+    int8 = _embeddings(out, "onnx", "int8")
+    assert int8.shape == ref.shape and torch.isfinite(int8).all()
+    report = json.loads((out / "export.json").read_text())
+    assert report["checks"]["onnx/model.onnx"]["max_abs_diff"] < 1e-4
+    # the sentence-transformers files travel with it: prompts intact
+    st = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert set(st["prompts"]) >= {"query", "document"}
+
+
+@needs_openvino
+def test_openvino_export_equals_torch(tiny_llama_dir, tmp_path):
+    out = tmp_path / "ov"
+    assert main(["export", str(tiny_llama_dir), "--format", "openvino", "--int8", "--calibration-samples", "4",
+                 "--output", str(out)]) == 0
+    ref = _embeddings(out)
+    assert (_embeddings(out, "openvino") - ref).abs().max().item() < 1e-4
+    assert torch.isfinite(_embeddings(out, "openvino", "int8")).all()
+
+
+@needs_onnx
+def test_eval_and_bench_on_the_onnx_backend(tiny_llama_dir, tiny_beir, tmp_path):
+    out = tmp_path / "served"
+    assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--output", str(out)]) == 0
+    results = {}
+    for backend in ("torch", "onnx"):
+        o = tmp_path / f"eval-{backend}"
+        assert main(["eval", str(out), "--data", str(tiny_beir), "--output", str(o), "--backend", backend,
+                     "--device", "cpu", "--dtype", "fp32"]) == 0
+        results[backend] = json.loads((o / "results.json").read_text())
+    assert results["onnx"]["metrics"] == pytest.approx(results["torch"]["metrics"], abs=1e-9)
+    assert results["onnx"]["fingerprint"] == results["torch"]["fingerprint"] + "-onnx-none"
+    assert results["onnx"]["size"]["stored_as"] == "model.onnx"
+    bench = tmp_path / "bench"
+    assert main(["bench", str(out), "--backend", "onnx", "--baseline", str(tiny_llama_dir), "--output", str(bench),
+                 "--query-batch-sizes", "2", "--doc-lengths", "16", "--doc-batch-sizes", "2", "--repeats", "1",
+                 "--min-time", "0", "--device", "cpu"]) == 0
+    b = json.loads((bench / "bench.json").read_text())
+    assert b["models"]["candidate"]["reference"].endswith("[onnx-none]")
+    assert b["cells"][0]["predicted_speedup"] == pytest.approx(1.0)
+
+
+@needs_torchao
+def test_torch_int8_keeps_the_embeddings_close(tiny_llama_dir):
+    ref = _embeddings(tiny_llama_dir)
+    got = _embeddings(tiny_llama_dir, "torch", "int8")
+    assert torch.nn.functional.cosine_similarity(got, ref).min().item() > 0.9
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "{m}", "--data", "{d}", "--quantize", "nf4", "--device", "cpu"], "--quantize nf4 needs a CUDA GPU"),
+    (["bench", "{m}", "--quantize", "nf4", "--device", "cpu"], "--quantize nf4 needs a CUDA GPU"),
+    (["eval", "{m}", "--data", "{d}", "--backend", "onnx", "--device", "cpu"], "does not exist; write it with"),
+    (["bench", "{m}", "--backend", "onnx", "--dtype", "bf16"], "computes in fp32"),
+    (["export", "{m}", "--format", "onnx", "--calibration-samples", "0"], "--calibration-samples must be >= 1"),
+])
+def test_refusals_are_one_line_with_exit_code_2(argv, words, tiny_llama_dir, tiny_beir, tmp_path, capsys):
+    if "--backend" in argv or argv[0] == "export":
+        pytest.importorskip("onnxruntime", reason="the onnx refusals are checked after the package check")
+    argv = [a.format(m=tiny_llama_dir, d=tiny_beir) for a in argv] + ["--output", str(tmp_path / "out")]
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"effir {argv[0]}: error: ") and words in lines[0], lines[0]
+
+
+def test_nf4_refusal_on_cpu_needs_no_model():
+    with pytest.raises(serving.EffirError, match="needs a CUDA GPU"):
+        serving.check_variant("torch", "nf4", "cpu", "auto")
