@@ -1,7 +1,7 @@
 """The ``effir run`` configuration: one YAML file for the whole pipeline. Imports no torch, so validation is instant.
 
 Top-level keys are the fields of :class:`RunConfig`. Each stage section (``analyze``, ``drop``, ``slim``,
-``finetune``, ``eval``, ``bench``) holds that stage's command-line options with ``_`` or ``-`` (``gate_steps: 50``
+``finetune``, ``distill``, ``eval``, ``bench``) holds that stage's command-line options with ``_`` or ``-`` (``gate_steps: 50``
 is ``--gate-steps 50``; ``true`` is a bare flag); the stage's own parser checks the names, so a misspelled key is an
 error that names it. Options the pipeline wires itself (model, output, data, scores, baseline) are not allowed there.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 
 from .utils import EffirError
 
-STAGES = ("analyze", "drop", "slim", "finetune", "eval", "bench")
-WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", "teacher"}
+STAGES = ("analyze", "drop", "slim", "finetune", "distill", "eval", "bench")
+WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", "teacher", "query_side"}
+PARENTS = ("original", "full")
 BASELINES = ("original", "full", "drop_mlp", "drop_blocks", "drop_last", "drop_attention")
 DEMO_KEYS = {"train_queries": int, "test_queries": int, "passage_words": int, "max_passages": int,
              "test_fraction": float, "seed": int}
@@ -23,7 +24,8 @@ DEMO_KEYS = {"train_queries": int, "test_queries": int, "passage_words": int, "m
 _TEXT, _OPTIONAL_TEXT, _TEXTS = "a string", "a string or null", "a list of strings"
 FIELD_TYPES = {"model": _TEXT, "output": _TEXT, "train": _OPTIONAL_TEXT, "datasets": _TEXTS, "split": _TEXT,
                "stages": _TEXTS, "slim_after_finetune": "true or false", "teacher": _OPTIONAL_TEXT,
-               "baselines": "a mapping", "launcher": _OPTIONAL_TEXT, "demo": "a mapping",
+               "baselines": "a mapping", "launcher": _OPTIONAL_TEXT, "demo": "a mapping", "parent": _TEXT,
+               "query_side": "true or false",
                **{s: "a mapping of option: value" for s in STAGES}}
 """What each top-level key must hold (checked before anything else reads the config)."""
 
@@ -42,13 +44,20 @@ class RunConfig:
     """BEIR folders (or official names, or ``demo``) to evaluate on."""
     split: str = "test"
     """qrels split evaluated."""
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    """Stages to run, in pipeline order."""
+    stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "distill"])
+    """Stages to run, in pipeline order (``distill`` recovers the compressed model instead of ``finetune``)."""
     slim_after_finetune: bool = False
     """Slim the fine-tuned retriever (drop -> finetune -> slim) instead of the raw LLM (drop -> slim -> finetune, the
     paper's order); see docs/results/smollm2-slim-order-cpu.md for why."""
     teacher: str | None = None
     """KL teacher for finetune: ``parent`` (the uncompressed model), a model reference, ``data``, or none."""
+    parent: str = "original"
+    """The retriever that stage ``distill`` and the query-side variant learn from, and whose document index the
+    query-side variant keeps: ``original`` (``model``, when it already is a retriever) or ``full`` (the fine-tuned
+    full model of ``baselines.full``, when ``model`` is a base LLM)."""
+    query_side: bool = False
+    """Also build the query-side variant: the compressed model (after drop / slim) distilled on the parent's query
+    embeddings, queries through it and documents through the parent (``effir distill --query-side``)."""
     baselines: dict = field(default_factory=dict)
     """Baselines trained and evaluated the same way: ``full: true`` (the uncompressed model fine-tuned),
     ``drop_blocks: K|auto`` (Drop-kB by importance), ``drop_last: K|auto`` (Drop-LastkB), ``drop_attention: K``
@@ -63,6 +72,7 @@ class RunConfig:
     drop: dict = field(default_factory=dict)
     slim: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     bench: dict = field(default_factory=dict)
 
@@ -78,6 +88,7 @@ class RunConfig:
             raise EffirError(f"unknown stage(s) {unknown} in 'stages'; the pipeline is {' -> '.join(pipeline)}")
         # slim and finetune may be listed either way round: slim_after_finetune decides which runs first
         rank = [STAGES.index("slim") if s == "finetune" else STAGES.index(s) for s in self.stages]
+        _check_recovery(self)
         if rank != sorted(rank) or len(set(self.stages)) != len(self.stages):
             raise EffirError(f"stages {self.stages} are out of order; they run as {' -> '.join(pipeline)}")
         if "drop" in self.stages and "analyze" not in self.stages and self.drop.get("strategy", "importance") == \
@@ -121,6 +132,25 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+
+def _check_recovery(cfg: RunConfig) -> None:
+    """Stage ``distill``, ``parent`` and ``query_side`` fit together."""
+    if {"finetune", "distill"} <= set(cfg.stages):
+        raise EffirError("stages 'finetune' and 'distill' both recover the compressed model; list one of them")
+    if cfg.slim_after_finetune and "distill" in cfg.stages:
+        raise EffirError("slim_after_finetune: true slims the fine-tuned model; with stage 'distill' the slimmed "
+                         "model is distilled instead: remove one of them")
+    if cfg.parent not in PARENTS:
+        raise EffirError(f"'parent' must be one of {', '.join(PARENTS)}, not {cfg.parent!r}; fix it in the config")
+    learns = "distill" in cfg.stages or cfg.query_side
+    if learns and not cfg.distill.get("texts"):
+        raise EffirError("stage 'distill' and query_side: true learn from unlabelled text: set distill.texts (e.g. "
+                         "[wiki] or [beir:DIR]) in the config")
+    if learns and cfg.parent == "full" and not cfg.baselines.get("full"):
+        raise EffirError("parent: full learns from the fine-tuned full model: set baselines.full: true (and 'train')")
+    if cfg.baselines.get("full") and "distill" in cfg.stages and not cfg.train:
+        raise EffirError("baselines.full fine-tunes the full model and needs training data: set 'train'")
 
 
 def _is(value, kind: str) -> bool:

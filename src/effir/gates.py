@@ -175,17 +175,19 @@ class TargetSparsityAdam(torch.optim.Adam):
     """Adam whose gate group (``{"params": z, "target": ratio}``) closes the ``target`` fraction of gates by itself.
 
     Every gate above zero is pushed down by a constant ``lam`` added to its task gradient, which is first divided by
-    its mean magnitude over all gates, so neither the loss scale nor the model size sets how hard that is. ``lam``
-    then follows the gap between the target and the fraction of gates that are closed or on their way down (the
-    sign of Adam's running mean): ``lam *= exp(rate * (target - fraction))`` each step, a multiplicative controller
-    (the Lagrangian idea of CoFi / Sheared-LLaMA without a loss-scaled multiplier). Closed gates feel no push (they
-    only follow the task, which may reopen them), so the fraction settles at the target instead of collapsing.
-    The task importance of each gate (a running mean of the normalised gradient magnitude) is recorded as the
-    ranking's secondary key. All of it lives in the optimizer's state, so it is checkpointed and resumed with it.
-    Other groups (LoRA) are plain Adam.
+    its mean magnitude over all gates, so neither the loss scale nor the model size sets how hard that is; Adam then
+    moves the gates whose task gradients are smallest against that push first. ``lam`` follows the gap between the
+    target and the fraction of gates that are closed or will be within ``1 / lr`` steps at their current speed:
+    ``lam *= exp(rate * (target - fraction))`` each step, a multiplicative controller (the Lagrangian idea of CoFi /
+    Sheared-LLaMA, with a multiplier that no loss scale can set wrong); counting the gates on their way keeps it
+    from overshooting while they travel. Closed gates feel no push, only the task (a straight-through gradient), so
+    a gate closed too early can reopen and the fraction settles at the target instead of collapsing. The task
+    importance of each gate (a running mean of its normalised gradient magnitude) is recorded as the ranking's
+    secondary key. All of it lives in the optimizer's state: checkpointed and resumed with it. Other groups (LoRA)
+    are plain Adam.
     """
 
-    def __init__(self, groups: list[dict], rate: float = 1.0, importance_decay: float = 0.9):
+    def __init__(self, groups: list[dict], rate: float = 0.5, importance_decay: float = 0.9):
         for g in groups:
             if "target" in g:
                 if not 0.0 < g["target"] < 1.0:
@@ -204,28 +206,23 @@ class TargetSparsityAdam(torch.optim.Adam):
         group = self.gate_group
         zs = [z for z in group["params"] if z.grad is not None]
         scale = torch.cat([z.grad.abs().flatten() for z in zs]).mean().clamp(min=1e-30)
-        task = []
+        task, before = [], [z.detach().clone() for z in zs]
         for z in zs:
             z.grad.div_(scale)
             task.append(z.grad.abs())
             z.grad.add_((z > 0).to(z.grad.dtype), alpha=group["lam"])
         loss = super().step(closure)  # first, so Adam sets up each gate's state before it holds the importance
-        for z, magnitude in zip(zs, task, strict=True):
+        horizon = 1.0 / group["lr"]
+        closing = 0
+        for z, magnitude, old in zip(zs, task, before, strict=True):
             state = self.state[z]
             if "importance" not in state:
                 state["importance"] = torch.zeros_like(z)
             state["importance"].mul_(self.importance_decay).add_(magnitude, alpha=1 - self.importance_decay)
-        closing = self.closing_fraction()
-        group["closing"] = closing
-        group["lam"] = min(1e6, max(1e-6, group["lam"] * math.exp(self.rate * (group["target"] - closing))))
+            closing += int(((z <= 0) | (z + horizon * (z - old) <= 0)).sum())
+        group["closing"] = closing / sum(z.numel() for z in zs)
+        group["lam"] = min(1e6, max(1e-6, group["lam"] * math.exp(self.rate * (group["target"] - group["closing"]))))
         return loss
-
-    def closing_fraction(self) -> float:
-        """Fraction of gates closed (z <= 0) or moving down (Adam's running mean of their gradient > 0)."""
-        group = self.gate_group
-        down = [(z <= 0) | (self.state[z]["exp_avg"] > 0) if "exp_avg" in self.state[z] else z <= 0
-                for z in group["params"]]
-        return float(sum(int(d.sum()) for d in down)) / sum(z.numel() for z in group["params"])
 
     def importance(self) -> list[torch.Tensor]:
         """The recorded task importance of every gate (zeros before the first step)."""

@@ -9,7 +9,8 @@ from pathlib import Path
 from .files import write_json, write_text
 from .plots import quality_speed_plot
 
-LABELS = {"effir": "EffiR (drop + slim)", "original": "original, not fine-tuned", "full": "full model, fine-tuned"}
+LABELS = {"effir": "EffiR (drop + slim)", "original": "original, not fine-tuned", "full": "full model, fine-tuned",
+          "query_side": "query-side: compressed queries, the parent's documents"}
 
 
 def write_report(cfg, out: Path, steps) -> Path:
@@ -17,7 +18,9 @@ def write_report(cfg, out: Path, steps) -> Path:
     variants = _collect(steps)
     if getattr(cfg, "slim_after_finetune", False) and "effir" in variants:
         variants["effir"]["label"] = "EffiR (drop, fine-tune, then slim)"
-    reference = variants.get("full", {}).get("avg_ndcg10")
+    if "distill" in getattr(cfg, "stages", ()) and "effir" in variants:
+        variants["effir"]["label"] = f"EffiR (drop + slim, distilled from the {cfg.parent} model)"
+    reference = variants.get("full", {}).get("avg_ndcg10") or variants.get("original", {}).get("avg_ndcg10")
     for v in variants.values():
         if reference and v.get("avg_ndcg10") is not None:
             v["retention"] = v["avg_ndcg10"] / reference
@@ -86,7 +89,8 @@ def _markdown(cfg, variants: dict, figures: dict) -> str:
     datasets = sorted({d for v in variants.values() for d in v["ndcg10"]})
     lines = [f"# effir report: {cfg.model}", "",
              f"Split `{cfg.split}`; nDCG@10 from `effir eval`, speed-ups from `effir bench` against the original "
-             "model (measured / FLOPs-predicted = efficiency). Retention is relative to the fine-tuned full model.",
+             "model (measured / FLOPs-predicted = efficiency; the query-side model against its parent, whose "
+             "documents it keeps). Retention is relative to the fine-tuned full model, else to the original.",
              "", "| model | params (no emb.) | " + " | ".join(f"nDCG@10 {d}" for d in datasets)
              + " | avg | retention | query speed-up | doc speed-up |",
              "|---|---:|" + "---:|" * len(datasets) + "---:|---:|---:|---:|"]

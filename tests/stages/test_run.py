@@ -137,6 +137,12 @@ def test_slim_after_finetune_slims_the_retriever_and_reruns_downstream(tiny_llam
     ({"modle": "x"}, "unknown config key 'modle'"),
     ({"stages": ["eval", "drop"]}, "out of order"),
     ({"slim": {"ratoi": 0.3}}, "unknown option 'slim.ratoi'"),
+    ({"stages": ["drop", "slim", "finetune", "distill"], "distill": {"texts": ["wiki"]}}, "list one of them"),
+    ({"stages": ["drop", "slim", "distill"]}, "set distill.texts"),
+    ({"query_side": True, "distill": {"texts": ["wiki"]}, "parent": "full"}, "set baselines.full: true"),
+    ({"query_side": True, "distill": {"texts": ["wiki"]}}, "is not one"),  # a base LLM: no parent retriever
+    ({"stages": ["analyze", "drop", "slim", "distill"], "distill": {"texts": ["wiki"], "query_side": True}},
+     "'distill.query_side' is set by the pipeline"),
 ])
 def test_bad_config_is_one_line_exit_2(tiny_llama_dir, data, tmp_path, capsys, over, message):
     cfg = _config(tmp_path, tiny_llama_dir, data, **over)
@@ -150,3 +156,30 @@ def test_missing_dataset_is_one_line_exit_2(tiny_llama_dir, data, tmp_path, caps
     cfg = _config(tmp_path, tiny_llama_dir, data, stages=["eval"], datasets=[str(tmp_path / "nope")])
     assert main(["run", str(cfg)]) == 2
     assert "failed" in capsys.readouterr().err
+
+
+def test_distillation_and_the_query_side_variant_from_a_retriever(data, tmp_path, monkeypatch):
+    """A sentence-transformers retriever as the original: no labels, no fine-tuning; EffiR recovers by distilling
+    from it, and the query-side variant keeps its documents (their cached embeddings are reused)."""
+    from st_replicas import build_replica
+
+    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))  # the cached corpus must be this run's own
+    parent = build_replica("minilm", tmp_path / "minilm")
+    texts = {"texts": [f"beir:{data}"], "max_steps": 2, "batch_size": 2, "device": "cpu", "no_progress": True}
+    cfg = _config(tmp_path, parent, data, train=None, stages=["drop", "slim", "distill", "eval", "bench"],
+                  drop={"mlp": 1, "strategy": "last"}, slim={"method": "magnitude", "width_multiple": 8,
+                                                             "device": "cpu", "no_progress": True},
+                  distill=texts, query_side=True, baselines={"original": True})
+    assert main(["run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    variants = json.loads((run / "report.json").read_text())["variants"]
+    assert set(variants) == {"effir", "query_side", "original"}
+    assert "distilled from the original model" in variants["effir"]["label"]
+    query_side = variants["query_side"]
+    assert query_side["speed"]["document"]["predicted_speedup"] == 1.0  # documents: the parent itself
+    assert query_side["speed"]["query"]["predicted_speedup"] > 1.0
+    results = json.loads((run / "query-side" / "eval" / "beir" / "results.json").read_text())
+    assert results["corpus_cached"]  # the original's evaluation already embedded these documents
+    history = json.loads((run / "query-side" / "distill" / "model" / "effir.json").read_text())["history"]
+    assert history[-1]["query_side"] and history[-1]["teacher"] == str(parent)
+    assert "query-side: compressed queries" in (run / "report.md").read_text()

@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the student: a model folder (e.g. the output of effir drop / slim), built-in name, "
                                  ".gguf or hub id")
     p.add_argument("--teacher", required=True, help="the parent retriever whose embeddings the student learns")
-    p.add_argument("--texts", required=True, nargs="+", metavar="SOURCE", help=f"unlabelled text: {SOURCE_HELP}")
+    p.add_argument("--texts", required=True, nargs="+", metavar="SOURCE",
+                   help=f"unlabelled text, one or more sources (space- or comma-separated): {SOURCE_HELP}")
     p.add_argument("--output", required=True, help="run folder: model/, distill.json, distill_log.jsonl")
     p.add_argument("--max-texts", type=int, default=None,
                    help="at most this many texts per side (a seeded sample; default: all)")
@@ -147,7 +148,8 @@ class Loss:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    texts = read_texts(args.texts, args.passage_words, args.max_texts, args.seed)  # before any output or model
+    sources = [s for arg in args.texts for s in arg.split(",") if s]  # effir run passes a list joined by commas
+    texts = read_texts(sources, args.passage_words, args.max_texts, args.seed)  # before any output or model
     return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
 
@@ -398,5 +400,6 @@ def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: 
                "train_s": round(stats["train_s"], 1), "tokens": int(stats["tokens"]),
                "final_loss": stats["last_loss"], "args": {k: getattr(args, k) for k in RUN_KEYS}}
     write_json(out / "distill.json", summary)  # last: its presence means the run is complete
-    print(f"effir distill: {total} steps in {wall:.0f}s on {len(texts.queries)} query-side and "
-          f"{len(texts.documents)} document-side texts; model saved to {out / 'model'}")
+    used = f"{len(texts.queries)} query-side" + ("" if args.query_side and not args.kl_weight else
+                                                 f" and {len(texts.documents)} document-side")
+    print(f"effir distill: {total} steps in {wall:.0f}s on {used} texts; model saved to {out / 'model'}")

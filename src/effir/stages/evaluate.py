@@ -27,7 +27,7 @@ from .. import embedding_cache, serving
 from ..asymmetric import load
 from ..checkpoint import fingerprint
 from ..data import BeirData, load_beir
-from ..encoder import POOLINGS, AsymmetricEncoder, Encoder
+from ..encoder import POOLINGS, SIDES, AsymmetricEncoder, Encoder
 from ..files import atomic_path, cache_dir, write_json
 from ..metrics import DEFAULT_MEASURES, evaluate
 from ..search import TopK
@@ -174,7 +174,8 @@ def _run(args, device: torch.device) -> int:
         "embedding": encoder.settings.to_dict(),
         "backend": args.backend,
         "quantize": args.quantize,
-        "size": serving.size_report(encoder),
+        "size": ({side: serving.size_report(encoder.route(side)) for side in SIDES}
+                 if isinstance(encoder, AsymmetricEncoder) else serving.size_report(encoder)),
         "data": {"path": str(data.path), **data.report},
     }
     write_json(out / "results.json", results)  # last: its presence means the run is complete

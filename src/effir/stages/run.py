@@ -55,22 +55,29 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     cfg = load_config(resolve_config(ref), overrides)
     check_stage_options(cfg)
+    check_parent(cfg)
     out = check_output_dir(cfg.output, "'output'")
     t0 = time.perf_counter()
+    # the parent comes first when it is the fine-tuned full model: distillation learns from it
+    first = plan_full_baseline(cfg, out) if cfg.parent == "full" else []
+    tuned = [s for s in first if s.stage == "finetune"]
+    parent = (str(tuned[0].folder / "model"), tuned) if tuned else (cfg.model, [])
     if args.dry_run:
-        for step in main_steps(cfg, out):
+        for step in first + main_steps(cfg, out, parent):
             print(" ".join(shlex.quote(a) for a in step.command(cfg)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     _save_config(cfg, out / "config.yaml")
     prepare_data(cfg, out)
-    steps = main_steps(cfg, out)
-    execute(steps, cfg, args.from_stage)
-    baseline_steps = plan_baselines(cfg, out)
-    execute(baseline_steps, cfg, args.from_stage)
+    rerun: set[int] = set()
+    execute(first, cfg, args.from_stage, rerun)
+    steps = main_steps(cfg, out, parent)
+    execute(steps, cfg, args.from_stage, rerun)
+    baseline_steps = plan_baselines(cfg, out, bool(first), parent)  # after EffiR: 'auto' sizes follow it
+    execute(baseline_steps, cfg, args.from_stage, rerun)
     from ..report import write_report
 
-    report = write_report(cfg, out, steps + baseline_steps)
+    report = write_report(cfg, out, first + steps + baseline_steps)
     print(f"effir {args.verb}: finished in {time.perf_counter() - t0:.0f}s; report: {report}")
     return 0
 
@@ -90,6 +97,8 @@ def check_stage_options(cfg: RunConfig) -> None:
     """Every option in a stage section must be a real option of that stage (misspellings name the key), with a value
     its parser accepts: checked for every stage before the first one runs, not when the bad one is reached."""
     for stage in STAGES:
+        if stage == "distill" and not ("distill" in cfg.stages or cfg.query_side or cfg.distill):
+            continue  # its required --texts come from a section no one wrote
         parser = verb_parser(stage, RaisingParser)
         known = parser.flags()
         for key in getattr(cfg, stage):
@@ -105,8 +114,28 @@ def check_stage_options(cfg: RunConfig) -> None:
 
 WIRED_ARGS = {"analyze": ["MODEL", "--output", "OUT"], "drop": ["MODEL", "--output", "OUT"],
               "slim": ["MODEL", "--output", "OUT"], "finetune": ["MODEL", "--train", "DATA", "--output", "OUT"],
+              "distill": ["MODEL", "--teacher", "PARENT", "--output", "OUT"],
               "eval": ["MODEL", "--data", "DATA", "--output", "OUT"], "bench": ["MODEL", "--output", "OUT"]}
 """Placeholders for the arguments each stage requires and ``effir run`` supplies."""
+
+
+def check_parent(cfg: RunConfig) -> None:
+    """Distillation and the query-side variant need a retriever to learn from: with ``parent: original``, the model
+    must be one (a sentence-transformers folder, or an effir folder that was fine-tuned or distilled)."""
+    if cfg.parent != "original" or not ("distill" in cfg.stages or cfg.query_side):
+        return
+    from ..checkpoint import read_effir_json
+    from ..refs import resolve
+
+    kind, where = resolve(cfg.model)
+    if kind == "hub":  # cannot be read offline; the user named it as the parent
+        return
+    history = read_effir_json(where).get("history", []) if kind == "dir" else []
+    trained = any(h.get("stage") in ("finetune", "distill") for h in history)
+    if kind == "gguf" or not ((Path(where) / "modules.json").is_file() or trained):
+        raise EffirError(f"stage 'distill' and query_side learn from the parent retriever, and {cfg.model} is not one "
+                         "(no sentence-transformers files, never fine-tuned by effir): set parent: full with "
+                         "baselines.full: true to use the fine-tuned full model as the parent")
 
 
 def _save_config(cfg: RunConfig, path: Path) -> None:
@@ -174,8 +203,10 @@ def _key(argv: list[str], upstream: str) -> str:
     return hashlib.sha256(json.dumps([argv, upstream]).encode()).hexdigest()[:16]
 
 
-def main_steps(cfg: RunConfig, out: Path) -> list[Step]:
-    """The EffiR pipeline as configured: each stage consumes the previous stage's model."""
+def main_steps(cfg: RunConfig, out: Path, parent: tuple[str, list[Step]] | None = None) -> list[Step]:
+    """The EffiR pipeline as configured: each stage consumes the previous stage's model; then the query-side
+    variant when asked for. ``parent``: the retriever distillation learns from, and the steps that make it."""
+    parent = parent or (cfg.model, [])
     steps: list[Step] = []
     model, prev = cfg.model, []
     if "analyze" in cfg.stages:
@@ -187,12 +218,27 @@ def main_steps(cfg: RunConfig, out: Path) -> list[Step]:
         steps.append(Step("drop", "drop", [model, *scores, "--output", str(out / "drop" / "model"),
                                            *stage_argv(cfg.drop)], out / "drop", upstream=prev))
         model, prev = str(out / "drop" / "model"), [steps[-1]]
-    steps += _train_eval_bench(cfg, out, model, prev, "effir", out)
+    steps += _train_eval_bench(cfg, out, model, prev, "effir", out, parent=parent)
+    if cfg.query_side:
+        steps += _query_side_steps(cfg, out, steps, parent)
+    return steps
+
+
+def _query_side_steps(cfg: RunConfig, out: Path, effir_steps: list[Step], parent) -> list[Step]:
+    """The compressed model (the last drop / slim output) distilled as a query encoder in front of the parent."""
+    compressed = [s for s in effir_steps if s.stage in ("drop", "slim")]
+    model = str(compressed[-1].folder / "model") if compressed else cfg.model
+    base = out / "query-side"
+    argv = [model, "--teacher", parent[0], "--query-side", "--output", str(base / "distill"), *stage_argv(cfg.distill)]
+    steps = [Step("distill", "distill", argv, base / "distill", "query_side", compressed[-1:] + parent[1],
+                  "distill.json")]
+    steps += _evaluate_and_time(cfg, out, str(base / "distill" / "model"), steps[-1:], "query_side", base,
+                                baseline=False)
     return steps
 
 
 def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], variant: str, base: Path,
-                      slim: bool = True) -> list[Step]:
+                      slim: bool = True, parent: tuple[str, list[Step]] | None = None) -> list[Step]:
     steps = []
     train = _data_ref(cfg.train, out) if cfg.train else None
     order = ("finetune", "slim") if cfg.slim_after_finetune else ("slim", "finetune")
@@ -202,13 +248,27 @@ def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], v
             steps.append(Step("slim", "slim", [model, *train_args, "--output", str(base / "slim"),
                                                *stage_argv(cfg.slim)], base / "slim", variant, prev, "slim.json"))
             model, prev = str(base / "slim" / "model"), [steps[-1]]
-        elif stage == "finetune" and "finetune" in cfg.stages and variant != "original":
+        elif stage == "finetune" and variant != "original" and (
+                "finetune" in cfg.stages or (variant == "full" and "distill" in cfg.stages)):
             teacher = cfg.model if cfg.teacher == "parent" else cfg.teacher
             teacher_args = ["--teacher", teacher] if teacher else []
             steps.append(Step("finetune", "finetune", [model, "--train", train, "--output", str(base / "finetune"),
                                                        *teacher_args, *stage_argv(cfg.finetune)],
                               base / "finetune", variant, prev, "finetune.json"))
             model, prev = str(base / "finetune" / "model"), [steps[-1]]
+    if "distill" in cfg.stages and variant not in ("original", "full"):  # the full baseline is fine-tuned
+        teacher, made_by = parent or (cfg.model, [])
+        steps.append(Step("distill", "distill", [model, "--teacher", teacher, "--output", str(base / "distill"),
+                                                 *stage_argv(cfg.distill)], base / "distill", variant,
+                          prev + made_by, "distill.json"))
+        model, prev = str(base / "distill" / "model"), [steps[-1]]
+    return steps + _evaluate_and_time(cfg, out, model, prev, variant, base, baseline=variant != "original")
+
+
+def _evaluate_and_time(cfg: RunConfig, out: Path, model: str, prev: list[Step], variant: str, base: Path,
+                       baseline: bool) -> list[Step]:
+    """eval on every data set, then bench (against the original model with ``baseline``, else its own default)."""
+    steps = []
     if "eval" in cfg.stages:
         for ref in cfg.datasets:
             folder = base / "eval" / _dataset_name(ref)
@@ -216,28 +276,37 @@ def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], v
                               [model, "--data", _data_ref(ref, out), "--split", cfg.split, "--output", str(folder),
                                *stage_argv(cfg.eval)], folder, variant, prev))
     if "bench" in cfg.stages and variant != "original":
-        steps.append(Step("bench", "bench", [model, "--baseline", cfg.model, "--output", str(base / "bench"),
+        against = ["--baseline", cfg.model] if baseline else []
+        steps.append(Step("bench", "bench", [model, *against, "--output", str(base / "bench"),
                                              *stage_argv(cfg.bench)], base / "bench", variant, prev))
     return steps
 
 
-def plan_baselines(cfg: RunConfig, out: Path) -> list[Step]:
-    """Baselines trained, evaluated and timed exactly like the EffiR model (no slimming)."""
+def plan_full_baseline(cfg: RunConfig, out: Path) -> list[Step]:
+    """The uncompressed model fine-tuned, evaluated and timed like the EffiR model (its fine-tuning step last but
+    the evaluations: ``[finetune, eval..., bench]``)."""
+    return _train_eval_bench(cfg, out, cfg.model, [], "full", out / "baselines" / "full", slim=False)
+
+
+def plan_baselines(cfg: RunConfig, out: Path, skip_full: bool = False,
+                   parent: tuple[str, list[Step]] | None = None) -> list[Step]:
+    """Baselines trained, evaluated and timed exactly like the EffiR model (no slimming); ``skip_full``: the full
+    model's steps are planned elsewhere (it is the parent); ``parent``: what stage distill learns from."""
     steps: list[Step] = []
     b = cfg.baselines
     if b.get("original"):
         steps += _train_eval_bench(cfg, out, cfg.model, [], "original", out / "baselines" / "original", slim=False)
-    if b.get("full"):
-        steps += _train_eval_bench(cfg, out, cfg.model, [], "full", out / "baselines" / "full", slim=False)
+    if b.get("full") and not skip_full:
+        steps += plan_full_baseline(cfg, out)
     for name, flag, strategy in (("drop_mlp", "--mlp", "importance"), ("drop_blocks", "--blocks", "importance"),
                                  ("drop_last", "--blocks", "last"), ("drop_attention", "--attention", "importance")):
         for k in b.get(name) if isinstance(b.get(name), list) else [b.get(name)]:
             if k:
-                steps += _drop_baseline(cfg, out, name, flag, strategy, k)
+                steps += _drop_baseline(cfg, out, name, flag, strategy, k, parent)
     return steps
 
 
-def _drop_baseline(cfg: RunConfig, out: Path, name: str, flag: str, strategy: str, k) -> list[Step]:
+def _drop_baseline(cfg: RunConfig, out: Path, name: str, flag: str, strategy: str, k, parent=None) -> list[Step]:
     """Drop K sub-layers or blocks from the original model, then fine-tune, evaluate and time it like EffiR."""
     k = _auto_blocks(cfg, out) if k == "auto" else int(k)
     variant = f"{name}{k}"
@@ -249,7 +318,7 @@ def _drop_baseline(cfg: RunConfig, out: Path, name: str, flag: str, strategy: st
                          if key.replace("-", "_") in ("device", "dtype", "side", "force", "drop_massive")})
     drop = Step("drop", "drop", [cfg.model, *scores, flag, str(k), "--strategy", strategy, "--output",
                                  str(base / "drop" / "model"), *shared], base / "drop", variant)
-    return [drop, *_train_eval_bench(cfg, out, str(base / "drop" / "model"), [drop], variant, base, False)]
+    return [drop, *_train_eval_bench(cfg, out, str(base / "drop" / "model"), [drop], variant, base, False, parent)]
 
 
 def _auto_blocks(cfg: RunConfig, out: Path) -> int:
@@ -283,10 +352,12 @@ def _in_process(argv: list[str]) -> int:
         gc.collect()
 
 
-def execute(steps: list[Step], cfg: RunConfig, from_stage: str | None) -> None:
+def execute(steps: list[Step], cfg: RunConfig, from_stage: str | None, rerun: set[int] | None = None) -> None:
+    """Run the steps that are not done (or whose options or upstream changed). ``rerun`` collects the steps run now,
+    shared between calls: whatever consumes their output runs again too, in either stage order."""
     order = cfg.pipeline()
     redo = set(order[order.index(from_stage):]) if from_stage else set()
-    rerun: set[int] = set()  # steps run now: whatever consumes their output runs again too, in either stage order
+    rerun = set() if rerun is None else rerun
     for step in steps:
         marker = step.folder / MARKER
         done = json.loads(marker.read_text()) if marker.exists() else None
