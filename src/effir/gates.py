@@ -172,28 +172,33 @@ def neuron_magnitude(layer: nn.Module, adapter: ArchAdapter) -> torch.Tensor:
 
 
 class TargetSparsityAdam(torch.optim.Adam):
-    """Adam whose gate group (``{"params": z, "target": ratio}``) closes the ``target`` fraction of gates by itself.
+    """Adam whose gate group (``{"params": z, "target": ratio}``) closes exactly the ``target`` fraction of gates.
 
-    Every gate above zero is pushed down by a constant ``lam`` added to its task gradient, which is first divided by
-    its mean magnitude over all gates, so neither the loss scale nor the model size sets how hard that is; Adam then
-    moves the gates whose task gradients are smallest against that push first. ``lam`` follows the gap between the
-    target and the fraction of gates that are closed or will be within ``1 / lr`` steps at their current speed:
-    ``lam *= exp(rate * (target - fraction))`` each step, a multiplicative controller (the Lagrangian idea of CoFi /
-    Sheared-LLaMA, with a multiplier that no loss scale can set wrong); counting the gates on their way keeps it
-    from overshooting while they travel. Closed gates feel no push, only the task (a straight-through gradient), so
-    a gate closed too early can reopen and the fraction settles at the target instead of collapsing. The task
+    Only the gates the global ranking would cut now (the lowest ``target`` fraction of z, equal values ordered by
+    recorded task importance, ``protect``-ed neurons never) feel the l0 push: a weight ``lam`` added to their task
+    gradient, which is first divided by its mean magnitude over all gates, so no loss scale or model size sets how
+    hard that is. ``lam`` grows while fewer than ``target`` gates are closed and shrinks while more are
+    (``lam *= exp(rate * (target - closed) / target)`` per step, a multiplicative Lagrange-style controller), so the
+    fraction is reached by construction and can never overshoot into a collapse: gates outside the cut set are
+    never pushed. Which gates form that set is decided by the task: a gate the task needs climbs back above the
+    boundary (closed gates follow it through a straight-through gradient) and another takes its place. The task
     importance of each gate (a running mean of its normalised gradient magnitude) is recorded as the ranking's
-    secondary key. All of it lives in the optimizer's state: checkpointed and resumed with it. Other groups (LoRA)
-    are plain Adam.
+    secondary key. All of it lives in the optimizer's state, so it is checkpointed and resumed with it. Other
+    groups (LoRA) are plain Adam.
     """
 
-    def __init__(self, groups: list[dict], rate: float = 0.5, importance_decay: float = 0.9):
+    def __init__(self, groups: list[dict], protect: list[torch.Tensor] | None = None, rate: float = 0.5,
+                 importance_decay: float = 0.9):
         for g in groups:
             if "target" in g:
                 if not 0.0 < g["target"] < 1.0:
                     raise EffirError(f"target fraction of closed gates must be in (0, 1), got {g['target']}")
                 g.setdefault("lam", 1.0)
-                g.setdefault("closing", 0.0)
+                g.setdefault("closed", 0.0)
+                g.setdefault("importance", [torch.zeros_like(z) for z in g["params"]])
+                g.setdefault("protect", [torch.zeros_like(z, dtype=torch.bool) for z in g["params"]]
+                             if protect is None else [m.to(z.device).bool() for m, z in zip(protect, g["params"],
+                                                                                              strict=True)])
         super().__init__(groups)
         self.rate, self.importance_decay = rate, importance_decay
 
@@ -204,30 +209,35 @@ class TargetSparsityAdam(torch.optim.Adam):
     @torch.no_grad()
     def step(self, closure=None):
         group = self.gate_group
-        zs = [z for z in group["params"] if z.grad is not None]
-        scale = torch.cat([z.grad.abs().flatten() for z in zs]).mean().clamp(min=1e-30)
-        task, before = [], [z.detach().clone() for z in zs]
-        for z in zs:
-            z.grad.div_(scale)
-            task.append(z.grad.abs())
-            z.grad.add_((z > 0).to(z.grad.dtype), alpha=group["lam"])
-        loss = super().step(closure)  # first, so Adam sets up each gate's state before it holds the importance
-        horizon = 1.0 / group["lr"]
-        closing = 0
-        for z, magnitude, old in zip(zs, task, before, strict=True):
-            state = self.state[z]
-            if "importance" not in state:
-                state["importance"] = torch.zeros_like(z)
-            state["importance"].mul_(self.importance_decay).add_(magnitude, alpha=1 - self.importance_decay)
-            closing += int(((z <= 0) | (z + horizon * (z - old) <= 0)).sum())
-        group["closing"] = closing / sum(z.numel() for z in zs)
-        group["lam"] = min(1e6, max(1e-6, group["lam"] * math.exp(self.rate * (group["target"] - group["closing"]))))
+        zs = group["params"]
+        grads = [z.grad if z.grad is not None else torch.zeros_like(z) for z in zs]
+        scale = torch.cat([g.abs().flatten() for g in grads]).mean().clamp(min=1e-30)
+        for g, importance in zip(grads, group["importance"], strict=True):
+            g.div_(scale)
+            importance.mul_(self.importance_decay).add_(g.abs(), alpha=1 - self.importance_decay)
+        cut = self.cut_set()
+        for z, g, in_cut in zip(zs, grads, cut, strict=True):
+            z.grad = g.add_((in_cut & (z > 0)).to(g.dtype), alpha=group["lam"])
+        loss = super().step(closure)
+        group["closed"] = closed_fraction(list(zs))
+        gap = (group["target"] - group["closed"]) / group["target"]
+        group["lam"] = min(1e6, max(1e-6, group["lam"] * math.exp(self.rate * gap)))
         return loss
+
+    def cut_set(self) -> list[torch.Tensor]:
+        """Per gate vector, the gates the global ranking would cut now (boolean masks)."""
+        group = self.gate_group
+        zs = group["params"]
+        flat = torch.cat([z.detach().float().flatten() for z in zs])
+        flat = flat.masked_fill(torch.cat([m.flatten() for m in group["protect"]]), float("inf"))
+        order = _ascending(flat.cpu(), torch.cat([i.float().flatten() for i in group["importance"]]).cpu())
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        chosen[order[:round(group["target"] * flat.numel())]] = True
+        return [m.view_as(z).to(z.device) for m, z in zip(chosen.split([z.numel() for z in zs]), zs, strict=True)]
 
     def importance(self) -> list[torch.Tensor]:
         """The recorded task importance of every gate (zeros before the first step)."""
-        return [self.state[z].get("importance", torch.zeros_like(z)).detach().cpu().clone()
-                for z in self.gate_group["params"]]
+        return [i.detach().cpu().clone() for i in self.gate_group["importance"]]
 
 
 def closed_fraction(z: list[torch.Tensor]) -> float:

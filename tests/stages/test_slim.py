@@ -192,7 +192,10 @@ def test_gradient_checkpointing_does_not_change_gate_training(tiny_llama_dir, tr
 @pytest.mark.parametrize("extra, message", [
     (["--ratio", "0"], "--ratio must be in (0, 1)"),
     (["--ratio", "1.2"], "--ratio must be in (0, 1)"),
-    (["--method", "magnitude", "--ratio", "0.99", "--width-multiple", "64"], "empty"),
+    (["--method", "magnitude", "--ratio", "0.99", "--width-multiple", "64"], "cannot be reached"),
+    (["--method", "magnitude", "--ratio", "0.6", "--width-multiple", "32"], "cannot be reached"),  # 32 of 64 stay
+    (["--method", "magnitude", "--ratio", "0.01", "--width-multiple", "8"], "rounds to nothing"),
+    (["--train", "unused", "--gate-steps", "0"], "--gate-steps must be >= 1"),
     (["--method", "activation", "--calibration-samples", "0"], "--calibration-samples must be >= 1"),
     (["--method", "activation", "--calibration", "nope.txt"], "does not exist"),
     ([], "needs --train"),

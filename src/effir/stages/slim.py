@@ -175,6 +175,7 @@ def _run(args, acc, texts: list[str] | None) -> int:
         raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
     widths_before = [structure["mlp_widths"][i] for i in layers]
     protect = from_main_process(_super_neurons(args, encoder, layers, acc.is_main_process))
+    check_reachable(args.ratio, widths_before, [int(m.sum()) for m in protect], args.width_multiple)
     masks = z = None
     gate_info = {}
     if args.method == "activation":
@@ -258,6 +259,25 @@ def _prepare_output(out: Path, overwrite: bool, acc) -> None:
             raise EffirError(f"{out} already holds a finished slim run; pass --overwrite or choose another --output")
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
+
+
+def check_reachable(ratio: float, widths: list[int], protected: list[int], multiple: int) -> None:
+    """Refuse a --ratio that the kept super neurons and the width multiple leave no way to reach: every layer keeps
+    its super neurons and at least one multiple, and a cut rounds to whole multiples.
+
+    Raises:
+        EffirError: the cut would be larger than what can be removed, or would round to nothing.
+    """
+    total, wanted = sum(widths), ratio * sum(widths)
+    floor = [min(w, max(multiple, -(-p // multiple) * multiple)) for w, p in zip(widths, protected, strict=True)]
+    removable = total - sum(floor)
+    if wanted > removable + multiple / 2:
+        raise EffirError(f"--ratio {ratio} cannot be reached: keeping {sum(protected)} super neuron(s) and at least "
+                         f"{multiple} neurons per MLP (--width-multiple) leaves at most {removable / total:.1%} of the "
+                         f"{total} neurons to cut; lower --ratio, --width-multiple or --super-neuron-factor")
+    if wanted < multiple / 2:
+        raise EffirError(f"--ratio {ratio} cuts {wanted:.0f} of {total} neurons, which rounds to nothing at "
+                         f"--width-multiple {multiple}; raise --ratio or lower --width-multiple")
 
 
 # -- masks: super neurons, activation ranking, learned gates --------------------------------------------------------
