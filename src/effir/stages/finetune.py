@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, acc) -> int:
     out = Path(args.output)
-    _prepare_output(args, out, acc)
+    training.prepare_output(out, "finetune.json", args.overwrite, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
     encoder, saved_settings, save_dtype = training.load_for_training(
@@ -174,19 +173,6 @@ def _check_args(args) -> None:
     parse_rank_range(args.mine_range)
     check_device(args.device)  # accelerate would otherwise train on the CPU when --device cuda finds no GPU
     check_output_dir(args.output)
-
-
-def _prepare_output(args, out: Path, acc) -> None:
-    if acc.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise EffirError(f"--output {out} exists and is not a folder")
-        if args.overwrite and (out / "finetune.json").exists():
-            shutil.rmtree(out)  # a finished run; an unfinished one is resumed, or replaced in training.resume
-        if (out / "finetune.json").exists():
-            raise EffirError(f"{out} already holds a finished fine-tune ({out / 'model'}); pass --overwrite to "
-                             "train again or choose another --output")
-        out.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
 
 
 # -- data -----------------------------------------------------------------------------------------------------------

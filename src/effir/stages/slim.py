@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, acc, texts: list[str] | None) -> int:
     out = Path(args.output)
-    _prepare_output(out, args.overwrite, acc)
+    training.prepare_output(out, "slim.json", args.overwrite, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
     learned = args.method == "learned"
@@ -246,18 +246,6 @@ def _check(args) -> None:
                 raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if (args.gate_lr is not None and args.gate_lr <= 0) or args.temperature <= 0:
             raise EffirError("--gate-lr and --temperature must be > 0")
-
-
-def _prepare_output(out: Path, overwrite: bool, acc) -> None:
-    if acc.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise EffirError(f"--output {out} exists and is not a folder")
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        if (out / "slim.json").exists():
-            raise EffirError(f"{out} already holds a finished slim run; pass --overwrite or choose another --output")
-        out.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
 
 
 # -- masks: super neurons, activation ranking, learned gates --------------------------------------------------------
