@@ -240,6 +240,13 @@ def massive_sources(peak_growth: Mapping[str, Sequence[float | None]], super_rat
 
     out = {g: over(peak_growth.get(g)) for g in GROUPS}
     out["mlp"] |= over(super_ratio)
+    return with_blocks(out)
+
+
+def with_blocks(flagged: Mapping[str, Iterable[int] | None]) -> dict[str, list[int]]:
+    """``{group: layers}`` (missing groups: none; other keys ignored) with every layer that holds a flagged
+    attention or MLP added to ``block``: a block holding a massive-activation source is one too."""
+    out = {g: set(flagged.get(g) or ()) for g in GROUPS}
     out["block"] |= out["attention"] | out["mlp"]
     return {g: sorted(v) for g, v in out.items()}
 
