@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import training
+from .. import train_checkpoints, training
 from ..checkpoint import fingerprint, load, save
 from ..encoder import POOLINGS, Encoder
 from ..files import write_json
@@ -148,9 +148,10 @@ def _run(args, acc) -> int:
                                                            warmup_ratio=args.warmup_ratio, schedule=args.schedule,
                                                            total=total)
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
-    start = training.resume(out / "checkpoints", acc, encoder.model, optimizer, scheduler, key,
-                            log_path=out / "train_log.jsonl", explicit=Path(args.resume) if args.resume else None,
-                            restart_on_mismatch=args.overwrite)
+    start = train_checkpoints.resume(out / "checkpoints", acc, encoder.model, optimizer, scheduler, key,
+                                     log_path=out / "train_log.jsonl",
+                                     explicit=Path(args.resume) if args.resume else None,
+                                     restart_on_mismatch=args.overwrite)
     model, optimizer = acc.prepare(encoder.model, optimizer)
     encoder.model = model
     stats = _train(args, acc, encoder, optimizer, scheduler, examples, teacher_t, start, total, per_epoch, out, key)
@@ -267,8 +268,8 @@ def _train(args, acc, encoder, optimizer, scheduler, examples, teacher_t, start,
                                                      grad_accum=args.grad_accum, per_epoch=per_epoch)
 
     def save(step: int) -> None:
-        training.save_checkpoint(out / "checkpoints", acc, encoder.model, optimizer, scheduler, step, key,
-                                 args.keep_checkpoints)
+        train_checkpoints.save_checkpoint(out / "checkpoints", acc, encoder.model, optimizer, scheduler, step, key,
+                                          args.keep_checkpoints)
 
     collapse = {"collapsed_steps": 0, "collapse_warned": False}
     stats = training.train_steps(acc, encoder.model, optimizer, scheduler, micro_batch, start=start, total=total,
