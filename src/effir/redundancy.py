@@ -69,20 +69,9 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
     device = next(model.parameters()).device
     state: dict = {"mask": None, "sums": None, "x_in": {}, "peak": torch.zeros(len(GROUPS), n, device=device),
                    "neurons": {}}
-    handles = []
-    present = {"block": [True] * n, "attention": [False] * n, "mlp": [False] * n}
+    handles: list = []
     try:
-        for i, layer in enumerate(layers):
-            handles += _hook(state, layer, layer, (GROUPS.index("block"), i), adds_branch=False)
-            for group in ("attention", "mlp"):
-                points = None if i in dropped[group] else _hook_points(layer, adapter, group)
-                if points is not None:
-                    present[group][i] = True
-                    in_mod, out_mod, adds_branch = points
-                    handles += _hook(state, in_mod, out_mod, (GROUPS.index(group), i), adds_branch)
-            down = None if i in dropped["mlp"] else get_path(layer, adapter.down_proj)
-            if down is not None:
-                handles.append(down.register_forward_pre_hook(neuron_peak_hook(state["neurons"], i, state)))
+        present = _hook_layers(state, layers, adapter, dropped, handles)
         model.eval()
         totals = torch.zeros(len(GROUPS), n, dtype=torch.float64)
         state["sums"] = torch.zeros(len(GROUPS), n, dtype=torch.float32, device=device)
@@ -163,6 +152,26 @@ def neuron_importance(model, adapter: ArchAdapter, layers: Sequence[int],
     if tokens == 0:
         raise EffirError("the calibration batches contain no (non-pad) tokens; give more or longer texts")
     return [(sums[k] / tokens).cpu() for k in range(len(layers))]
+
+
+def _hook_layers(state: dict, layers, adapter: ArchAdapter, dropped: Mapping[str, set[int]],
+                 handles: list) -> dict[str, list[bool]]:
+    """Hooks (added to ``handles``) scoring every block and every sub-layer still there, and recording each MLP's
+    neuron peaks. Returns ``{group: [L]}``: which sub-layers are scored."""
+    n = len(layers)
+    present = {"block": [True] * n, "attention": [False] * n, "mlp": [False] * n}
+    for i, layer in enumerate(layers):
+        handles += _hook(state, layer, layer, (GROUPS.index("block"), i), adds_branch=False)
+        for group in ("attention", "mlp"):
+            points = None if i in dropped[group] else _hook_points(layer, adapter, group)
+            if points is not None:
+                present[group][i] = True
+                in_mod, out_mod, adds_branch = points
+                handles += _hook(state, in_mod, out_mod, (GROUPS.index(group), i), adds_branch)
+        down = None if i in dropped["mlp"] else get_path(layer, adapter.down_proj)
+        if down is not None:
+            handles.append(down.register_forward_pre_hook(neuron_peak_hook(state["neurons"], i, state)))
+    return present
 
 
 def _super_ratio(peaks: torch.Tensor, down) -> float:

@@ -91,6 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--query-max-length", type=int, default=None, help="training query length (default: model's)")
     g.add_argument("--document-max-length", type=int, default=None, help="training document length; the saved "
                    "model keeps its own (default: model's)")
+    _add_optimisation_arguments(p)
+
+
+def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
+    """The optimiser, batch, precision and run-folder flags (checkpoints, resume, device, --overwrite)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=finite_float, default=1e-4)
     g.add_argument("--weight-decay", type=finite_float, default=0.0)
