@@ -41,9 +41,11 @@ from ..train_data import (
 )
 from ..utils import (
     DTYPE_CHOICES,
+    SCHEDULES,
     EffirError,
     check_device,
     check_output_dir,
+    check_schedule,
     finite_float,
     seed_everything,
 )
@@ -99,7 +101,7 @@ def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=finite_float, default=1e-4)
     g.add_argument("--weight-decay", type=finite_float, default=0.0)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--schedule", default="linear", choices=SCHEDULES)
     g.add_argument("--warmup-ratio", type=finite_float, default=0.1, help="fraction of steps with linear warm-up")
     g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -172,6 +174,7 @@ def _check_args(args) -> None:
             raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature <= 0 or args.lr <= 0:
         raise EffirError("--temperature and --lr must be > 0")
+    check_schedule(args.warmup_ratio, args.schedule)
     if args.max_steps is not None and args.max_steps < 1:
         raise EffirError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.teacher is None and args.kl_weight:
