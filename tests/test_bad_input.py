@@ -100,6 +100,7 @@ CASES = [
     ("finetune-temperature-nan", FT + " --temperature nan", FT_DONE, "--temperature"),
     ("finetune-weight-decay-inf", FT + " --weight-decay inf", FT_DONE, "--weight-decay"),
     ("finetune-warmup-nan", FT + " --warmup-ratio nan", FT_DONE, "--warmup-ratio"),
+    ("finetune-warmup-above-1", FT + " --warmup-ratio 2", FT_DONE, "--warmup-ratio must be in [0, 1]"),
     ("finetune-epochs-inf", FT + " --epochs inf", FT_DONE, "--epochs"),
     ("finetune-max-grad-norm-nan", FT + " --max-grad-norm nan", FT_DONE, "--max-grad-norm"),
     ("finetune-kl-weight-inf", FT + " --teacher {llama} --kl-weight inf", FT_DONE, "--kl-weight"),

@@ -13,7 +13,8 @@ from conftest import build_tiny_tokenizer
 
 import effir
 from effir.arch import ADAPTERS
-from effir.checkpoint import EFFIR_JSON, REMOTE_FILE, fingerprint, read_effir_json, save, weight_keys
+from effir.checkpoint import EFFIR_JSON, fingerprint, read_effir_json, save
+from effir.model_files import REMOTE_FILE, weight_keys
 from effir.surgery import count_parameters, drop_sublayers, dropped_prefixes, slice_mlp, structure_of
 from effir.utils import EffirError
 

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from effir.training import batch_indices, mean_pairwise_cosine, steps_per_epoch, train_steps, truncate_log
+from effir.train_checkpoints import truncate_log
+from effir.training import batch_indices, mean_pairwise_cosine, steps_per_epoch, train_steps
 from effir.utils import EffirError
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from effir.utils import init_distributed_from_env
+from effir.utils import EffirError, init_distributed_from_env, lr_schedule
 
 
 @pytest.mark.parametrize("cuda, device, backend", [
@@ -22,3 +22,32 @@ def test_alone_no_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: pytest.fail("must not join"))
     assert init_distributed_from_env("cpu") is False
+
+
+# -- lr_schedule: multipliers of the peak lr, by hand -----------------------------------------------------------------
+@pytest.mark.parametrize(("warmup_ratio", "schedule", "total", "expected"), [
+    # 10 steps, 20 % warm-up = 2 steps: (step + 1) / 3, then decay over the 8 steps left (progress = (step - 2) / 8)
+    (0.2, "linear", 10, {0: 1 / 3, 1: 2 / 3, 2: 1.0, 6: 0.5, 9: 0.125, 10: 0.0}),
+    (0.2, "cosine", 10, {0: 1 / 3, 2: 1.0, 4: 0.5 + 0.25 * 2 ** 0.5, 6: 0.5, 10: 0.0}),
+    (0.2, "constant", 10, {0: 1 / 3, 1: 2 / 3, 2: 1.0, 9: 1.0}),
+    (0.0, "linear", 4, {0: 1.0, 1: 0.75, 3: 0.25}),  # no warm-up: the peak at step 0
+    (0.15, "linear", 10, {0: 0.5, 1: 1.0, 10: 0.0}),  # 1.5 warm-up steps round down to 1
+    (1.0, "linear", 4, {0: 0.2, 3: 0.8}),  # warm-up over every step: the peak is never reached
+    (0.5, "linear", 4, {2: 1.0, 3: 0.5, 7: 0.0}),  # past the last step: stays at 0
+])
+def test_lr_schedule_values_by_hand(warmup_ratio, schedule, total, expected):
+    f = lr_schedule(warmup_ratio, schedule, total)
+    assert {step: f(step) for step in expected} == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(("warmup_ratio", "schedule", "total", "message"), [
+    (0.1, "step", 10, "--schedule must be one of linear, cosine, constant, got 'step'"),
+    (-0.1, "linear", 10, "--warmup-ratio must be in [0, 1], got -0.1"),
+    (1.5, "linear", 10, "--warmup-ratio must be in [0, 1], got 1.5"),
+    (float("nan"), "linear", 10, "--warmup-ratio must be in [0, 1], got nan"),
+    (0.1, "linear", 0, "needs at least 1 step, got 0"),
+])
+def test_lr_schedule_errors(warmup_ratio, schedule, total, message):
+    with pytest.raises(EffirError) as info:
+        lr_schedule(warmup_ratio, schedule, total)
+    assert message in str(info.value)

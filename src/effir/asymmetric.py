@@ -22,11 +22,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import EFFIR_JSON, FORMAT_VERSION, REMOTE_FILE, read_effir_json
+from .checkpoint import EFFIR_JSON, FORMAT_VERSION, read_effir_json
 from .checkpoint import load as load_one
 from .checkpoint import save as save_one
 from .encoder import SIDES, AsymmetricEncoder, Encoder
 from .files import atomic_path
+from .model_files import REMOTE_FILE
 from .refs import ROUTES_KEY
 from .utils import EffirError
 

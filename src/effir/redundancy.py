@@ -69,20 +69,9 @@ def sublayer_importance(model, adapter: ArchAdapter, batches: Iterable[Mapping[s
     device = next(model.parameters()).device
     state: dict = {"mask": None, "sums": None, "x_in": {}, "peak": torch.zeros(len(GROUPS), n, device=device),
                    "neurons": {}}
-    handles = []
-    present = {"block": [True] * n, "attention": [False] * n, "mlp": [False] * n}
+    handles: list = []
     try:
-        for i, layer in enumerate(layers):
-            handles += _hook(state, layer, layer, (GROUPS.index("block"), i), adds_branch=False)
-            for group in ("attention", "mlp"):
-                points = None if i in dropped[group] else _hook_points(layer, adapter, group)
-                if points is not None:
-                    present[group][i] = True
-                    in_mod, out_mod, adds_branch = points
-                    handles += _hook(state, in_mod, out_mod, (GROUPS.index(group), i), adds_branch)
-            down = None if i in dropped["mlp"] else get_path(layer, adapter.down_proj)
-            if down is not None:
-                handles.append(down.register_forward_pre_hook(neuron_peak_hook(state["neurons"], i, state)))
+        present = _hook_layers(state, layers, adapter, dropped, handles)
         model.eval()
         totals = torch.zeros(len(GROUPS), n, dtype=torch.float64)
         state["sums"] = torch.zeros(len(GROUPS), n, dtype=torch.float32, device=device)
@@ -165,6 +154,26 @@ def neuron_importance(model, adapter: ArchAdapter, layers: Sequence[int],
     return [(sums[k] / tokens).cpu() for k in range(len(layers))]
 
 
+def _hook_layers(state: dict, layers, adapter: ArchAdapter, dropped: Mapping[str, set[int]],
+                 handles: list) -> dict[str, list[bool]]:
+    """Hooks (added to ``handles``) scoring every block and every sub-layer still there, and recording each MLP's
+    neuron peaks. Returns ``{group: [L]}``: which sub-layers are scored."""
+    n = len(layers)
+    present = {"block": [True] * n, "attention": [False] * n, "mlp": [False] * n}
+    for i, layer in enumerate(layers):
+        handles += _hook(state, layer, layer, (GROUPS.index("block"), i), adds_branch=False)
+        for group in ("attention", "mlp"):
+            points = None if i in dropped[group] else _hook_points(layer, adapter, group)
+            if points is not None:
+                present[group][i] = True
+                in_mod, out_mod, adds_branch = points
+                handles += _hook(state, in_mod, out_mod, (GROUPS.index(group), i), adds_branch)
+        down = None if i in dropped["mlp"] else get_path(layer, adapter.down_proj)
+        if down is not None:
+            handles.append(down.register_forward_pre_hook(neuron_peak_hook(state["neurons"], i, state)))
+    return present
+
+
 def _super_ratio(peaks: torch.Tensor, down) -> float:
     contribution = neuron_contribution(peaks, down)  # (d_ff,)
     return float(contribution.max() / contribution.median().clamp(min=1e-12))
@@ -240,6 +249,13 @@ def massive_sources(peak_growth: Mapping[str, Sequence[float | None]], super_rat
 
     out = {g: over(peak_growth.get(g)) for g in GROUPS}
     out["mlp"] |= over(super_ratio)
+    return with_blocks(out)
+
+
+def with_blocks(flagged: Mapping[str, Iterable[int] | None]) -> dict[str, list[int]]:
+    """``{group: layers}`` (missing groups: none; other keys ignored) with every layer that holds a flagged
+    attention or MLP added to ``block``: a block holding a massive-activation source is one too."""
+    out = {g: set(flagged.get(g) or ()) for g in GROUPS}
     out["block"] |= out["attention"] | out["mlp"]
     return {g: sorted(v) for g, v in out.items()}
 

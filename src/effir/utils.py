@@ -190,9 +190,31 @@ def is_main_process() -> bool:
     return dist_info()[0] == 0
 
 
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def check_schedule(warmup_ratio: float, schedule: str) -> None:
+    """Refuse a schedule :func:`lr_schedule` cannot follow (stages call it before any work).
+
+    Raises:
+        EffirError: ``schedule`` is not one of :data:`SCHEDULES`, or ``warmup_ratio`` is not in [0, 1].
+    """
+    if schedule not in SCHEDULES:
+        raise EffirError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if not 0 <= warmup_ratio <= 1:
+        raise EffirError(f"--warmup-ratio must be in [0, 1], got {warmup_ratio}")
+
+
 def lr_schedule(warmup_ratio: float, schedule: str, total: int):
     """Multiplier of the peak lr at each step: linear warm-up over ``warmup_ratio`` of ``total`` steps, then
-    linear or cosine decay to 0, or constant (shared with effir slim's recovery phase)."""
+    linear or cosine decay to 0, or constant (shared with effir slim's recovery phase).
+
+    Raises:
+        EffirError: as :func:`check_schedule`, or ``total`` is below 1.
+    """
+    check_schedule(warmup_ratio, schedule)
+    if total < 1:
+        raise EffirError(f"a learning-rate schedule needs at least 1 step, got {total}")
     warmup = int(warmup_ratio * total)
 
     def f(step: int) -> float:

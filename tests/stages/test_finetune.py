@@ -253,9 +253,33 @@ def test_cross_encoder_teacher_scores_once_and_caches(tiny_llama_dir, train_dir,
     assert all(r["kl"] is not None for r in _log(out))
 
 
-def test_every_architecture_lora_step(tiny_model_dir, train_dir, tmp_path):
-    assert main(_args(tiny_model_dir, train_dir, tmp_path / "o", "--max-steps", 1)) == 0
+def _embeddings(enc) -> torch.Tensor:
+    texts = ["capital of france", "the river water is blue", "a cat and a dog in the city"]
+    return torch.cat([enc.encode(texts, "query"), enc.encode(texts, "document")])  # (6, H)
+
+
+def test_every_architecture_lora_step(tiny_model_dir, train_dir, tmp_path, monkeypatch):
+    """One LoRA step on every architecture: the saved (merged) model embeds as the trained, unmerged PEFT model did,
+    and no longer as the base model."""
+    from effir import training
+
+    real, unmerged = training.finished_model, []
+
+    def before_merging(model, **kwargs):  # finetune hands the trained PEFT model over to be merged
+        enc = effir.load(tiny_model_dir, device="cpu", dtype="fp32")
+        enc.model = model.eval()
+        unmerged.append(_embeddings(enc))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(training, "finished_model", before_merging)
+    # fp32: with bf16, accelerate.prepare left the PEFT model's forward in autocast; the saved model runs without it
+    assert main(_args(tiny_model_dir, train_dir, tmp_path / "o", "--max-steps", 1, "--precision", "fp32")) == 0
     assert (tmp_path / "o" / "model" / "effir.json").exists()
+    merged = _embeddings(effir.load(tmp_path / "o" / "model", device="cpu", dtype="fp32"))
+    base = _embeddings(effir.load(tiny_model_dir, device="cpu", dtype="fp32"))
+    # fp32 throughout: W + s*B@A applied at once differs from W x + s*B(A x) by rounding only
+    torch.testing.assert_close(merged, unmerged[0], atol=1e-6, rtol=1e-5)
+    assert (merged - base).abs().max() > 1e-3  # the step changed the model, far beyond that rounding
 
 
 @pytest.mark.slow

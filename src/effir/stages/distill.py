@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .. import asymmetric, embedding_cache, training
+from .. import asymmetric, embedding_cache, train_checkpoints, training
 from ..calibration import SOURCE_HELP, load_texts, sample_texts
 from ..checkpoint import fingerprint, load, save
 from ..encoder import Encoder
@@ -177,7 +177,7 @@ def _run(args, acc, texts: Texts) -> int:
     key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "teacher": teacher_id,
            "model_fingerprint": fingerprint(student), "texts": texts.key, "processes": acc.num_processes,
            "total_steps": total}
-    start = training.resume(out / "checkpoints", acc, student.model, optimizer, scheduler, key,
+    start = train_checkpoints.resume(out / "checkpoints", acc, student.model, optimizer, scheduler, key,
                             log_path=out / "distill_log.jsonl", restart_on_mismatch=args.overwrite)
     model, optimizer = acc.prepare(student.model, optimizer)
     student.model = model
@@ -186,7 +186,7 @@ def _run(args, acc, texts: Texts) -> int:
     micro_batch = _micro_batches(acc, student, texts, targets, loss, args, per_epoch)
 
     def save_checkpoint(step: int) -> None:
-        training.save_checkpoint(out / "checkpoints", acc, model, optimizer, scheduler, step, key,
+        train_checkpoints.save_checkpoint(out / "checkpoints", acc, model, optimizer, scheduler, step, key,
                                  args.keep_checkpoints)
 
     stats = training.train_steps(acc, model, optimizer, scheduler, micro_batch, start=start, total=total,

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from ..checkpoint import fingerprint, load, save
+from ..redundancy import GROUPS, drop_order, with_blocks
 from ..surgery import count_parameters, drop_sublayers, structure_of
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir
-
-GROUPS = ("attention", "mlp", "block")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,13 +136,11 @@ def _pick_scores(report: dict, args, n: int, fp: str) -> dict:
     return tables[f"by_side.{args.side}" if args.side else "scores"]
 
 
-def _massive(report: dict) -> dict[str, set[int]]:
+def _massive(report: dict) -> dict[str, list[int]]:
     """Sub-layers the scores flag as massive-activation sources (none for scores written before effir 0.1.0 had
     the flag); a block holding one is kept too. Says which it keeps."""
-    flagged = report.get("massive") or {}
-    keep = {g: set(flagged.get(g) or []) for g in ("attention", "mlp", "block")}
-    keep["block"] |= keep["attention"] | keep["mlp"]
-    named = [f"{g} {i}" for g in ("attention", "mlp") for i in sorted(keep[g])]
+    keep = with_blocks(report.get("massive") or {})
+    named = [f"{g} {i}" for g in ("attention", "mlp") for i in keep[g]]
     if named:
         print(f"effir drop: keeping {', '.join(named)}: massive-activation source (attention sink) in the scores; "
               "--drop-massive to allow dropping", file=sys.stderr)
@@ -185,7 +182,8 @@ def _pick(candidates: list[int], k: int, scores: list | None, what: str, n: int,
     if unscored:
         raise EffirError(f"the scores have no value for {what} {unscored[0]}, which is still in the model; "
                          "re-run `effir analyze` on this model")
-    return sorted(candidates, key=lambda i: (scores[i], i))[:k]  # lowest score first; ties keep layer order
+    allowed = set(candidates)
+    return [i for i in drop_order(scores) if i in allowed][:k]
 
 
 def _reference(ref: str) -> str:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .. import training
+from .. import train_checkpoints, training
 from ..checkpoint import fingerprint, load, save
 from ..encoder import POOLINGS, Encoder
 from ..files import write_json
@@ -42,9 +41,11 @@ from ..train_data import (
 )
 from ..utils import (
     DTYPE_CHOICES,
+    SCHEDULES,
     EffirError,
     check_device,
     check_output_dir,
+    check_schedule,
     finite_float,
     seed_everything,
 )
@@ -92,10 +93,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--query-max-length", type=int, default=None, help="training query length (default: model's)")
     g.add_argument("--document-max-length", type=int, default=None, help="training document length; the saved "
                    "model keeps its own (default: model's)")
+    _add_optimisation_arguments(p)
+
+
+def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
+    """The optimiser, batch, precision and run-folder flags (checkpoints, resume, device, --overwrite)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=finite_float, default=1e-4)
     g.add_argument("--weight-decay", type=finite_float, default=0.0)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--schedule", default="linear", choices=SCHEDULES)
     g.add_argument("--warmup-ratio", type=finite_float, default=0.1, help="fraction of steps with linear warm-up")
     g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, acc) -> int:
     out = Path(args.output)
-    _prepare_output(args, out, acc)
+    training.prepare_output(out, "finetune.json", args.overwrite, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
     encoder, saved_settings, save_dtype = training.load_for_training(
@@ -149,9 +155,10 @@ def _run(args, acc) -> int:
                                                            warmup_ratio=args.warmup_ratio, schedule=args.schedule,
                                                            total=total)
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
-    start = training.resume(out / "checkpoints", acc, encoder.model, optimizer, scheduler, key,
-                            log_path=out / "train_log.jsonl", explicit=Path(args.resume) if args.resume else None,
-                            restart_on_mismatch=args.overwrite)
+    start = train_checkpoints.resume(out / "checkpoints", acc, encoder.model, optimizer, scheduler, key,
+                                     log_path=out / "train_log.jsonl",
+                                     explicit=Path(args.resume) if args.resume else None,
+                                     restart_on_mismatch=args.overwrite)
     model, optimizer = acc.prepare(encoder.model, optimizer)
     encoder.model = model
     stats = _train(args, acc, encoder, optimizer, scheduler, examples, teacher_t, start, total, per_epoch, out, key)
@@ -167,6 +174,7 @@ def _check_args(args) -> None:
             raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature <= 0 or args.lr <= 0:
         raise EffirError("--temperature and --lr must be > 0")
+    check_schedule(args.warmup_ratio, args.schedule)
     if args.max_steps is not None and args.max_steps < 1:
         raise EffirError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.teacher is None and args.kl_weight:
@@ -174,19 +182,6 @@ def _check_args(args) -> None:
     parse_rank_range(args.mine_range)
     check_device(args.device)  # accelerate would otherwise train on the CPU when --device cuda finds no GPU
     check_output_dir(args.output)
-
-
-def _prepare_output(args, out: Path, acc) -> None:
-    if acc.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise EffirError(f"--output {out} exists and is not a folder")
-        if args.overwrite and (out / "finetune.json").exists():
-            shutil.rmtree(out)  # a finished run; an unfinished one is resumed, or replaced in training.resume
-        if (out / "finetune.json").exists():
-            raise EffirError(f"{out} already holds a finished fine-tune ({out / 'model'}); pass --overwrite to "
-                             "train again or choose another --output")
-        out.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -281,8 +276,8 @@ def _train(args, acc, encoder, optimizer, scheduler, examples, teacher_t, start,
                                                      grad_accum=args.grad_accum, per_epoch=per_epoch)
 
     def save(step: int) -> None:
-        training.save_checkpoint(out / "checkpoints", acc, encoder.model, optimizer, scheduler, step, key,
-                                 args.keep_checkpoints)
+        train_checkpoints.save_checkpoint(out / "checkpoints", acc, encoder.model, optimizer, scheduler, step, key,
+                                          args.keep_checkpoints)
 
     collapse = {"collapsed_steps": 0, "collapse_warned": False}
     stats = training.train_steps(acc, encoder.model, optimizer, scheduler, micro_batch, start=start, total=total,

@@ -39,11 +39,12 @@ import shutil
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from .. import training
+from .. import train_checkpoints, training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..files import write_json
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args, acc, texts: list[str] | None) -> int:
     out = Path(args.output)
-    _prepare_output(out, args.overwrite, acc)
+    training.prepare_output(out, "slim.json", args.overwrite, acc)
     t0 = time.perf_counter()
     seed_everything(args.seed)
     learned = args.method == "learned"
@@ -247,18 +248,6 @@ def _check(args) -> None:
                 raise EffirError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if (args.gate_lr is not None and args.gate_lr <= 0) or args.temperature <= 0:
             raise EffirError("--gate-lr and --temperature must be > 0")
-
-
-def _prepare_output(out: Path, overwrite: bool, acc) -> None:
-    if acc.is_main_process:
-        if out.exists() and not out.is_dir():
-            raise EffirError(f"--output {out} exists and is not a folder")
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        if (out / "slim.json").exists():
-            raise EffirError(f"{out} already holds a finished slim run; pass --overwrite or choose another --output")
-        out.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
 
 
 def check_reachable(ratio: float, widths: list[int], protected: list[int], multiple: int) -> None:
@@ -377,7 +366,8 @@ def _train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, pro
 
     optimizer = _phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
                        penalty=(lambda: args.lam * gates.penalty(args.beta)) if paper else None,
-                       optimizer_class=torch.optim.Adam if paper else TargetSparsityAdam, stop_rule=stop_rule)
+                       optimizer_class=torch.optim.Adam if paper else partial(TargetSparsityAdam, protect=protect),
+                       stop_rule=stop_rule)
     delattr(base, GATES_MODULE)
     _set_trainable(gates.z, False)
     z = [v.detach().cpu().clone() for v in gates.z]
@@ -419,8 +409,8 @@ def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: 
     factor = lr_schedule(0.1, "linear", steps) if phase == "recover" else (lambda _step: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     root, log_path, key = out / "checkpoints" / phase, out / "slim_log.jsonl", {**key, "phase": phase}
-    start = training.resume(root, acc, encoder.model, optimizer, scheduler, key, log_path=log_path,
-                            log_match={"phase": phase})
+    start = train_checkpoints.resume(root, acc, encoder.model, optimizer, scheduler, key, log_path=log_path,
+                                     log_match={"phase": phase}, restart_on_mismatch=args.overwrite)
     stop = stop_rule(raw) if stop_rule is not None else None
     if start >= steps or raw.param_groups[0].get("settled_at"):  # finished, or stopped early, before a kill
         return raw
@@ -434,7 +424,7 @@ def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: 
                                                      grad_accum=args.grad_accum, per_epoch=per_epoch, penalty=penalty)
 
     def save(step: int) -> None:
-        training.save_checkpoint(root, acc, model, optimizer, scheduler, step, key, keep=1)
+        train_checkpoints.save_checkpoint(root, acc, model, optimizer, scheduler, step, key, keep=1)
 
     training.train_steps(acc, model, optimizer, scheduler, micro_batch, start=start, total=steps,
                          grad_accum=args.grad_accum, max_grad_norm=1.0 if phase == "recover" else None,

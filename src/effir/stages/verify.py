@@ -26,17 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (
-    EFFIR_JSON,
-    REMOTE_FILE,
-    load,
-    load_with_transformers,
-    read_effir_json,
-    remote_code_is_packaged,
-    weight_keys,
-    weights_digest,
-)
+from ..checkpoint import EFFIR_JSON, load, read_effir_json
 from ..encoder import Encoder
+from ..model_files import REMOTE_FILE, load_with_transformers, remote_code_is_packaged, weight_keys, weights_digest
 from ..surgery import count_parameters, drop_sublayers, dropped_prefixes, structure_of
 from ..utils import EffirError, check_device, finite_float, floating_dtype
 
