@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sentence_transformers import SentenceTransformer
 
-    from effir.stages.distill import read_texts
+    from effir.distillation import read_texts
     from effir.training import batch_indices, steps_per_epoch
     from effir.utils import lr_schedule, seed_everything
 

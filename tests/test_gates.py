@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from effir.arch import get_adapter, get_path, layer_list
-from effir.gates import MlpGates, global_keep_masks, l0_penalty, uniform_magnitude_masks
+from effir.gates import (
+    MlpGates,
+    SettledRanking,
+    TargetSparsityAdam,
+    closed_fraction,
+    global_keep_masks,
+    l0_penalty,
+    uniform_magnitude_masks,
+)
 from effir.probes import super_neurons
 from effir.surgery import slice_mlp
 from effir.utils import EffirError
@@ -16,10 +24,11 @@ def _out(model):
         return model(input_ids=IDS, attention_mask=MASK).last_hidden_state * MASK.unsqueeze(-1)
 
 
-def test_gates_at_one_reproduce_the_base_model_exactly(tiny_model):
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_gates_at_one_reproduce_the_base_model_exactly(tiny_model, straight_through):
     adapter = get_adapter(tiny_model.config)
     base = _out(tiny_model)
-    gates = MlpGates(tiny_model, adapter, layers=[0, 1, 2, 3])
+    gates = MlpGates(tiny_model, adapter, layers=[0, 1, 2, 3], straight_through=straight_through)
     assert torch.equal(_out(tiny_model), base)
     gates.remove()
     assert torch.equal(_out(tiny_model), base)
@@ -133,3 +142,77 @@ def test_super_neurons_are_found_and_always_kept(tiny_model):
     assert not any(m[w].any() for m, w in zip(plain, weakest, strict=True))
     protected = uniform_magnitude_masks(tiny_model, adapter, layers, 0.5, protect=weakest)
     assert all(m[w].all() and m.sum() == w.numel() // 2 for m, w in zip(protected, weakest, strict=True))
+
+
+def _train_target(model, target: float, scale: float, steps: int = 60, protect=None):
+    """Gates trained towards ``target`` closed on a task with a real optimum: match the ungated model's states on
+    random token batches, multiplied by ``scale``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gates = MlpGates(model, get_adapter(model.config), list(range(4)), straight_through=True)
+    optimizer = TargetSparsityAdam([{"params": list(gates.z), "lr": 0.05, "target": target}], protect=protect)
+    for step in range(steps):
+        batch = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            gates.set_hard_masks([torch.ones_like(z) for z in gates.z])
+            reference = model(input_ids=batch).last_hidden_state
+            gates.set_hard_masks(None)
+        loss = scale * (model(input_ids=batch).last_hidden_state - reference).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [z.detach().clone() for z in gates.z], optimizer
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
+def test_the_closed_fraction_reaches_the_target_whatever_the_loss_scale(target):
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    runs = {}
+    for scale in (1.0, 100.0):
+        torch.manual_seed(0)
+        runs[scale] = _train_target(AutoModel.from_config(tiny_config("llama")).eval(), target, scale)
+    for z, optimizer in runs.values():
+        assert closed_fraction(z) == pytest.approx(target, abs=0.01)
+        assert optimizer.gate_group["closed"] == closed_fraction(z)
+    # x100 loss: the same fraction and, but for gates whose gradient is at rounding level, the same gates closed
+    closed = [torch.cat([(v <= 0) for v in runs[scale][0]]) for scale in (1.0, 100.0)]
+    assert closed_fraction(runs[1.0][0]) == closed_fraction(runs[100.0][0])
+    assert (closed[0] == closed[1]).float().mean() >= 0.95
+
+
+def test_protected_neurons_are_never_pushed_closed():
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    protect = [torch.zeros(64, dtype=torch.bool) for _ in range(4)]
+    protect[2][:40] = True
+    z, optimizer = _train_target(AutoModel.from_config(tiny_config("llama")).eval(), 0.5, 1.0, protect=protect)
+    assert (z[2][:40] > 0).all()
+    assert not any(m[2][:40].any() for m in [optimizer.cut_set()])
+
+
+def test_ties_in_the_ranking_follow_the_secondary_key_not_layer_order():
+    scores = [torch.zeros(4), torch.zeros(4)]  # every gate closed: equal scores
+    secondary = [torch.tensor([5.0, 6.0, 7.0, 8.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])]
+    masks = global_keep_masks(scores, 0.5, secondary=secondary)
+    assert masks[0].tolist() == [True] * 4 and masks[1].tolist() == [False] * 4  # layer 1 matters less: cut
+    flipped = global_keep_masks(scores, 0.5, secondary=secondary[::-1])
+    assert flipped[0].tolist() == [False] * 4 and flipped[1].tolist() == [True] * 4
+    within = global_keep_masks([torch.zeros(4)], 0.5, secondary=[torch.tensor([3.0, 1.0, 4.0, 2.0])])
+    assert within[0].tolist() == [True, False, True, False]
+
+
+def test_the_stopping_rule_waits_for_a_settled_cut_at_the_target():
+    group = {"target": 0.5}
+    rule = SettledRanking(group, every=10, patience=2, tolerance=0.01)
+    closed = [torch.tensor([-1.0, -1.0, 1.0, 1.0])]
+    cut = torch.tensor([True, True, False, False])
+    assert not rule.settled(10, closed, cut)  # first look: nothing to compare with
+    assert not rule.settled(15, closed, cut)  # not a check step
+    assert not rule.settled(20, [torch.tensor([-1.0, 1.0, 1.0, 1.0])], cut)  # 25 % closed, target 50 %
+    assert not rule.settled(30, closed, cut)
+    assert rule.settled(40, closed, cut) and group["settled_at"] == 40
+    assert rule.settled(41, closed, ~cut)  # settled stays settled (a resumed run stops where it stopped)

@@ -13,7 +13,7 @@ from conftest import TINY, TINY_CORPUS, TINY_QUERIES, WORDS, write_beir
 
 import effir
 from effir.cli import main
-from effir.stages.distill import pseudo_queries, read_texts
+from effir.distillation import pseudo_queries, read_texts
 
 EXTRA = [{"_id": f"x{i}", "title": "", "text": f"the {w} and the {v} in the city. a {v} is in the {w} water."}
          for i, (w, v) in enumerate(zip(WORDS[20:30], WORDS[30:40], strict=True))]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import flag_jsonl_with_negatives, write_beir
+from conftest import WORDS, flag_jsonl_with_negatives, write_beir
 
 import effir
 from effir.cli import main
@@ -198,7 +198,7 @@ def test_gradient_checkpointing_does_not_change_gate_training(tiny_llama_dir, tr
     (["--train", "unused", "--gate-steps", "0"], "--gate-steps must be >= 1"),
     (["--method", "activation", "--calibration-samples", "0"], "--calibration-samples must be >= 1"),
     (["--method", "activation", "--calibration", "nope.txt"], "does not exist"),
-    ([], "needs --train"),
+    (["--gate-loss", "infonce"], "needs --train"),
     (["--method", "activation", "--recover-steps", "3"], "--recover-steps trains the masked model and needs --train"),
     (["--train", "unused", "--grad-accum", "0"], "--grad-accum must be >= 1"),
 ])
@@ -269,3 +269,20 @@ def test_random_negatives_replace_the_datas_own(tmp_path):
     examples = slim._examples(args)
     assert [len(ex.neg) for ex in examples] == [1] * 8
     assert any(not ex.neg[0].startswith("negative") for ex in examples)
+
+
+def test_gates_learn_without_labels_from_the_model_itself(tiny_llama_dir, tmp_path):
+    """No --train: the gates train on the distance to the unslimmed model's own embeddings of --calibration text,
+    and the cut lands on the requested fraction."""
+    prose = tmp_path / "prose.txt"
+    prose.write_text("\n\n".join(" ".join(WORDS[(i * 7) % 60:(i * 7) % 60 + 20]) + ". the cat is in the city."
+                                   for i in range(40)))
+    out = tmp_path / "slim"
+    assert main(_args(tiny_llama_dir, out, "--calibration", str(prose), "--gate-steps", "40", "--batch-size", "4",
+                      "--ratio", "0.25", "--no-early-stop")) == 0
+    summary = json.loads((out / "slim.json").read_text())
+    assert summary["objective"] == "target" and summary["gate_steps_run"] == 40
+    assert summary["closed_gate_fraction"] == pytest.approx(0.25, abs=0.02)
+    log = [json.loads(x) for x in (out / "slim_log.jsonl").read_text().splitlines()]
+    assert log[0]["embedding"] == pytest.approx(0.0, abs=1e-5)  # gates at 1: the model equals its parent
+    assert log[-1]["embedding"] > 0 and "lam" in log[-1]

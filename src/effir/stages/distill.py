@@ -31,22 +31,17 @@ in-batch distributions). Writes DIR/model, DIR/distill_log.jsonl and DIR/distill
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import asymmetric, embedding_cache, train_checkpoints, training
-from ..calibration import SOURCE_HELP, load_texts, sample_texts
+from ..calibration import SOURCE_HELP
 from ..checkpoint import fingerprint, load, save
+from ..distillation import Loss, Texts, micro_batches, read_texts
 from ..encoder import Encoder
 from ..files import cache_dir, write_json
-from ..losses import embedding_match, gather_with_grad, similarity_kl
-from ..synthetic import passages, split_sentences
 from ..utils import (
     DTYPE_CHOICES,
     EffirError,
@@ -122,30 +117,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in DIR")
 
 
-@dataclass(frozen=True)
-class Texts:
-    """What the student learns from: query-side and document-side texts, and a short key of both."""
-
-    queries: list[str]
-    documents: list[str]
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps([self.queries, self.documents]).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Loss:
-    """The distillation loss's options (module docstring): embedding distance kind and weight, KL weight and
-    temperatures."""
-
-    embedding: str
-    embedding_weight: float
-    kl_weight: float
-    temperature: float
-    teacher_temperature: float
-
-
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     sources = [s for arg in args.texts for s in arg.split(",") if s]  # effir run passes a list joined by commas
@@ -183,7 +154,9 @@ def _run(args, acc, texts: Texts) -> int:
     student.model = model
     loss = Loss(args.embedding_loss, args.embedding_weight, args.kl_weight, args.temperature,
                 args.teacher_temperature or args.temperature)
-    micro_batch = _micro_batches(acc, student, texts, targets, loss, args, per_epoch)
+    micro_batch = micro_batches(acc, student, texts, targets, loss, batch_size=args.batch_size,
+                                grad_accum=args.grad_accum, per_epoch=per_epoch, seed=args.seed,
+                                query_side=args.query_side)
 
     def save_checkpoint(step: int) -> None:
         train_checkpoints.save_checkpoint(out / "checkpoints", acc, model, optimizer, scheduler, step, key,
@@ -220,47 +193,6 @@ def _check_args(args) -> None:
         raise EffirError("--lr, --temperature and --teacher-temperature must be > 0")
     if args.embedding_weight < 0 or args.kl_weight < 0 or args.embedding_weight + args.kl_weight <= 0:
         raise EffirError("--embedding-weight and --kl-weight must be >= 0, and not both 0")
-
-
-# -- texts ----------------------------------------------------------------------------------------------------------
-def read_texts(sources: list[str], passage_words: int, max_texts: int | None, seed: int) -> Texts:
-    """Query-side and document-side texts from ``sources`` (see the module docstring), deduplicated, in order.
-
-    Raises:
-        EffirError: a source is missing or empty (``load_texts``), or the sources hold fewer than 2 texts a side.
-    """
-    queries, documents = [], []
-    for source in sources:
-        found = load_texts(source)
-        own = [p for text in found.documents for p in split_passages(text, passage_words)]
-        documents += own
-        has_queries = found.queries is not found.documents and found.queries != found.documents
-        queries += found.queries if has_queries else pseudo_queries(own, seed)
-    queries, documents = list(dict.fromkeys(queries)), list(dict.fromkeys(documents))
-    if max_texts:
-        queries, documents = sample_texts(queries, max_texts, seed), sample_texts(documents, max_texts, seed + 1)
-    if len(queries) < 2 or len(documents) < 2:
-        raise EffirError(f"--texts {' '.join(sources)} hold {len(queries)} query-side and {len(documents)} "
-                         "document-side texts; distillation needs at least 2 of each: give more text")
-    return Texts(queries, documents)
-
-
-def split_passages(text: str, words: int) -> list[str]:
-    """``text`` itself when it has at most ``words`` words, else its passages of about ``words`` words."""
-    if len(text.split()) <= words:
-        return [text.strip()] if text.strip() else []
-    return [" ".join(sentences) for sentences in passages(text, words)] or [text.strip()]
-
-
-def pseudo_queries(documents: list[str], seed: int) -> list[str]:
-    """One sentence of each document (of 4 to 40 words where it has one) as a query-side text."""
-    rng, out = random.Random(seed), []
-    for doc in documents:
-        sentences = split_sentences(doc)
-        fitting = [s for s in sentences if 4 <= len(s.split()) <= 40]
-        pick = rng.choice(fitting or sentences or [doc])
-        out.append(" ".join(pick.split()[:40]))
-    return out
 
 
 # -- the parent's embeddings ----------------------------------------------------------------------------------------
@@ -301,87 +233,6 @@ def _cache_teacher(args, texts: Texts, student: Encoder, device: str) -> tuple[d
             embedding_cache.write(path, emb.numpy())
         paths[side] = (path, len(items), teacher.dim)
     return paths, teacher_id
-
-
-# -- training -------------------------------------------------------------------------------------------------------
-def _micro_batches(acc, student: Encoder, texts: Texts, targets: dict, loss: Loss, args, per_epoch: dict):
-    """The :data:`effir.training.MicroBatch` of distillation: each side's texts in their own seeded order."""
-    perms = {"query": {}, "document": {}}
-    items = {"query": texts.queries, "document": texts.documents}
-
-    def indices(side: str, step: int, micro: int):
-        return training.batch_indices(len(items[side]), step, micro, batch_size=args.batch_size,
-                                      grad_accum=args.grad_accum, world=acc.num_processes, rank=acc.process_index,
-                                      per_epoch=per_epoch[side], seed=args.seed + (side == "document"),
-                                      perms=perms[side])
-
-    def micro_batch(step: int, micro: int):
-        if args.query_side:
-            return query_side_micro_batch(step, micro)
-        _, qi = indices("query", step, micro)
-        epoch, di = indices("document", step, micro)
-        q_batch = {k: v.to(acc.device) for k, v in student.tokenize([items["query"][i] for i in qi], "query").items()}
-        d_batch = {k: v.to(acc.device) for k, v in
-                   student.tokenize([items["document"][i] for i in di], "document").items()}
-        with acc.autocast():
-            sq, sd = student.embed(**q_batch), student.embed(**d_batch)
-        tq, td = targets["query"][qi].to(acc.device), targets["document"][di].to(acc.device)
-        total, parts = distillation_loss(sq.float(), sd.float(), tq, td, loss, offset=acc.process_index * len(di))
-        tokens = int(q_batch["attention_mask"].sum() + d_batch["attention_mask"].sum())
-        parts.update(doc_cos=training.mean_pairwise_cosine(sd.detach()),
-                     tokens=torch.tensor(float(tokens), device=acc.device))
-        return total, parts, epoch
-
-    def query_side_micro_batch(step: int, micro: int):
-        epoch, qi = indices("query", step, micro)
-        q_batch = {k: v.to(acc.device) for k, v in student.tokenize([items["query"][i] for i in qi], "query").items()}
-        with acc.autocast():
-            sq = student.embed(**q_batch)
-        td = None
-        if loss.kl_weight:  # the parent's documents: the index the student's queries will be searched against
-            td = targets["document"][indices("document", step, micro)[1]].to(acc.device)
-        total, parts = query_side_loss(sq.float(), targets["query"][qi].to(acc.device), td, loss)
-        parts.update(doc_cos=training.mean_pairwise_cosine(sq.detach()),  # collapse watch, on the only side trained
-                     tokens=q_batch["attention_mask"].sum().float())
-        return total, parts, epoch
-
-    return micro_batch
-
-
-def distillation_loss(sq: torch.Tensor, sd: torch.Tensor, tq: torch.Tensor, td: torch.Tensor, loss: Loss,
-                      offset: int = 0) -> tuple[torch.Tensor, dict]:
-    """The student's query / document embeddings ``sq``, ``sd`` against the parent's ``tq``, ``td`` of the same texts
-    (module docstring). Documents of every process enter the in-batch distributions; ``offset`` is this process's
-    first document among them. Returns the loss and its detached parts."""
-    sd_all, td_all = gather_with_grad(sd.contiguous()), gather_with_grad(td.contiguous())
-    parts = {}
-    total = torch.zeros((), device=sq.device)
-    if loss.embedding_weight:
-        emb = 0.5 * (embedding_match(sq, tq, loss.embedding) + embedding_match(sd, td, loss.embedding))
-        total, parts["embedding"] = total + loss.embedding_weight * emb, emb.detach()
-    if loss.kl_weight:
-        t_s, t_t = loss.temperature, loss.teacher_temperature
-        kl_qd = similarity_kl(sq, sd_all, tq, td_all, t_s, t_t)
-        kl_dd = similarity_kl(sd, sd_all, td, td_all, t_s, t_t, self_offset=offset)
-        total = total + loss.kl_weight * 0.5 * (kl_qd + kl_dd)
-        parts.update(kl_qd=kl_qd.detach(), kl_dd=kl_dd.detach())
-    return total, parts
-
-
-def query_side_loss(sq: torch.Tensor, tq: torch.Tensor, td: torch.Tensor | None, loss: Loss) -> tuple[torch.Tensor,
-                                                                                                    dict]:
-    """The student's query embeddings ``sq`` against the parent's ``tq`` of the same texts, and (``td``: the parent's
-    embeddings of a batch of documents) the KL between each query's similarities over those documents, the student's
-    query against the parent's. Returns the loss and its detached parts."""
-    parts = {}
-    total = torch.zeros((), device=sq.device)
-    if loss.embedding_weight:
-        emb = embedding_match(sq, tq, loss.embedding)
-        total, parts["embedding"] = total + loss.embedding_weight * emb, emb.detach()
-    if loss.kl_weight:
-        kl_qd = similarity_kl(sq, td, tq, td, loss.temperature, loss.teacher_temperature)
-        total, parts["kl_qd"] = total + loss.kl_weight * kl_qd, kl_qd.detach()
-    return total, parts
 
 
 def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: Path, stats: dict, total: int,

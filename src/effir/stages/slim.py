@@ -10,7 +10,9 @@
 closed, whatever the loss scale: no lambda to tune. Gate training ends once the cut has settled (the set of neurons
 it would remove stops changing; --no-early-stop runs all --gate-steps). z is then ranked *globally* across all kept
 MLPs (equal values by each gate's recorded task importance) and the lowest --ratio of neurons is masked, so layers
-end up with different widths. --lam L trains instead with the paper's fixed objective, InfoNCE + L * sum
+end up with different widths. Without --train the gates learn from the model itself (--gate-loss distill): the
+gated model's embeddings of --calibration text against the unslimmed model's, as effir distill does, so width is
+learned without labels. --lam L trains instead with the paper's fixed objective, InfoNCE + L * sum
 sigmoid(beta |z|) and plain Adam, for --gate-steps steps (the paper's L is 1e-8). --recover-steps trains the
 masked model with the retrieval loss (LoRA; after any --method), then the masked rows and columns are removed
 physically.
@@ -38,13 +40,13 @@ import hashlib
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from .. import train_checkpoints, training
+from .. import distillation, train_checkpoints, training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..files import write_json
@@ -86,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "contribution to the residual stream on --calibration text, ranked globally (no training); "
                         "magnitude: the same fraction of every layer by weight norm (baseline)")
     p.add_argument("--calibration", default="wiki", metavar="SOURCE",
-                   help="text for --method activation, as for effir analyze: wiki (built-in prose), FILE.txt, "
+                   help="text for --method activation and for gates learned without --train, as for effir "
+                        "analyze: wiki (built-in prose), FILE.txt, "
                         "FILE.jsonl or beir:DIR (default: wiki)")
     p.add_argument("--calibration-samples", type=int, default=64,
                    help="blocks of --seq-len tokens scored by --method activation (default: 64)")
@@ -102,6 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "learned and by --recover-steps")
     p.add_argument("--split", default="train")
     g = p.add_argument_group("gate training")
+    g.add_argument("--gate-loss", choices=["infonce", "distill"], default=None,
+                   help="what the gates learn from: infonce on --train (the paper), or distill: stay close to the "
+                        "unslimmed model's own embeddings of --calibration text, no labels (default: infonce with "
+                        "--train, else distill)")
     g.add_argument("--gate-steps", type=int, default=500,
                    help="most steps of gate training (paper: 500); without --lam it ends earlier once the cut settles")
     g.add_argument("--no-early-stop", action="store_true",
@@ -155,7 +162,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
-    texts = load_texts(args.calibration).documents if args.method == "activation" else None
+    learns_from_text = args.method == "activation" or (args.method == "learned" and _gate_loss(args) == "distill")
+    texts = load_texts(args.calibration).documents if learns_from_text else None
     return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
 
@@ -237,9 +245,9 @@ def _check(args) -> None:
         raise EffirError("--calibration-samples must be >= 1 and --seq-len >= 2")
     if args.recover_steps < 0:
         raise EffirError(f"--recover-steps must be >= 0, got {args.recover_steps}")
-    if args.method == "learned" and not args.train:
-        raise EffirError("--method learned trains gates and needs --train DATA (or use --method activation, "
-                         "which needs none)")
+    if args.method == "learned" and not args.train and args.gate_loss == "infonce":
+        raise EffirError("--gate-loss infonce trains the gates on labelled data and needs --train DATA (or use "
+                         "--gate-loss distill or --method activation, which need none)")
     if args.recover_steps and not args.train:
         raise EffirError("--recover-steps trains the masked model and needs --train DATA")
     if args.method == "learned" or args.recover_steps:
@@ -297,7 +305,8 @@ GATES_MODULE = "effir_gates"
 """Name under which the gates sit inside the model while they train, so DDP syncs their gradients and the
 training checkpoints hold them."""
 RUN_KEYS = ("train", "split", "seed", "ratio", "method", "negatives", "num_negatives", "mine_range", "temperature",
-            "batch_size", "grad_accum", "gate_steps", "gate_lr", "beta", "lam", "no_early_stop", "gates_with_lora",
+            "batch_size", "grad_accum", "gate_loss", "calibration", "gate_steps", "gate_lr", "beta", "lam",
+            "no_early_stop", "gates_with_lora",
             "recover_steps",
             "lr", "lora_r", "lora_alpha", "pooling", "query_max_length", "document_max_length", "precision")
 
@@ -310,7 +319,8 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     saved = encoder.settings
     encoder.settings = replace(saved, query_max_length=args.query_max_length or saved.query_max_length,
                                document_max_length=args.document_max_length or saved.document_max_length)
-    examples = _examples(args)
+    examples = _examples(args) if args.train else None
+    gate_data = examples if _gate_loss(args) == "infonce" or masks is not None else _parent_targets(args, encoder)
     key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "model_fingerprint": fingerprint(encoder),
            "processes": acc.num_processes,
            "masks": None if masks is None else hashlib.sha256(torch.cat(masks).numpy().tobytes()).hexdigest()}
@@ -326,7 +336,7 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     gates = MlpGates(base, encoder.adapter, layers, straight_through=not paper).to(encoder.device)
     z, info = None, {}
     if masks is None:
-        z, masks, info = _train_gates(args, acc, encoder, examples, gates, lora_params, protect, out, key)
+        z, masks, info = _train_gates(args, acc, encoder, gate_data, gates, lora_params, protect, out, key)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
         _set_trainable(lora_params, True)
@@ -339,6 +349,33 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
         encoder.model = encoder.model.merge_and_unload()
     encoder.settings = saved
     return masks, z, info
+
+
+@dataclass(frozen=True)
+class ParentTargets:
+    """Unlabelled texts and the unslimmed model's embeddings of them: what the gates learn from without --train."""
+
+    texts: distillation.Texts
+    embeddings: dict
+
+
+GATE_DISTILLATION = distillation.Loss("cosine", 1.0, 0.0, 0.05, 0.05)
+"""Gates without labels: the slimmed model's embeddings against the unslimmed model's (1 - cos), as effir distill."""
+
+
+def _gate_loss(args) -> str:
+    return args.gate_loss or ("infonce" if args.train else "distill")
+
+
+def _parent_targets(args, encoder) -> ParentTargets:
+    """--calibration texts (as many as the gate steps use, at most 4096 a side) and the model's own embeddings of
+    them, taken before any gate exists: the parent the gates are trained to stay close to."""
+    wanted = min(4096, args.batch_size * args.grad_accum * args.gate_steps)
+    texts = distillation.read_texts([args.calibration], 200, max(2, wanted), args.seed)
+    with torch.no_grad():
+        embeddings = {side: encoder.encode(items, side, batch_size=32) for side, items in
+                      (("query", texts.queries), ("document", texts.documents))}
+    return ParentTargets(texts, embeddings)
 
 
 def _train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, protect, out: Path, key: dict):
@@ -416,12 +453,23 @@ def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: 
         return raw
     if start and acc.is_main_process:
         print(f"effir slim: resuming {phase} at step {start}")
-    per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
-    spec = training.Contrastive(args.num_negatives, args.temperature, args.seed)
+    if isinstance(examples, ParentTargets):  # gates that see the parent: distillation, no labels
+        per_epoch = {side: training.steps_per_epoch(len(items), args.batch_size, acc.num_processes, args.grad_accum,
+                                                    f"{side}-side texts of {args.calibration}")
+                     for side, items in (("query", examples.texts.queries), ("document", examples.texts.documents))}
+    else:
+        per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
     model, optimizer = acc.prepare(encoder.model, optimizer)
     encoder.model = model
-    micro_batch = training.contrastive_micro_batches(acc, encoder, examples, spec, batch_size=args.batch_size,
-                                                     grad_accum=args.grad_accum, per_epoch=per_epoch, penalty=penalty)
+    if isinstance(examples, ParentTargets):
+        micro_batch = distillation.micro_batches(acc, encoder, examples.texts, examples.embeddings, GATE_DISTILLATION,
+                                                 batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                                 per_epoch=per_epoch, seed=args.seed, penalty=penalty)
+    else:
+        spec = training.Contrastive(args.num_negatives, args.temperature, args.seed)
+        micro_batch = training.contrastive_micro_batches(acc, encoder, examples, spec, batch_size=args.batch_size,
+                                                         grad_accum=args.grad_accum, per_epoch=per_epoch,
+                                                         penalty=penalty)
 
     def save(step: int) -> None:
         train_checkpoints.save_checkpoint(root, acc, model, optimizer, scheduler, step, key, keep=1)
@@ -440,7 +488,7 @@ def _controller_fields(optimizer):
     group = optimizer.param_groups[0]
     if "target" not in group:
         return None
-    return lambda record: record.update(lam=group["lam"], closing=round(group["closing"], 4))
+    return lambda record: record.update(lam=group["lam"], closed=round(group["closed"], 4))
 
 
 def _print_summary(s: dict) -> None:
