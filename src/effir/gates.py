@@ -17,6 +17,7 @@ Two ways to train the gates: the paper's fixed ``lambda * sum sigmoid(beta |z|)`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -171,36 +172,56 @@ def neuron_magnitude(layer: nn.Module, adapter: ArchAdapter) -> torch.Tensor:
 
 
 
+def check_reachable(ratio: float, widths: list[int], protected: list[int], multiple: int) -> None:
+    """Refuse a --ratio that the kept super neurons and the width multiple leave no way to reach: every layer keeps
+    its super neurons and at least one multiple, and a cut rounds to whole multiples.
+
+    Raises:
+        EffirError: the cut would be larger than what can be removed, or would round to nothing.
+    """
+    total, wanted = sum(widths), ratio * sum(widths)
+    floor = [min(w, max(multiple, -(-p // multiple) * multiple)) for w, p in zip(widths, protected, strict=True)]
+    removable = total - sum(floor)
+    if wanted > removable + multiple / 2:
+        raise EffirError(f"--ratio {ratio} cannot be reached: keeping {sum(protected)} super neuron(s) and at least "
+                         f"{multiple} neurons per MLP (--width-multiple) leaves at most {removable / total:.1%} of the "
+                         f"{total} neurons to cut; lower --ratio, --width-multiple or --super-neuron-factor")
+    if wanted < multiple / 2:
+        raise EffirError(f"--ratio {ratio} cuts {wanted:.0f} of {total} neurons, which rounds to nothing at "
+                         f"--width-multiple {multiple}; raise --ratio or lower --width-multiple")
+
+
 class TargetSparsityAdam(torch.optim.Adam):
     """Adam whose gate group (``{"params": z, "target": ratio}``) closes exactly the ``target`` fraction of gates.
 
     Only the gates the global ranking would cut now (the lowest ``target`` fraction of z, equal values ordered by
     recorded task importance, ``protect``-ed neurons never) feel the l0 push: a weight ``lam`` added to their task
     gradient, which is first divided by its mean magnitude over all gates, so no loss scale or model size sets how
-    hard that is. ``lam`` grows while fewer than ``target`` gates are closed and shrinks while more are
-    (``lam *= exp(rate * (target - closed) / target)`` per step, a multiplicative Lagrange-style controller), so the
-    fraction is reached by construction and can never overshoot into a collapse: gates outside the cut set are
-    never pushed. Which gates form that set is decided by the task: a gate the task needs climbs back above the
+    hard that is. ``lam`` starts at 1 % of that mean and grows while fewer than ``target`` gates are closed, shrinking
+    while more are (``lam *= exp(rate * (target - closed) / target)`` per step, a multiplicative Lagrange-style
+    controller whose rate lets it reach the mean after ``ramp_steps`` steps with nothing closed): until then the task
+    alone moves the gates and orders the cut set, later the push closes it. The fraction is reached by construction
+    and can never overshoot into a collapse: gates outside the cut set are never pushed. Which gates form that set is decided by the task: a gate the task needs climbs back above the
     boundary (closed gates follow it through a straight-through gradient) and another takes its place. The task
     importance of each gate (a running mean of its normalised gradient magnitude) is recorded as the ranking's
     secondary key. All of it lives in the optimizer's state, so it is checkpointed and resumed with it. Other
     groups (LoRA) are plain Adam.
     """
 
-    def __init__(self, groups: list[dict], protect: list[torch.Tensor] | None = None, rate: float = 0.5,
+    def __init__(self, groups: list[dict], protect: list[torch.Tensor] | None = None, ramp_steps: int = 20,
                  importance_decay: float = 0.9):
         for g in groups:
             if "target" in g:
                 if not 0.0 < g["target"] < 1.0:
                     raise EffirError(f"target fraction of closed gates must be in (0, 1), got {g['target']}")
-                g.setdefault("lam", 1.0)
+                g.setdefault("lam", 0.01)
                 g.setdefault("closed", 0.0)
                 g.setdefault("importance", [torch.zeros_like(z) for z in g["params"]])
                 g.setdefault("protect", [torch.zeros_like(z, dtype=torch.bool) for z in g["params"]]
                              if protect is None else [m.to(z.device).bool() for m, z in zip(protect, g["params"],
                                                                                               strict=True)])
         super().__init__(groups)
-        self.rate, self.importance_decay = rate, importance_decay
+        self.rate, self.importance_decay = math.log(100) / max(1, ramp_steps), importance_decay
 
     @property
     def gate_group(self) -> dict:
@@ -220,7 +241,7 @@ class TargetSparsityAdam(torch.optim.Adam):
             z.grad = g.add_((in_cut & (z > 0)).to(g.dtype), alpha=group["lam"])
         loss = super().step(closure)
         group["closed"] = closed_fraction(list(zs))
-        gap = (group["target"] - group["closed"]) / group["target"]
+        gap = max(-1.0, (group["target"] - group["closed"]) / group["target"])
         group["lam"] = min(1e6, max(1e-6, group["lam"] * math.exp(self.rate * gap)))
         return loss
 
@@ -248,23 +269,25 @@ def closed_fraction(z: list[torch.Tensor]) -> float:
 class SettledRanking:
     """Ends gate training once the cut has settled: checked every ``every`` steps, the set of neurons the ranking
     would cut changed by less than ``tolerance`` of all neurons and the closed fraction is within
-    ``max(tolerance, 0.02)`` of the target, ``patience`` checks in a row. Its state lives in ``group`` (the
-    optimizer's gate group), so a resumed run stops where an uninterrupted one would."""
+    ``max(tolerance, 0.02)`` of the target, ``patience`` checks in a row. Its state lives in the optimizer's gate
+    group (read through ``group()`` each time: accelerate may replace the group dicts), so a resumed run stops where
+    an uninterrupted one would."""
 
-    def __init__(self, group: dict, every: int = 10, patience: int = 2, tolerance: float = 0.01):
+    def __init__(self, group: Callable[[], dict], every: int = 10, patience: int = 2, tolerance: float = 0.01):
         self.group, self.every, self.patience, self.tolerance = group, every, patience, tolerance
 
     def settled(self, step: int, z: list[torch.Tensor], cut: torch.Tensor) -> bool:
         """``cut``: flat boolean mask of the neurons the ranking would cut now."""
-        if self.group.get("settled_at"):
+        group = self.group()
+        if group.get("settled_at"):
             return True
         if step % self.every:
             return False
-        previous = self.group.get("settle_cut")
-        changed = 1.0 if previous is None else float((cut != previous).float().mean())
-        self.group["settle_cut"] = cut.clone()
-        near = abs(closed_fraction(z) - self.group["target"]) <= max(self.tolerance, 0.02)
-        self.group["settle_calm"] = self.group.get("settle_calm", 0) + 1 if changed <= self.tolerance and near else 0
-        if self.group["settle_calm"] >= self.patience:
-            self.group["settled_at"] = step
-        return bool(self.group.get("settled_at"))
+        previous = group.get("settle_cut")
+        changed = 1.0 if previous is None else float((cut != previous.to(cut.device)).float().mean())
+        group["settle_cut"] = cut.clone()
+        near = abs(closed_fraction(z) - group["target"]) <= max(self.tolerance, 0.02)
+        group["settle_calm"] = group.get("settle_calm", 0) + 1 if changed <= self.tolerance and near else 0
+        if group["settle_calm"] >= self.patience:
+            group["settled_at"] = step
+        return bool(group.get("settled_at"))

@@ -83,7 +83,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=finite_float, default=0.05, help="student temperature of the similarity KL")
     g.add_argument("--teacher-temperature", type=finite_float, default=None,
                    help="parent temperature (default: --temperature)")
-    g = p.add_argument_group("optimisation")
+    _optimisation_arguments(p.add_argument_group("optimisation"))
+    g = p.add_argument_group("run")
+    g.add_argument("--teacher-dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype the parent computes its embeddings in (default: auto)")
+    g.add_argument("--encode-batch-size", type=int, default=64, help="batch for the parent's embeddings")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="cpu forces CPU; default: accelerate gives each process its GPU (or the CPU)")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in DIR")
+
+
+def _optimisation_arguments(g) -> None:
     g.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
@@ -105,16 +118,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the saved model (default: source, the student's stored dtype)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("run")
-    g.add_argument("--teacher-dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="dtype the parent computes its embeddings in (default: auto)")
-    g.add_argument("--encode-batch-size", type=int, default=64, help="batch for the parent's embeddings")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="cpu forces CPU; default: accelerate gives each process its GPU (or the CPU)")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in DIR")
 
 
 def run(args: argparse.Namespace) -> int:

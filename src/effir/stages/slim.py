@@ -38,26 +38,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
-import sys
 import time
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .. import distillation, train_checkpoints, training
+from .. import gate_training, training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..files import write_json
-from ..gates import (
-    MlpGates,
-    SettledRanking,
-    TargetSparsityAdam,
-    closed_fraction,
-    global_keep_masks,
-    uniform_magnitude_masks,
-)
+from ..gate_training import PAPER_GATE_LR, TARGET_GATE_LR
+from ..gates import MlpGates, check_reachable, global_keep_masks, uniform_magnitude_masks
 from ..plots import width_plot
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import neuron_importance
@@ -70,13 +62,10 @@ from ..utils import (
     check_output_dir,
     finite_float,
     from_main_process,
-    lr_schedule,
     seed_everything,
 )
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
-TARGET_GATE_LR = 0.05  # a gate crosses from 1 to 0 in about 20 Adam steps, within the shortest budgets tried
-PAPER_GATE_LR = 1e-2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,7 +93,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", help="training data (BEIR folder / Tevatron / FlagEmbedding jsonl); needed by --method "
                                    "learned and by --recover-steps")
     p.add_argument("--split", default="train")
-    g = p.add_argument_group("gate training")
+    _training_arguments(p.add_argument_group("gate training"))
+    p.add_argument("--device", default=None,
+                   help="cpu forces CPU; default: each process's GPU (training under torchrun / accelerate launch "
+                        "uses accelerate's device)")
+    p.add_argument("--dtype", default="source", choices=DTYPE_CHOICES,
+                   help="dtype to load and save the model in (default: source, the dtype it is stored in; auto: "
+                        "bf16 where the hardware runs it natively); gates and LoRA train in fp32, computation "
+                        "follows --precision")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished DIR")
+
+
+def _training_arguments(g) -> None:
+    """Options of the gate and recovery phases."""
     g.add_argument("--gate-loss", choices=["infonce", "distill"], default=None,
                    help="what the gates learn from: infonce on --train (the paper), or distill: stay close to the "
                         "unslimmed model's own embeddings of --calibration text, no labels (default: infonce with "
@@ -114,8 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-early-stop", action="store_true",
                    help="train the gates for all --gate-steps even after the cut has settled")
     g.add_argument("--gate-lr", type=finite_float, default=None,
-                   help=f"Adam lr for z (default {TARGET_GATE_LR:g}, or {PAPER_GATE_LR:g} with --lam; the paper "
-                        "states none)")
+                   help=f"Adam lr for z (default {TARGET_GATE_LR:g}, up to 0.1 as 2.5 / --gate-steps for short budgets; "
+                        f"{PAPER_GATE_LR:g} with --lam; the paper states none)")
     g.add_argument("--beta", type=finite_float, default=5.0,
                    help="sharpness of the paper's l0 surrogate sigmoid(beta*|z|) (with --lam)")
     g.add_argument("--lam", type=finite_float, default=None,
@@ -148,15 +150,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--document-max-length", type=int, default=None, help="training document length")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
-    p.add_argument("--device", default=None,
-                   help="cpu forces CPU; default: each process's GPU (training under torchrun / accelerate launch "
-                        "uses accelerate's device)")
-    p.add_argument("--dtype", default="source", choices=DTYPE_CHOICES,
-                   help="dtype to load and save the model in (default: source, the dtype it is stored in; auto: "
-                        "bf16 where the hardware runs it natively); gates and LoRA train in fp32, computation "
-                        "follows --precision")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished DIR")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,25 +251,6 @@ def _check(args) -> None:
             raise EffirError("--gate-lr and --temperature must be > 0")
 
 
-def check_reachable(ratio: float, widths: list[int], protected: list[int], multiple: int) -> None:
-    """Refuse a --ratio that the kept super neurons and the width multiple leave no way to reach: every layer keeps
-    its super neurons and at least one multiple, and a cut rounds to whole multiples.
-
-    Raises:
-        EffirError: the cut would be larger than what can be removed, or would round to nothing.
-    """
-    total, wanted = sum(widths), ratio * sum(widths)
-    floor = [min(w, max(multiple, -(-p // multiple) * multiple)) for w, p in zip(widths, protected, strict=True)]
-    removable = total - sum(floor)
-    if wanted > removable + multiple / 2:
-        raise EffirError(f"--ratio {ratio} cannot be reached: keeping {sum(protected)} super neuron(s) and at least "
-                         f"{multiple} neurons per MLP (--width-multiple) leaves at most {removable / total:.1%} of the "
-                         f"{total} neurons to cut; lower --ratio, --width-multiple or --super-neuron-factor")
-    if wanted < multiple / 2:
-        raise EffirError(f"--ratio {ratio} cuts {wanted:.0f} of {total} neurons, which rounds to nothing at "
-                         f"--width-multiple {multiple}; raise --ratio or lower --width-multiple")
-
-
 # -- masks: super neurons, activation ranking, learned gates --------------------------------------------------------
 def _super_neurons(args, encoder, layers: list[int], main: bool) -> list[torch.Tensor]:
     """Super-neuron masks from 4 blocks of 256 tokens of the built-in prose (any text shows the sink)."""
@@ -301,9 +275,6 @@ def _activation_scores(args, encoder, layers: list[int], texts: list[str], main:
     return neuron_importance(encoder.model, encoder.adapter, layers, block_batches(blocks, 4, encoder.pad_id))
 
 
-GATES_MODULE = "effir_gates"
-"""Name under which the gates sit inside the model while they train, so DDP syncs their gradients and the
-training checkpoints hold them."""
 RUN_KEYS = ("train", "split", "seed", "ratio", "method", "negatives", "num_negatives", "mine_range", "temperature",
             "batch_size", "grad_accum", "gate_loss", "calibration", "gate_steps", "gate_lr", "beta", "lam",
             "no_early_stop", "gates_with_lora",
@@ -320,7 +291,7 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     encoder.settings = replace(saved, query_max_length=args.query_max_length or saved.query_max_length,
                                document_max_length=args.document_max_length or saved.document_max_length)
     examples = _examples(args) if args.train else None
-    gate_data = examples if _gate_loss(args) == "infonce" or masks is not None else _parent_targets(args, encoder)
+    gate_data = examples if _gate_loss(args) == "infonce" or masks is not None else gate_training.parent_targets(args, encoder)
     key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "model_fingerprint": fingerprint(encoder),
            "processes": acc.num_processes,
            "masks": None if masks is None else hashlib.sha256(torch.cat(masks).numpy().tobytes()).hexdigest()}
@@ -336,11 +307,11 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     gates = MlpGates(base, encoder.adapter, layers, straight_through=not paper).to(encoder.device)
     z, info = None, {}
     if masks is None:
-        z, masks, info = _train_gates(args, acc, encoder, gate_data, gates, lora_params, protect, out, key)
+        z, masks, info = gate_training.train_gates(args, acc, encoder, gate_data, gates, lora_params, protect, out, key)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
-        _set_trainable(lora_params, True)
-        _phase(args, acc, encoder, examples, "recover", [{"params": lora_params, "lr": args.lr}],
+        gate_training.set_trainable(lora_params, True)
+        gate_training.run_phase(args, acc, encoder, examples, "recover", [{"params": lora_params, "lr": args.lr}],
                args.recover_steps, out, key, penalty=None)
     gates.remove()
     if args.gradient_checkpointing:
@@ -351,79 +322,8 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     return masks, z, info
 
 
-@dataclass(frozen=True)
-class ParentTargets:
-    """Unlabelled texts and the unslimmed model's embeddings of them: what the gates learn from without --train."""
-
-    texts: distillation.Texts
-    embeddings: dict
-
-
-GATE_DISTILLATION = distillation.Loss("cosine", 1.0, 0.0, 0.05, 0.05)
-"""Gates without labels: the slimmed model's embeddings against the unslimmed model's (1 - cos), as effir distill."""
-
-
 def _gate_loss(args) -> str:
     return args.gate_loss or ("infonce" if args.train else "distill")
-
-
-def _parent_targets(args, encoder) -> ParentTargets:
-    """--calibration texts (as many as the gate steps use, at most 4096 a side) and the model's own embeddings of
-    them, taken before any gate exists: the parent the gates are trained to stay close to."""
-    wanted = min(4096, args.batch_size * args.grad_accum * args.gate_steps)
-    texts = distillation.read_texts([args.calibration], 200, max(2, wanted), args.seed)
-    with torch.no_grad():
-        embeddings = {side: encoder.encode(items, side, batch_size=32) for side, items in
-                      (("query", texts.queries), ("document", texts.documents))}
-    return ParentTargets(texts, embeddings)
-
-
-def _train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, protect, out: Path, key: dict):
-    """Phase "gates": train z (and LoRA under --gates-with-lora), then rank z globally into keep masks.
-    Returns (z, masks)."""
-    base, paper = encoder.model, args.lam is not None
-    base.add_module(GATES_MODULE, gates)
-    _set_trainable(gates.z, True)
-    _set_trainable(lora_params, args.gates_with_lora)
-    lr = args.gate_lr or (PAPER_GATE_LR if paper else TARGET_GATE_LR)
-    groups = [{"params": list(gates.z), "lr": lr} | ({} if paper else {"target": args.ratio})]
-    if args.gates_with_lora:
-        groups.append({"params": lora_params, "lr": args.lr})
-
-    def cut(optimizer) -> list[torch.Tensor]:
-        importance = None if paper else optimizer.importance()
-        return global_keep_masks([v.detach().cpu() for v in gates.z], args.ratio, args.width_multiple, protect,
-                                 secondary=importance)
-
-    def stop_rule(optimizer):
-        if paper or args.no_early_stop:
-            return None
-        rule = SettledRanking(optimizer.gate_group)
-        return lambda step: rule.settled(step, [v.detach().cpu() for v in gates.z], ~torch.cat(cut(optimizer)))
-
-    optimizer = _phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
-                       penalty=(lambda: args.lam * gates.penalty(args.beta)) if paper else None,
-                       optimizer_class=torch.optim.Adam if paper else partial(TargetSparsityAdam, protect=protect),
-                       stop_rule=stop_rule)
-    delattr(base, GATES_MODULE)
-    _set_trainable(gates.z, False)
-    z = [v.detach().cpu().clone() for v in gates.z]
-    settled = optimizer.param_groups[0].get("settled_at")
-    ran = int(optimizer.state[gates.z[0]]["step"]) if "step" in optimizer.state[gates.z[0]] else 0
-    info = {"gate_steps_run": ran, "settled_at": settled, "closed_gate_fraction": round(closed_fraction(z), 4)}
-    if acc.is_main_process:
-        print(f"effir slim: gates: {closed_fraction(z):.1%} closed (target {args.ratio:.0%})"
-              + (f"; the cut settled after {settled} steps" if settled else ""), flush=True)
-        if paper and closed_fraction(z) > args.ratio:
-            print(f"effir slim: warning: {closed_fraction(z):.0%} of the gates closed, more than --ratio "
-                  f"{args.ratio}: the cut among them follows z below zero, not the task (lower --lam or --gate-steps, "
-                  "or leave --lam out)", file=sys.stderr, flush=True)
-    return z, cut(optimizer), info
-
-
-def _set_trainable(params, on: bool) -> None:
-    for p in params:
-        p.requires_grad_(on)
 
 
 def _examples(args):
@@ -432,63 +332,6 @@ def _examples(args):
                       args.seed)
     check_negatives(examples, args.num_negatives)
     return examples
-
-
-def _phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: int, out: Path, key: dict,
-           penalty, optimizer_class=torch.optim.Adam, stop_rule=None):
-    """InfoNCE (+ ``penalty()``) on the parameter ``groups`` for at most ``steps`` steps, with effir finetune's loop:
-    several processes, gradient accumulation, autocast; checkpoints in DIR/checkpoints/PHASE, the last one after the
-    final step (a phase that finished is skipped on resume, its weights restored). ``stop_rule(optimizer)`` may give
-    a ``stop(step)`` that ends the phase early. Returns the optimizer."""
-    optimizer = raw = optimizer_class(groups)
-    # recovery fine-tunes a damaged model: warm up, decay and clip as effir finetune does; gate training keeps the
-    # paper's plain Adam
-    factor = lr_schedule(0.1, "linear", steps) if phase == "recover" else (lambda _step: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    root, log_path, key = out / "checkpoints" / phase, out / "slim_log.jsonl", {**key, "phase": phase}
-    start = train_checkpoints.resume(root, acc, encoder.model, optimizer, scheduler, key, log_path=log_path,
-                                     log_match={"phase": phase}, restart_on_mismatch=args.overwrite)
-    stop = stop_rule(raw) if stop_rule is not None else None
-    if start >= steps or raw.param_groups[0].get("settled_at"):  # finished, or stopped early, before a kill
-        return raw
-    if start and acc.is_main_process:
-        print(f"effir slim: resuming {phase} at step {start}")
-    if isinstance(examples, ParentTargets):  # gates that see the parent: distillation, no labels
-        per_epoch = {side: training.steps_per_epoch(len(items), args.batch_size, acc.num_processes, args.grad_accum,
-                                                    f"{side}-side texts of {args.calibration}")
-                     for side, items in (("query", examples.texts.queries), ("document", examples.texts.documents))}
-    else:
-        per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
-    model, optimizer = acc.prepare(encoder.model, optimizer)
-    encoder.model = model
-    if isinstance(examples, ParentTargets):
-        micro_batch = distillation.micro_batches(acc, encoder, examples.texts, examples.embeddings, GATE_DISTILLATION,
-                                                 batch_size=args.batch_size, grad_accum=args.grad_accum,
-                                                 per_epoch=per_epoch, seed=args.seed, penalty=penalty)
-    else:
-        spec = training.Contrastive(args.num_negatives, args.temperature, args.seed)
-        micro_batch = training.contrastive_micro_batches(acc, encoder, examples, spec, batch_size=args.batch_size,
-                                                         grad_accum=args.grad_accum, per_epoch=per_epoch,
-                                                         penalty=penalty)
-
-    def save(step: int) -> None:
-        train_checkpoints.save_checkpoint(root, acc, model, optimizer, scheduler, step, key, keep=1)
-
-    training.train_steps(acc, model, optimizer, scheduler, micro_batch, start=start, total=steps,
-                         grad_accum=args.grad_accum, max_grad_norm=1.0 if phase == "recover" else None,
-                         log_path=log_path, log_fields={"phase": phase}, save=save, save_every=args.save_every,
-                         save_last=True, desc=f"slim: {phase}", progress=not args.no_progress, stop=stop,
-                         on_record=_controller_fields(raw))
-    encoder.model = acc.unwrap_model(model)
-    return raw
-
-
-def _controller_fields(optimizer):
-    """Adds the gate controller's weight and closing fraction to each log record (target-driven gates only)."""
-    group = optimizer.param_groups[0]
-    if "target" not in group:
-        return None
-    return lambda record: record.update(lam=group["lam"], closed=round(group["closed"], 4))
 
 
 def _print_summary(s: dict) -> None:
