@@ -50,7 +50,7 @@ def parent_targets(args, encoder) -> ParentTargets:
 
 def train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, protect, out: Path, key: dict):
     """Phase "gates": train z (and LoRA under --gates-with-lora), then rank z globally into keep masks.
-    Returns (z, masks)."""
+    Returns (z, masks, what gate training did: steps run, where the cut settled, the closed fraction)."""
     base, paper = encoder.model, args.lam is not None
     base.add_module(GATES_MODULE, gates)
     set_trainable(gates.z, True)
@@ -73,10 +73,10 @@ def train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, prot
         return lambda step: rule.settled(step, [v.detach().cpu() for v in gates.z], ~torch.cat(cut(optimizer)))
 
     optimizer = run_phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
-                       penalty=(lambda: args.lam * gates.penalty(args.beta)) if paper else None,
-                       optimizer_class=torch.optim.Adam if paper else partial(
-                           TargetSparsityAdam, protect=protect, ramp_steps=max(5, round(0.4 * args.gate_steps))),
-                       stop_rule=stop_rule)
+                          penalty=(lambda: args.lam * gates.penalty(args.beta)) if paper else None,
+                          optimizer_class=torch.optim.Adam if paper else partial(
+                              TargetSparsityAdam, protect=protect, ramp_steps=max(5, round(0.4 * args.gate_steps))),
+                          stop_rule=stop_rule)
     delattr(base, GATES_MODULE)
     set_trainable(gates.z, False)
     z = [v.detach().cpu().clone() for v in gates.z]
@@ -99,8 +99,9 @@ def set_trainable(params, on: bool) -> None:
 
 
 def run_phase(args, acc, encoder, examples, phase: str, groups: list[dict], steps: int, out: Path, key: dict,
-           penalty, optimizer_class=torch.optim.Adam, stop_rule=None):
-    """InfoNCE (+ ``penalty()``) on the parameter ``groups`` for at most ``steps`` steps, with effir finetune's loop:
+              penalty, optimizer_class=torch.optim.Adam, stop_rule=None):
+    """InfoNCE, or distillation towards ``examples`` when they are :class:`ParentTargets` (+ ``penalty()``), on the
+    parameter ``groups`` for at most ``steps`` steps, with effir finetune's loop:
     several processes, gradient accumulation, autocast; checkpoints in DIR/checkpoints/PHASE, the last one after the
     final step (a phase that finished is skipped on resume, its weights restored). ``stop_rule(optimizer)`` may give
     a ``stop(step)`` that ends the phase early. Returns the optimizer."""
@@ -148,7 +149,7 @@ def run_phase(args, acc, encoder, examples, phase: str, groups: list[dict], step
 
 
 def controller_fields(optimizer):
-    """Adds the gate controller's weight and closing fraction to each log record (target-driven gates only)."""
+    """Adds the gate controller's weight and closed fraction to each log record (target-driven gates only)."""
     group = optimizer.param_groups[0]
     if "target" not in group:
         return None

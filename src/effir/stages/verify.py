@@ -29,6 +29,7 @@ import torch
 from ..checkpoint import EFFIR_JSON, load, read_effir_json
 from ..encoder import Encoder
 from ..model_files import REMOTE_FILE, load_with_transformers, remote_code_is_packaged, weight_keys, weights_digest
+from ..refs import resolve
 from ..surgery import count_parameters, drop_sublayers, dropped_prefixes, structure_of
 from ..utils import EffirError, check_device, finite_float, floating_dtype
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     folder = Path(args.model_dir)
     if not (folder / "config.json").is_file():
+        resolve(folder)  # says what a query-side folder is and which route to verify
         raise EffirError(f"{folder} is not a model folder (no config.json)")
     if not (folder / EFFIR_JSON).exists():
         raise EffirError(f"{folder} has no effir.json; it was not written by effir, nothing to verify")
