@@ -2,7 +2,7 @@
 
 The recipe of sentence-transformers' examples (distillation/model_distillation_layer_reduction.py): the student is
 the teacher with some transformer layers removed, trained with MSELoss between its embeddings and the teacher's of
-the same sentences. Here it sees exactly what `effir distill` sees: the texts `effir.stages.distill.read_texts` reads
+the same sentences. Here it sees exactly what `effir distill` sees: the texts `effir.distillation.read_texts` reads
 from the same sources, the same query-side and document-side texts per step (the same seeded order), the same
 batch size, steps, learning rate, warm-up, decay and clipping. The student is saved as a sentence-transformers folder
 that `effir eval` (and anything else) loads.

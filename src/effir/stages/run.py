@@ -376,7 +376,9 @@ def execute(steps: list[Step], cfg: RunConfig, from_stage: str | None, rerun: se
             argv.append("--overwrite")  # stages that resume by themselves keep their checkpoints otherwise
         print(f"effir run: [{step.variant}] {step.name}: effir {step.stage} " + " ".join(map(shlex.quote, argv)),
               flush=True)
-        rc = subprocess.call(step.command(cfg, argv)) if cfg.launcher else _in_process([step.stage, *argv])
+        # bench times in a process of its own: what earlier stages left behind in this one must not enter its timings
+        alone = cfg.launcher or step.stage == "bench"
+        rc = subprocess.call(step.command(cfg, argv)) if alone else _in_process([step.stage, *argv])
         if rc != 0:
             raise EffirError(f"stage {step.name} of {step.variant} failed (exit {rc}); fix what it printed above "
                              "and rerun the same command to continue from there")
