@@ -130,3 +130,16 @@ def test_sentence_transformers_loads_the_folder_as_a_router_without_effir(tmp_pa
     assert (torch.tensor(got["plain"]) - enc.encode_documents(TEXTS)).abs().max() <= 1e-5  # plain encode: documents
     assert (torch.tensor(got["query"]) - torch.tensor(got["document"])).abs().max() > 1e-3  # two different models
     assert got["refusal"] and "custom code" in got["refusal"]  # the compressed route needs trust_remote_code
+
+
+@pytest.mark.parametrize("verb", ["eval", "bench"])
+def test_a_query_side_folder_is_not_served_as_one_graph(tiny_llama_dir, tiny_beir, tmp_path, capsys, verb):
+    pytest.importorskip("onnxruntime")
+    folder, _ = _query_side(tiny_llama_dir, tmp_path)
+    data = ["--data", str(tiny_beir)] if verb == "eval" else []
+    capsys.readouterr()
+    assert main([verb, str(folder), *data, "--backend", "onnx", "--output", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "query-side folder" in err and "serve one model" in err, err
+    assert not (tmp_path / "out" / ("results.json" if verb == "eval" else "bench.json")).exists()

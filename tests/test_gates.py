@@ -208,9 +208,9 @@ def test_the_stopping_rule_waits_for_a_settled_cut_at_the_target():
     rule = SettledRanking(lambda: group, every=10, patience=2, tolerance=0.01)
     closed = [torch.tensor([-1.0, -1.0, 1.0, 1.0])]
     cut = torch.tensor([True, True, False, False])
-    assert not rule.settled(10, closed, cut)  # first look: nothing to compare with
-    assert not rule.settled(15, closed, cut)  # not a check step
-    assert not rule.settled(20, [torch.tensor([-1.0, 1.0, 1.0, 1.0])], cut)  # 25 % closed, target 50 %
-    assert not rule.settled(30, closed, cut)
-    assert rule.settled(40, closed, cut) and group["settled_at"] == 40
-    assert rule.settled(41, closed, ~cut)  # settled stays settled (a resumed run stops where it stopped)
+    assert not rule.settled(10, lambda: (closed, cut))  # first look: nothing to compare with
+    assert not rule.settled(15, lambda: (closed, cut))  # not a check step
+    assert not rule.settled(20, lambda: ([torch.tensor([-1.0, 1.0, 1.0, 1.0])], cut))  # 25 % closed, target 50 %
+    assert not rule.settled(30, lambda: (closed, cut))
+    assert rule.settled(40, lambda: (closed, cut)) and group["settled_at"] == 40
+    assert rule.settled(41, lambda: (closed, ~cut))  # settled stays settled (a resumed run stops where it stopped)

@@ -28,25 +28,17 @@ from .checkpoint import save as save_one
 from .encoder import SIDES, AsymmetricEncoder, Encoder
 from .files import atomic_path
 from .model_files import REMOTE_FILE
-from .refs import ROUTES_KEY
+from .refs import ROUTES_KEY, query_side_routes
 from .utils import EffirError
 
 ROUTER_TYPE = "sentence_transformers.base.modules.router.Router"
-
-
-def routes_of(folder: Path) -> dict | None:
-    """``{"query": subfolder, "document": subfolder}`` when ``folder`` is a query-side folder, else ``None``."""
-    folder = Path(folder)
-    if not (folder.is_dir() and (folder / EFFIR_JSON).is_file()) or (folder / "config.json").exists():
-        return None
-    return read_effir_json(folder).get(ROUTES_KEY)
 
 
 def load(ref, **options) -> Encoder | AsymmetricEncoder:
     """:func:`effir.checkpoint.load` for one model; for a query-side folder, both routes as an
     :class:`AsymmetricEncoder`. Query options (``query_prompt``, ``task``, ``prompt_name``, ``query_max_length``)
     reach the query route, document ones (``document_prompt``, ``document_max_length``) the document route."""
-    routes = routes_of(Path(str(ref)).expanduser()) if ref is not None else None
+    routes = query_side_routes(Path(str(ref)).expanduser()) if ref is not None else None
     if not routes:
         return load_one(ref, **options)
     folder = Path(str(ref)).expanduser()

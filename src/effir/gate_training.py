@@ -70,7 +70,8 @@ def train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, prot
         if paper or args.no_early_stop:
             return None
         rule = SettledRanking(lambda: optimizer.gate_group)
-        return lambda step: rule.settled(step, [v.detach().cpu() for v in gates.z], ~torch.cat(cut(optimizer)))
+        return lambda step: rule.settled(step, lambda: ([v.detach().cpu() for v in gates.z],
+                                                        ~torch.cat(cut(optimizer))))
 
     optimizer = run_phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
                           penalty=(lambda: args.lam * gates.penalty(args.beta)) if paper else None,

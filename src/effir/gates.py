@@ -276,13 +276,15 @@ class SettledRanking:
     def __init__(self, group: Callable[[], dict], every: int = 10, patience: int = 2, tolerance: float = 0.01):
         self.group, self.every, self.patience, self.tolerance = group, every, patience, tolerance
 
-    def settled(self, step: int, z: list[torch.Tensor], cut: torch.Tensor) -> bool:
-        """``cut``: flat boolean mask of the neurons the ranking would cut now."""
+    def settled(self, step: int, now: Callable[[], tuple[list[torch.Tensor], torch.Tensor]]) -> bool:
+        """``now()``: the gate vectors and the flat boolean mask of the neurons the ranking would cut, asked for on
+        check steps only (ranking every gate is not free)."""
         group = self.group()
         if group.get("settled_at"):
             return True
         if step % self.every:
             return False
+        z, cut = now()
         previous = group.get("settle_cut")
         changed = 1.0 if previous is None else float((cut != previous.to(cut.device)).float().mean())
         group["settle_cut"] = cut.clone()

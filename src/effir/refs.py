@@ -44,11 +44,16 @@ ROUTES_KEY = "routes"
 """The key of a query-side folder's ``effir.json`` that names its two model folders (effir.asymmetric)."""
 
 
-def _is_query_side(folder: Path) -> bool:
+def query_side_routes(folder: Path) -> dict | None:
+    """``{"query": subfolder, "document": subfolder}`` when ``folder`` is a query-side folder (its ``effir.json``
+    names routes and it has no ``config.json`` of its own), else ``None``."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return None
     try:
-        return ROUTES_KEY in json.loads((folder / "effir.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+        return json.loads((folder / "effir.json").read_text()).get(ROUTES_KEY)
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: not a query-side folder
+        return None
 
 
 def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
@@ -60,7 +65,7 @@ def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
     path = Path(ref_s).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            if _is_query_side(path):
+            if query_side_routes(path):
                 raise EffirError(f"{path} is a query-side folder (queries and documents are embedded by two models); "
                                  f"this command takes one model: pass {path / 'query'} or {path / 'document'}")
             raise EffirError(f"{path} is a directory without config.json; it is not a model folder")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .encoder import AsymmetricEncoder
 from .utils import EffirError
 
 BACKENDS = ("torch", "onnx", "openvino")
@@ -108,6 +109,9 @@ def apply_variant(encoder, backend: str, quantize: str, threads: int | None = No
     model then moves to the ``meta`` device (shapes kept for FLOP counts, memory freed) and is reachable as
     :func:`torch_module` of the new ``encoder.model``.
     """
+    if variant_name(backend, quantize) and isinstance(encoder, AsymmetricEncoder):
+        raise EffirError(f"{encoder.meta.get('reference')} is a query-side folder; --backend / --quantize serve one "
+                         "model: run without them, or export its query route")
     if backend == "torch":
         if quantize == "int8":
             quantize_int8(encoder.model)

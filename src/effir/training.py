@@ -29,7 +29,7 @@ import torch
 from .encoder import Encoder
 from .losses import gather_with_grad, group_scores, info_nce, kl_distill
 from .train_data import TrainExample
-from .utils import EffirError, cpu_supports_bf16
+from .utils import EffirError, cpu_supports_bf16, lr_schedule
 
 KILL_ENV = "EFFIR_TEST_KILL_AT_STEP"  # tests: SIGKILL this process right after step k (a real, uncatchable kill)
 
@@ -117,13 +117,14 @@ def load_for_training(ref: str, device, *, full: bool, save_dtype: str, pooling:
     return encoder, saved, dtype
 
 
-def optimizer_and_schedule(params, *, lr: float, weight_decay: float, warmup_ratio: float, schedule: str,
-                           total: int):
-    """AdamW over ``params`` and its warm-up / decay schedule over ``total`` steps (:func:`effir.utils.lr_schedule`)."""
-    from .utils import lr_schedule
-
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(warmup_ratio, schedule, total))
+def optimizer_and_schedule(encoder: Encoder, options, total: int):
+    """AdamW over :func:`trainable_parameters` and its lr schedule over ``total`` steps (finetune / distill options)."""
+    params = trainable_parameters(encoder, full=options.full, gradient_checkpointing=options.gradient_checkpointing,
+                                  lora_r=options.lora_r, lora_alpha=options.lora_alpha,
+                                  lora_dropout=options.lora_dropout, lora_targets=options.lora_targets)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(options.warmup_ratio, options.schedule,
+                                                                                total))
 
 
 def finished_model(model: torch.nn.Module, *, lora: bool, gradient_checkpointing: bool,

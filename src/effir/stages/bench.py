@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from .. import serving
-from ..asymmetric import load, routes_of
+from ..asymmetric import load
 from ..data import load_queries, resolve_beir
 from ..encoder import AsymmetricEncoder
 from ..files import write_json, write_text
-from ..refs import resolve
+from ..refs import query_side_routes, resolve
 from ..timing import MAX_QUERIES, BenchGrid, bench_encoders, progress_line
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, finite_float
 
@@ -80,9 +80,6 @@ def run(args: argparse.Namespace) -> int:
     dtype = "fp32" if served and args.dtype == "auto" else args.dtype  # the graphs compute in fp32
     candidate = load(args.model, device=args.device, dtype=dtype, padding_side="right" if served else None)
     variant = serving.variant_name(args.backend, args.quantize)
-    if variant and isinstance(candidate, AsymmetricEncoder):
-        raise EffirError(f"{args.model} is a query-side folder; --backend / --quantize serve one model: bench "
-                         "without them, or export and bench its query route")
     candidate = serving.apply_variant(candidate, args.backend, args.quantize, args.threads)
     baseline = load(args.baseline, device=args.device, dtype=dtype) if args.baseline else None
     if baseline is None and isinstance(candidate, AsymmetricEncoder):  # a query-side model against its parent
@@ -125,7 +122,7 @@ def _check_args(args) -> BenchGrid:
     if args.threads is not None and args.threads < 1:
         raise EffirError(f"--threads must be >= 1, got {args.threads}")
     for flag, ref in (("MODEL", args.model), ("--baseline", args.baseline)):
-        if ref is not None and not routes_of(Path(ref)):  # a query-side folder is two models: load() takes it
+        if ref is not None and not query_side_routes(Path(ref)):  # a query-side folder is two models: load() takes it
             try:
                 resolve(ref)
             except EffirError as e:

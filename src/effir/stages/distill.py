@@ -109,7 +109,7 @@ def _optimisation_arguments(g) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="query-side and document-side texts per process per "
                                                               "micro-batch")
     g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--epochs", type=finite_float, default=1.0, help="passes over the document-side texts")
+    g.add_argument("--epochs", type=finite_float, default=1.0, help="passes over the document-side texts (query-side ones with --query-side)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -142,17 +142,12 @@ def _run(args, acc, texts: Texts) -> int:
                                                 f"{side}-side texts") for side, items in sides}
     total = args.max_steps or max(1, round(args.epochs * per_epoch["query" if args.query_side else "document"]))
     seed_everything(args.seed)
-    trainable = training.trainable_parameters(
-        student, full=args.full, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
-    optimizer, scheduler = training.optimizer_and_schedule(trainable, lr=args.lr, weight_decay=args.weight_decay,
-                                                           warmup_ratio=args.warmup_ratio, schedule=args.schedule,
-                                                           total=total)
+    optimizer, scheduler = training.optimizer_and_schedule(student, args, total)
     key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "teacher": teacher_id,
            "model_fingerprint": fingerprint(student), "texts": texts.key, "processes": acc.num_processes,
            "total_steps": total}
     start = train_checkpoints.resume(out / "checkpoints", acc, student.model, optimizer, scheduler, key,
-                            log_path=out / "distill_log.jsonl", restart_on_mismatch=args.overwrite)
+                                     log_path=out / "distill_log.jsonl", restart_on_mismatch=args.overwrite)
     model, optimizer = acc.prepare(student.model, optimizer)
     student.model = model
     loss = Loss(args.embedding_loss, args.embedding_weight, args.kl_weight, args.temperature,

@@ -113,9 +113,6 @@ def _run(args, device: torch.device) -> int:
                    padding_side="right" if args.backend != "torch" else None)
     model_id, documents_id = fingerprint(encoder), fingerprint(encoder, documents_only=True)  # of the source model
     variant = serving.variant_name(args.backend, args.quantize)
-    if variant and isinstance(encoder, AsymmetricEncoder):
-        raise EffirError(f"{args.model} is a query-side folder; --backend / --quantize serve one model: evaluate "
-                         "without them, or export and evaluate its query route")
     encoder = serving.apply_variant(encoder, args.backend, args.quantize)
     timing = {"load_s": time.perf_counter() - t0}
     if rank == 0 and args.overwrite:

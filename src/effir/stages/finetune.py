@@ -148,12 +148,7 @@ def _run(args, acc) -> int:
     per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
     total = args.max_steps or max(1, int(round(args.epochs * per_epoch)))
     seed_everything(args.seed)
-    trainable = training.trainable_parameters(
-        encoder, full=args.full, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
-    optimizer, scheduler = training.optimizer_and_schedule(trainable, lr=args.lr, weight_decay=args.weight_decay,
-                                                           warmup_ratio=args.warmup_ratio, schedule=args.schedule,
-                                                           total=total)
+    optimizer, scheduler = training.optimizer_and_schedule(encoder, args, total)
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
     start = train_checkpoints.resume(out / "checkpoints", acc, encoder.model, optimizer, scheduler, key,
                                      log_path=out / "train_log.jsonl",
