@@ -9,6 +9,7 @@ from effir.gates import (
     closed_fraction,
     global_keep_masks,
     l0_penalty,
+    prior_offsets,
     uniform_magnitude_masks,
 )
 from effir.probes import super_neurons
@@ -144,13 +145,14 @@ def test_super_neurons_are_found_and_always_kept(tiny_model):
     assert all(m[w].all() and m.sum() == w.numel() // 2 for m, w in zip(protected, weakest, strict=True))
 
 
-def _train_target(model, target: float, scale: float, steps: int = 60, protect=None):
+def _train_target(model, target: float, scale: float, steps: int = 60, protect=None, offset=None):
     """Gates trained towards ``target`` closed on a task with a real optimum: match the ungated model's states on
     random token batches, multiplied by ``scale``."""
     for p in model.parameters():
         p.requires_grad_(False)
     gates = MlpGates(model, get_adapter(model.config), list(range(4)), straight_through=True)
-    optimizer = TargetSparsityAdam([{"params": list(gates.z), "lr": 0.05, "target": target}], protect=protect)
+    optimizer = TargetSparsityAdam([{"params": list(gates.z), "lr": 0.05, "target": target}], protect=protect,
+                                   offset=offset)
     for step in range(steps):
         batch = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(step))
         with torch.no_grad():
@@ -214,3 +216,35 @@ def test_the_stopping_rule_waits_for_a_settled_cut_at_the_target():
     assert not rule.settled(30, lambda: (closed, cut))
     assert rule.settled(40, lambda: (closed, cut)) and group["settled_at"] == 40
     assert rule.settled(41, lambda: (closed, ~cut))  # settled stays settled (a resumed run stops where it stopped)
+
+
+def test_prior_offsets_are_centred_percentiles_whatever_the_scale():
+    scores = [torch.tensor([1.0, 4.0, 2.0]), torch.tensor([8.0, 2.0])]  # 2.0 twice: a tie
+    offsets = prior_offsets(scores, 2.0)
+    # ranks 0, 3, 1.5, 4, 1.5 of 5 -> q = rank / 4 -> 2 * (q - 0.5)
+    assert [o.tolist() for o in offsets] == [[-1.0, 0.5, -0.25], [1.0, -0.25]]
+    assert [o.tolist() for o in prior_offsets([s * 1e6 for s in scores], 2.0)] == [o.tolist() for o in offsets]
+
+
+def test_without_a_task_signal_the_prior_decides_the_cut():
+    """A task that does not care which gates close (zero loss gradient): the closed gates are exactly the prior's
+    lowest, and the final ranking cuts them."""
+    from conftest import tiny_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("llama")).eval()
+    prior = [torch.randn(64) for _ in range(4)]
+    offset = prior_offsets(prior, 2.0)
+    gates = MlpGates(model, get_adapter(model.config), list(range(4)), straight_through=True)
+    optimizer = TargetSparsityAdam([{"params": list(gates.z), "lr": 0.05, "target": 0.3}], offset=offset,
+                                   ramp_steps=10)
+    for _ in range(80):
+        optimizer.zero_grad()
+        (0.0 * sum(z.sum() for z in gates.z)).backward()
+        optimizer.step()
+    expected = ~torch.cat(global_keep_masks(prior, 0.3))
+    assert torch.equal(torch.cat([z.detach() <= 0 for z in gates.z]), expected)
+    assert torch.equal(~torch.cat(global_keep_masks(optimizer.ranking_scores(), 0.3)), expected)
+    # the prior moves the ranking only: z itself starts at 1, so the gates still reproduce the model until trained
+    assert all(torch.equal(o, g) for o, g in zip(offset, optimizer.gate_group["offset"], strict=True))

@@ -48,8 +48,10 @@ def parent_targets(args, encoder) -> ParentTargets:
     return ParentTargets(texts, embeddings)
 
 
-def train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, protect, out: Path, key: dict):
-    """Phase "gates": train z (and LoRA under --gates-with-lora), then rank z globally into keep masks.
+def train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, protect, out: Path, key: dict,
+                offset: list[torch.Tensor] | None = None):
+    """Phase "gates": train z (and LoRA under --gates-with-lora), then rank z (+ the prior ``offset``, target-driven
+    gates only) globally into keep masks.
     Returns (z, masks, what gate training did: steps run, where the cut settled, the closed fraction)."""
     base, paper = encoder.model, args.lam is not None
     base.add_module(GATES_MODULE, gates)
@@ -62,9 +64,10 @@ def train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, prot
         groups.append({"params": lora_params, "lr": args.lr})
 
     def cut(optimizer) -> list[torch.Tensor]:
-        importance = None if paper else optimizer.importance()
-        return global_keep_masks([v.detach().cpu() for v in gates.z], args.ratio, args.width_multiple, protect,
-                                 secondary=importance)
+        if paper:
+            return global_keep_masks([v.detach().cpu() for v in gates.z], args.ratio, args.width_multiple, protect)
+        return global_keep_masks([r.cpu() for r in optimizer.ranking_scores()], args.ratio, args.width_multiple, protect,
+                                 secondary=optimizer.importance())
 
     def stop_rule(optimizer):
         if paper or args.no_early_stop:
@@ -76,7 +79,8 @@ def train_gates(args, acc, encoder, examples, gates: MlpGates, lora_params, prot
     optimizer = run_phase(args, acc, encoder, examples, "gates", groups, args.gate_steps, out, key,
                           penalty=(lambda: args.lam * gates.penalty(args.beta)) if paper else None,
                           optimizer_class=torch.optim.Adam if paper else partial(
-                              TargetSparsityAdam, protect=protect, ramp_steps=max(5, round(0.4 * args.gate_steps))),
+                              TargetSparsityAdam, protect=protect, ramp_steps=max(5, round(0.4 * args.gate_steps)),
+                              offset=offset),
                           stop_rule=stop_rule)
     delattr(base, GATES_MODULE)
     set_trainable(gates.z, False)

@@ -204,12 +204,14 @@ class TargetSparsityAdam(torch.optim.Adam):
     and can never overshoot into a collapse: gates outside the cut set are never pushed. Which gates form that set is decided by the task: a gate the task needs climbs back above the
     boundary (closed gates follow it through a straight-through gradient) and another takes its place. The task
     importance of each gate (a running mean of its normalised gradient magnitude) is recorded as the ranking's
-    secondary key. All of it lives in the optimizer's state, so it is checkpointed and resumed with it. Other
-    groups (LoRA) are plain Adam.
+    secondary key. An optional ``offset`` per gate (:func:`prior_offsets`) is added to z wherever gates are ranked:
+    a prior order the task has to out-learn, since a short budget gives the task too few batches to order the gates
+    alone. All of it lives in the optimizer's state, so it is checkpointed and resumed with it. Other groups (LoRA)
+    are plain Adam.
     """
 
     def __init__(self, groups: list[dict], protect: list[torch.Tensor] | None = None, ramp_steps: int = 20,
-                 importance_decay: float = 0.9):
+                 importance_decay: float = 0.9, offset: list[torch.Tensor] | None = None):
         for g in groups:
             if "target" in g:
                 if not 0.0 < g["target"] < 1.0:
@@ -217,6 +219,9 @@ class TargetSparsityAdam(torch.optim.Adam):
                 g.setdefault("lam", 0.01)
                 g.setdefault("closed", 0.0)
                 g.setdefault("importance", [torch.zeros_like(z) for z in g["params"]])
+                g.setdefault("offset", [torch.zeros_like(z) for z in g["params"]] if offset is None else
+                             [o.to(z.device, torch.float32).view_as(z) for o, z in zip(offset, g["params"],
+                                                                                         strict=True)])
                 g.setdefault("protect", [torch.zeros_like(z, dtype=torch.bool) for z in g["params"]]
                              if protect is None else [m.to(z.device).bool() for m, z in zip(protect, g["params"],
                                                                                               strict=True)])
@@ -249,16 +254,36 @@ class TargetSparsityAdam(torch.optim.Adam):
         """Per gate vector, the gates the global ranking would cut now (boolean masks)."""
         group = self.gate_group
         zs = group["params"]
-        flat = torch.cat([z.detach().float().flatten() for z in zs])
+        flat = torch.cat([r.flatten() for r in self.ranking_scores()])
         flat = flat.masked_fill(torch.cat([m.flatten() for m in group["protect"]]), float("inf"))
         order = _ascending(flat.cpu(), torch.cat([i.float().flatten() for i in group["importance"]]).cpu())
         chosen = torch.zeros(flat.numel(), dtype=torch.bool)
         chosen[order[:round(group["target"] * flat.numel())]] = True
         return [m.view_as(z).to(z.device) for m, z in zip(chosen.split([z.numel() for z in zs]), zs, strict=True)]
 
+    def ranking_scores(self) -> list[torch.Tensor]:
+        """What the gates are ranked by: z plus its prior offset."""
+        group = self.gate_group
+        return [z.detach().float() + o.to(z.device) for z, o in zip(group["params"], group["offset"], strict=True)]
+
     def importance(self) -> list[torch.Tensor]:
         """The recorded task importance of every gate (zeros before the first step)."""
         return [i.detach().cpu().clone() for i in self.gate_group["importance"]]
+
+
+def prior_offsets(scores: list[torch.Tensor], spread: float) -> list[torch.Tensor]:
+    """Per neuron, ``spread * (q - 1/2)`` with ``q`` its percentile among all ``scores`` (e.g. the activation
+    ranking's), so ranking by z + offset starts as ranking by ``scores``. Percentiles, not the scores, so the offsets
+    do not depend on the scores' scale or tail; equal scores get equal offsets."""
+    flat = torch.cat([s.detach().float().flatten().cpu() for s in scores])
+    if flat.numel() < 2:
+        return [torch.zeros_like(s, dtype=torch.float32) for s in scores]
+    sorted_ = torch.sort(flat).values
+    below = torch.searchsorted(sorted_, flat, right=False).float()
+    upto = torch.searchsorted(sorted_, flat, right=True).float()
+    q = (below + upto - 1) / 2 / (flat.numel() - 1)  # mid-rank of ties, in [0, 1]
+    return [o.view_as(s).float() for o, s in zip((spread * (q - 0.5)).split([s.numel() for s in scores]), scores,
+                                                  strict=True)]
 
 
 def closed_fraction(z: list[torch.Tensor]) -> float:

@@ -7,10 +7,13 @@
 --method learned (default, the paper's): every kept MLP gets a gate vector z (init 1) applied as
 ``down(ReLU(z) * act(gate(x)) * up(x))``; z trains on InfoNCE (z alone by default, z with LoRA under
 --gates-with-lora) while effir.gates.TargetSparsityAdam pushes gates down until the --ratio fraction of them is
-closed, whatever the loss scale: no lambda to tune. Gate training ends once the cut has settled (the set of neurons
-it would remove stops changing; --no-early-stop runs all --gate-steps). z is then ranked *globally* across all kept
-MLPs (equal values by each gate's recorded task importance) and the lowest --ratio of neurons is masked, so layers
-end up with different widths. Without --train the gates learn from the model itself (--gate-loss distill): the
+closed, whatever the loss scale: no lambda to tune. The gates are ranked by z plus a prior, the activation ranking
+below spread over GATE_PRIOR_SPREAD (--gate-prior): the task reorders neurons as far as its evidence carries, and
+a short budget, whose few batches order the gates poorly, keeps close to the calibration ranking
+(docs/results/minilm-gates-target-cpu.md). Gate training ends once the cut has settled (the set of neurons it would
+remove stops changing; --no-early-stop runs all --gate-steps). The neurons are then ranked *globally* across all
+kept MLPs (equal values by each gate's recorded task importance) and the lowest --ratio of them is masked, so
+layers end up with different widths. Without --train the gates learn from the model itself (--gate-loss distill): the
 gated model's embeddings of --calibration text against the unslimmed model's, as effir distill does, so width is
 learned without labels. --lam L trains instead with the paper's fixed objective, InfoNCE + L * sum
 sigmoid(beta |z|) and plain Adam, for --gate-steps steps (the paper's L is 1e-8). --recover-steps trains the
@@ -49,7 +52,7 @@ from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..files import write_json
 from ..gate_training import PAPER_GATE_LR, TARGET_GATE_LR
-from ..gates import MlpGates, check_reachable, global_keep_masks, uniform_magnitude_masks
+from ..gates import MlpGates, check_reachable, global_keep_masks, prior_offsets, uniform_magnitude_masks
 from ..plots import width_plot
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import neuron_importance
@@ -66,6 +69,11 @@ from ..utils import (
 )
 
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
+GATE_PRIOR_SPREAD = 2.0
+"""Width, in units of z, of the activation ranking's offsets (--gate-prior): gates start at 1 and move about one
+gate lr per Adam step, so the task reverses the prior's order between its extremes only after 2 / lr steps of
+consistent gradient (40 at the default gate lr), between neighbours at once. Chosen on all-MiniLM-L6-v2 against
+0.5 and 1 (docs/results/minilm-gates-target-cpu.md)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,11 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "contribution to the residual stream on --calibration text, ranked globally (no training); "
                         "magnitude: the same fraction of every layer by weight norm (baseline)")
     p.add_argument("--calibration", default="wiki", metavar="SOURCE",
-                   help="text for --method activation and for gates learned without --train, as for effir "
-                        "analyze: wiki (built-in prose), FILE.txt, "
+                   help="text for --method activation, for the gates' prior (--gate-prior) and for gates learned "
+                        "without --train, as for effir analyze: wiki (built-in prose), FILE.txt, "
                         "FILE.jsonl or beir:DIR (default: wiki)")
     p.add_argument("--calibration-samples", type=int, default=64,
-                   help="blocks of --seq-len tokens scored by --method activation (default: 64)")
+                   help="blocks of --seq-len tokens scored by --method activation and --gate-prior activation "
+                        "(default: 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
     p.add_argument("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE,
                    help=f"round every kept width to a multiple of this (default {DEFAULT_WIDTH_MULTIPLE}): matmuls "
@@ -111,6 +120,10 @@ def _training_arguments(g) -> None:
                    help="what the gates learn from: infonce on --train (the paper), or distill: stay close to the "
                         "unslimmed model's own embeddings of --calibration text, no labels (default: infonce with "
                         "--train, else distill)")
+    g.add_argument("--gate-prior", choices=["activation", "none"], default="activation",
+                   help="the order the gates start from (default without --lam: activation, the --method activation "
+                        "ranking on --calibration text, added to z as offsets the task has to out-learn; none: all "
+                        "gates equal, as in the paper, whose objective --lam always uses)")
     g.add_argument("--gate-steps", type=int, default=500,
                    help="most steps of gate training (paper: 500); without --lam it ends earlier once the cut settles")
     g.add_argument("--no-early-stop", action="store_true",
@@ -155,7 +168,8 @@ def _training_arguments(g) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
-    learns_from_text = args.method == "activation" or (args.method == "learned" and _gate_loss(args) == "distill")
+    learns_from_text = args.method == "activation" or (args.method == "learned" and (
+        _gate_loss(args) == "distill" or _gate_prior(args) == "activation"))
     texts = load_texts(args.calibration).documents if learns_from_text else None
     return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
@@ -187,8 +201,12 @@ def _run(args, acc, texts: list[str] | None) -> int:
         masks = uniform_magnitude_masks(encoder.model, adapter, layers, args.ratio, args.width_multiple, protect)
     # calibration statistics may differ in the last bits between GPUs: every process trains rank 0's masks
     masks = from_main_process(masks)
+    offset = None
+    if learned and _gate_prior(args) == "activation":  # before any gate or LoRA: the ranking of the model itself
+        offset = prior_offsets(from_main_process(_activation_scores(args, encoder, layers, texts, acc.is_main_process)),
+                               GATE_PRIOR_SPREAD)
     if trains:
-        masks, z, gate_info = _trained_masks(args, acc, encoder, layers, out, protect, masks)
+        masks, z, gate_info = _trained_masks(args, acc, encoder, layers, out, protect, masks, offset)
     for i, mask in zip(layers, masks, strict=True):
         slice_mlp(encoder.model, adapter, i, torch.nonzero(mask).flatten())
     encoder.model.eval()
@@ -206,7 +224,9 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
     stage = {"stage": "slim", "method": args.method, "ratio": args.ratio, "width_multiple": args.width_multiple,
              "gate_steps": args.gate_steps if args.method == "learned" else 0, "recover_steps": args.recover_steps,
              "train": args.train}
-    if args.method == "activation":
+    if args.method == "learned":
+        stage.update(gate_prior=_gate_prior(args))
+    if args.method == "activation" or stage.get("gate_prior") == "activation":
         stage.update(calibration=args.calibration, calibration_samples=args.calibration_samples, seq_len=args.seq_len)
     save(encoder, out / "model", stage=stage, overwrite=True)
     width_plot(layers, widths_before, widths_after, out / "widths.png",
@@ -234,7 +254,8 @@ def _check(args) -> None:
         raise EffirError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.width_multiple < 1:
         raise EffirError(f"--width-multiple must be >= 1, got {args.width_multiple}")
-    if args.method == "activation" and (args.calibration_samples < 1 or args.seq_len < 2):
+    if (args.method == "activation" or args.method == "learned" and _gate_prior(args) == "activation") and (
+            args.calibration_samples < 1 or args.seq_len < 2):
         raise EffirError("--calibration-samples must be >= 1 and --seq-len >= 2")
     if args.recover_steps < 0:
         raise EffirError(f"--recover-steps must be >= 0, got {args.recover_steps}")
@@ -276,14 +297,14 @@ def _activation_scores(args, encoder, layers: list[int], texts: list[str], main:
 
 
 RUN_KEYS = ("train", "split", "seed", "ratio", "method", "negatives", "num_negatives", "mine_range", "temperature",
-            "batch_size", "grad_accum", "gate_loss", "calibration", "gate_steps", "gate_lr", "beta", "lam",
+            "batch_size", "grad_accum", "gate_loss", "gate_prior", "calibration", "calibration_samples", "seq_len", "gate_steps", "gate_lr", "beta", "lam",
             "no_early_stop", "gates_with_lora",
             "recover_steps",
             "lr", "lora_r", "lora_alpha", "pooling", "query_max_length", "document_max_length", "precision")
 
 
 def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: list[torch.Tensor],
-                   masks: list[torch.Tensor] | None):
+                   masks: list[torch.Tensor] | None, offset: list[torch.Tensor] | None):
     """Without ``masks`` (--method learned): train z (phase "gates") and rank z globally into masks. Then, with
     --recover-steps, train the masked model with LoRA (phase "recover", any method) and merge it. Returns (masks, z,
     what gate training did)."""
@@ -307,7 +328,8 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     gates = MlpGates(base, encoder.adapter, layers, straight_through=not paper).to(encoder.device)
     z, info = None, {}
     if masks is None:
-        z, masks, info = gate_training.train_gates(args, acc, encoder, gate_data, gates, lora_params, protect, out, key)
+        z, masks, info = gate_training.train_gates(args, acc, encoder, gate_data, gates, lora_params, protect, out, key,
+                                                     offset)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
         gate_training.set_trainable(lora_params, True)
@@ -320,6 +342,10 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
         encoder.model = encoder.model.merge_and_unload()
     encoder.settings = saved
     return masks, z, info
+
+
+def _gate_prior(args) -> str:
+    return "none" if args.lam is not None else args.gate_prior
 
 
 def _gate_loss(args) -> str:
