@@ -88,6 +88,7 @@ ANALYZE = "analyze {llama} --output {out}/an --device cpu --samples 2 --seq-len 
 DROP = "drop {llama} --strategy last --blocks 1 --output {out}/dr --device cpu"
 BENCH = ("bench {llama} --output {out}/be --device cpu --repeats 1 --max-repeats 1 --doc-lengths 16 "
          "--query-batch-sizes 1 --doc-batch-sizes 1")
+PRUNE = "prune {llama} --method wanda --output {out}/pr --device cpu --calibration-samples 2 --seq-len 16 --no-progress"
 EVAL_DONE = ["ev/results.json", "ev/run.trec"]
 FT_DONE = ["ft/finetune.json", "ft/model"]
 SLIM_DONE = ["sl/slim.json", "sl/model"]
@@ -165,6 +166,14 @@ CASES = [
     ("eval-duplicate-query-ids", EVAL.replace("{beir}", "{dup_queries}"), EVAL_DONE, "'q1' repeats line 1"),
     ("eval-qrels-unknown-queries", EVAL.replace("{beir}", "{unknown_queries}"), EVAL_DONE, "none of the"),
     ("eval-qrels-unknown-documents", EVAL.replace("{beir}", "{unknown_docs}"), EVAL_DONE, "none of the"),
+    # -- effir prune: a pattern that is not N:M, or that the model's widths cannot take --
+    ("prune-pattern-backwards", PRUNE + " --pattern 4:2", ["pr"], "--pattern '4:2' is not N:M"),
+    ("prune-group-not-dividing", PRUNE + " --pattern 2:5", ["pr"], "not a multiple of 5"),
+    ("prune-dampening-nan", PRUNE + " --dampening nan", ["pr"], "--dampening"),
+    ("prune-cuda", PRUNE + " --device cuda", ["pr"], "CUDA"),
+    ("prune-calibration-not-utf8", PRUNE + " --calibration {calib}", ["pr"], "calib.txt:3"),
+    ("prune-output-under-file", "prune {llama} --method wanda --output {file}/pr", [], "is a file"),
+    ("prune-truncated-compressed", "prune {truncated_compressed} --method wanda --output {out}/pr", ["pr"], "damaged"),
 ]
 
 RUN_BASE = """model: {llama}
@@ -191,6 +200,9 @@ YAML_CASES = [
     ("drop-strategy-unknown", "drop: {{mlp: 1, strategy: random}}", "--strategy"),
     ("baseline-count-text", "baselines: {{drop_last: abc}}", "baselines.drop_last"),
     ("baseline-flag-text", "baselines: {{full: maybe}}", "baselines.full"),
+    ("baseline-2-4-count", "baselines: {{full: true, sparsegpt_2_4: 3}}", "baselines.sparsegpt_2_4"),
+    ("baseline-2-4-without-full", "baselines: {{wanda_2_4: true}}", "baselines.wanda_2_4 compares pruning"),
+    ("prune-section-seq-len-text", "prune: {{seq_len: many}}", "section 'prune' of the config: argument --seq-len"),
     ("demo-unknown-key", "train: demo\ndemo: {{foo: 1}}", "demo.foo"),
     ("demo-wrong-type", "train: demo\ndemo: {{train_queries: lots}}", "demo.train_queries"),
     ("slim-after-finetune-maybe", "slim_after_finetune: maybe", "'slim_after_finetune' must be true or false"),
@@ -256,7 +268,7 @@ def test_bad_run_config(name, extra, words, world, tmp_path, capsys):
     assert "fix" in line or "choose another" in line, line  # the line says what to do
 
 
-@pytest.mark.parametrize("command", [ANALYZE, EVAL, FT, SLIM, DROP, BENCH], ids=lambda c: c.split()[0])
+@pytest.mark.parametrize("command", [ANALYZE, EVAL, FT, SLIM, DROP, BENCH, PRUNE], ids=lambda c: c.split()[0])
 def test_read_only_output_is_refused_before_any_work(command, world, tmp_path, capsys, monkeypatch):
     """A folder without write permission (as the check sees it: root writes anywhere, so the permission answer is
     faked here for that one folder; the real chmod case is test_read_only_folder_for_real)."""
@@ -265,7 +277,7 @@ def test_read_only_output_is_refused_before_any_work(command, world, tmp_path, c
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
     argv = command.format(out=read_only, **world).split()
-    assert "is not writable" in _check(argv, tmp_path, [f"ro/{d}" for d in ("an", "ev", "ft", "sl", "dr", "be")],
+    assert "is not writable" in _check(argv, tmp_path, [f"ro/{d}" for d in ("an", "ev", "ft", "sl", "dr", "be", "pr")],
                                        "ro", capsys)
 
 
@@ -277,8 +289,9 @@ def test_read_only_folder_for_real(world, tmp_path, capsys):
     assert "is not writable" in _check(argv, tmp_path, ["ro/ev"], "ro", capsys)
 
 
-@pytest.mark.parametrize("command", [EVAL, FT, SLIM, ANALYZE, DROP, BENCH, "verify {compressed}", "run {config}"],
-                         ids=["eval", "finetune", "slim", "analyze", "drop", "bench", "verify", "run"])
+@pytest.mark.parametrize("command", [EVAL, FT, SLIM, ANALYZE, DROP, BENCH, PRUNE, "verify {compressed}",
+                                     "run {config}"],
+                         ids=["eval", "finetune", "slim", "analyze", "drop", "bench", "prune", "verify", "run"])
 def test_the_base_command_lines_work(command, world, tmp_path, capsys):
     """Each case above breaks one thing of a command line that runs: without it, the command succeeds."""
     config = tmp_path / "run.yaml"

@@ -50,11 +50,24 @@ def test_overrides_and_unknown_keys(tmp_path):
     ({"stages": ["slim"], "train": None, "slim": {"method": "activation", "recover_steps": 5}}, "need training data"),
     ({"drop": {"output": "x"}}, "set by the pipeline"),
     ({"baselines": {"drop_everything": 3}}, "unknown baseline"),
+    ({"baselines": {"wanda_2_4": True}}, "set baselines.full: true with stage finetune"),
+    ({"baselines": {"full": True, "sparsegpt_2_4": True}, "stages": ["eval"]}, "with stage finetune"),
+    ({"baselines": {"full": True, "wanda_2_4": "yes"}}, "'baselines.wanda_2_4' must be true or false"),
+    ({"prune": {"method": "sparsegpt"}}, "'prune.method' is set by the pipeline"),
 ])
 def test_bad_configs(data, message):
     base = {"model": "m", "output": "o", "train": "demo"}
     with pytest.raises(EffirError, match=message):
         RunConfig.from_dict({**base, **data})
+
+
+def test_the_2_4_baselines_take_effir_prune_options():
+    cfg = RunConfig.from_dict({"model": "m", "output": "o", "train": "demo", "prune": {"calibration_samples": 64},
+                               "baselines": {"full": True, "wanda_2_4": True, "sparsegpt_2_4": False}})
+    check_stage_options(cfg)
+    cfg.prune["calibration_sample"] = 3
+    with pytest.raises(EffirError, match="unknown option 'prune.calibration_sample' for `effir prune`"):
+        check_stage_options(cfg)
 
 
 def test_activation_slim_alone_needs_no_training_data():

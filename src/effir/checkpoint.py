@@ -37,6 +37,7 @@ from .model_files import (
     weights_digest,
 )
 from .refs import gguf_to_folder, quiet_transformers, resolve
+from .sparsity import checked_record
 from .stfolder import is_st_folder, read_st_folder
 from .surgery import count_parameters, is_compressed, structure_of
 from .utils import EffirError, dtype_name, floating_dtype, pick_device, pick_dtype
@@ -291,15 +292,13 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
             "history": history,
             "sentence_transformers": st_export,
         }
-        if encoder.meta.get("source_prompts"):
-            meta["source_prompts"] = encoder.meta["source_prompts"]
-        if structure:
-            meta["structure"] = structure
+        optional = {"source_prompts": encoder.meta.get("source_prompts"), "structure": structure,
+                    "sparsity": checked_record(encoder.model, encoder.adapter, encoder.meta, str(out))}  # N:M zeros
+        meta.update({k: v for k, v in optional.items() if v})
         (tmp / EFFIR_JSON).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks the folder complete
-    encoder.meta = {**encoder.meta, "history": history, "parameters": meta["parameters"]}
-    encoder.meta.pop("structure", None)
-    if structure:
-        encoder.meta["structure"] = structure
+    encoder.meta = {**{k: v for k, v in encoder.meta.items() if k not in ("structure", "sparsity")},
+                    "history": history, "parameters": meta["parameters"],
+                    **{k: meta[k] for k in ("structure", "sparsity") if k in meta}}
     return out
 
 

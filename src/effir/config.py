@@ -15,9 +15,18 @@ from pathlib import Path
 from .utils import EffirError
 
 STAGES = ("analyze", "drop", "slim", "finetune", "distill", "eval", "bench")
+SECTIONS = (*STAGES, "prune")
+"""Stage sections of the config: the pipeline's stages, and ``prune`` (options of `effir prune` for the 2:4
+baselines)."""
 WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", "teacher", "query_side"}
 PARENTS = ("original", "full")
-BASELINES = ("original", "full", "drop_mlp", "drop_blocks", "drop_last", "drop_attention")
+PRUNE_BASELINES = {"wanda_2_4": ("wanda", "2:4"), "sparsegpt_2_4": ("sparsegpt", "2:4")}
+"""The semi-structured baselines: ``baselines`` key -> (``effir prune --method``, ``--pattern``)."""
+BASELINES = ("original", "full", "drop_mlp", "drop_blocks", "drop_last", "drop_attention", *PRUNE_BASELINES)
+FLAG_BASELINES = ("original", "full", *PRUNE_BASELINES)
+"""Baselines switched on with ``true``; the others take a number of sub-layers or blocks."""
+PRUNE_WIRED = {"method", "pattern"}
+"""Options of the ``prune`` section the baseline's name sets."""
 DEMO_KEYS = {"train_queries": int, "test_queries": int, "passage_words": int, "max_passages": int,
              "test_fraction": float, "seed": int}
 """The ``demo`` section: the keyword arguments of :func:`effir.synthetic.build_ict_beir` and their types."""
@@ -26,7 +35,7 @@ FIELD_TYPES = {"model": _TEXT, "output": _TEXT, "train": _OPTIONAL_TEXT, "datase
                "stages": _TEXTS, "slim_after_finetune": "true or false", "teacher": _OPTIONAL_TEXT,
                "baselines": "a mapping", "launcher": _OPTIONAL_TEXT, "demo": "a mapping", "parent": _TEXT,
                "query_side": "true or false",
-               **{s: "a mapping of option: value" for s in STAGES}}
+               **{s: "a mapping of option: value" for s in SECTIONS}}
 """What each top-level key must hold (checked before anything else reads the config)."""
 
 
@@ -62,7 +71,10 @@ class RunConfig:
     """Baselines trained and evaluated the same way: ``full: true`` (the uncompressed model fine-tuned),
     ``drop_blocks: K|auto`` (Drop-kB by importance), ``drop_last: K|auto`` (Drop-LastkB), ``drop_attention: K``
     (Drop-kA); ``auto`` = as many blocks as match the EffiR model's parameter count. ``original: true`` also
-    evaluates the untouched model (no training)."""
+    evaluates the untouched model (no training). ``wanda_2_4: true`` / ``sparsegpt_2_4: true``: the paper's
+    semi-structured baselines (Table 4) in both orders, the original pruned then fine-tuned like EffiR and the
+    fine-tuned full model pruned (needs ``full: true``); their zeros are stored densely, so they keep the full
+    model's memory and, without sparse kernels, its speed."""
     launcher: str | None = None
     """Command prefix for the training and evaluation stages, e.g. ``accelerate launch --num_processes 8`` or
     ``torchrun --nproc_per_node 8`` (default: one process)."""
@@ -75,6 +87,8 @@ class RunConfig:
     distill: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     bench: dict = field(default_factory=dict)
+    prune: dict = field(default_factory=dict)
+    """Options of `effir prune` for the 2:4 baselines (calibration, calibration_samples, seq_len, ...)."""
 
     def __post_init__(self):
         for name, kind in FIELD_TYPES.items():
@@ -89,6 +103,7 @@ class RunConfig:
         # slim and finetune may be listed either way round: slim_after_finetune decides which runs first
         rank = [STAGES.index("slim") if s == "finetune" else STAGES.index(s) for s in self.stages]
         _check_recovery(self)
+        _check_pruned(self)
         if rank != sorted(rank) or len(set(self.stages)) != len(self.stages):
             raise EffirError(f"stages {self.stages} are out of order; they run as {' -> '.join(pipeline)}")
         if "drop" in self.stages and "analyze" not in self.stages and self.drop.get("strategy", "importance") == \
@@ -103,9 +118,10 @@ class RunConfig:
             raise EffirError("stages slim/finetune need training data: set 'train' (a BEIR folder, a jsonl, or demo)")
         if "eval" in self.stages and not self.datasets:
             raise EffirError("stage 'eval' needs at least one entry in 'datasets'")
-        for name in STAGES:
+        for name in SECTIONS:
             section = getattr(self, name)
-            wired = sorted(WIRED & {k.replace("-", "_") for k in section})
+            wired = sorted((WIRED | (PRUNE_WIRED if name == "prune" else set()))
+                           & {k.replace("-", "_") for k in section})
             if wired:
                 raise EffirError(f"'{name}.{wired[0]}' is set by the pipeline itself; remove it from the config")
 
@@ -153,6 +169,15 @@ def _check_recovery(cfg: RunConfig) -> None:
         raise EffirError("baselines.full fine-tunes the full model and needs training data: set 'train'")
 
 
+def _check_pruned(cfg: RunConfig) -> None:
+    """The 2:4 baselines prune the fine-tuned full model too, so that model must be planned."""
+    pruned = [name for name in PRUNE_BASELINES if cfg.baselines.get(name)]
+    if pruned and not (cfg.baselines.get("full") and {"finetune", "distill"} & set(cfg.stages)):
+        raise EffirError(f"baselines.{pruned[0]} compares pruning before and after fine-tuning, and the second order "
+                         "prunes the fine-tuned full model: set baselines.full: true with stage finetune (or distill); "
+                         "fix the config")
+
+
 def _is(value, kind: str) -> bool:
     if kind == _TEXT:
         return isinstance(value, str) and bool(value.strip())
@@ -172,7 +197,7 @@ def _shown(value) -> str:
 def _check_sections(cfg: RunConfig) -> None:
     """Values inside the mappings: stage options are scalars (their stage's parser checks them further), baselines
     and demo hold what their code expects."""
-    for name in STAGES:
+    for name in SECTIONS:
         for key, value in getattr(cfg, name).items():
             scalars = value if isinstance(value, list) else [value]
             if not all(v is None or isinstance(v, (str, int, float, bool)) for v in scalars):
@@ -181,10 +206,10 @@ def _check_sections(cfg: RunConfig) -> None:
     for key, value in cfg.baselines.items():
         if key not in BASELINES:
             raise EffirError(f"unknown baseline '{key}'; known: {', '.join(BASELINES)}; fix it in the config")
-        if key in ("original", "full") and not isinstance(value, bool):
+        if key in FLAG_BASELINES and not isinstance(value, bool):
             raise EffirError(f"'baselines.{key}' must be true or false, not {_shown(value)}; fix it in the config")
         counts = value if isinstance(value, list) else [value]
-        if key not in ("original", "full") and value not in (None, False) and not all(
+        if key not in FLAG_BASELINES and value not in (None, False) and not all(
                 v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in counts):
             raise EffirError(f"'baselines.{key}' must be a number of sub-layers or blocks K >= 0, 'auto', or a list "
                              f"of those, not {_shown(value)}; fix it in the config")

@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import PRUNE_BASELINES
 from .files import write_json, write_text
 from .plots import quality_speed_plot
 
 LABELS = {"effir": "EffiR (drop + slim)", "original": "original, not fine-tuned", "full": "full model, fine-tuned",
           "query_side": "query-side: compressed queries, the parent's documents"}
+METHODS = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}
+ORDERS = {"prune_ft": "pruned, then fine-tuned", "ft_prune": "the fine-tuned full model, pruned"}
+"""Labels of the semi-structured variants ``NAME-ORDER`` (effir.run_plan)."""
+SPARSE_NOTE = ("2:4 variants store their zeros densely: they keep the full model's parameters and memory, and "
+               "effir bench times dense matmuls, so their speed-up is about 1.0x; only sparse kernels (2:4 sparse "
+               "tensor cores) would make them faster.")
 
 
 def write_report(cfg, out: Path, steps) -> Path:
@@ -50,15 +57,21 @@ def _collect(steps) -> dict[str, dict]:
             slim = json.loads((step.folder / "slim.json").read_text())
             v["widths"] = slim["widths_after"]
             v["parameters"] = v.get("parameters") or slim["parameters_after"]
-    for v in variants.values():
+    for name, v in variants.items():
         scores = list(v["ndcg10"].values())
         v["avg_ndcg10"] = sum(scores) / len(scores) if scores else None
+        if name.split("-")[0] in PRUNE_BASELINES:
+            v.update(sparsity=PRUNE_BASELINES[name.split("-")[0]][1], note=SPARSE_NOTE)
     return variants
 
 
 def _label(variant: str) -> str:
     if variant in LABELS:
         return LABELS[variant]
+    name, _, order = variant.partition("-")
+    if name in PRUNE_BASELINES and order in ORDERS:
+        method, pattern = PRUNE_BASELINES[name]
+        return f"{METHODS[method]} {pattern}: {ORDERS[order]}"
     for prefix, text in (("drop_mlp", "Drop-{}M"), ("drop_blocks", "Drop-{}B (importance)"), ("drop_last", "Drop-Last{}B"),
                          ("drop_attention", "Drop-{}A")):
         if variant.startswith(prefix):
@@ -103,6 +116,8 @@ def _markdown(cfg, variants: dict, figures: dict) -> str:
                      + f" | {_fmt(v['avg_ndcg10'])} | {_fmt(v.get('retention'), '.1%')} | "
                      + f"{_speed(q)} | {_speed(d)} |")
     lines.append("")
+    if any(v.get("sparsity") for v in variants.values()):
+        lines += [SPARSE_NOTE, ""]
     for key, title in (("quality_vs_speed", "Quality against speed"), ("importance", "Sub-layer importance"),
                        ("widths", "MLP widths after slimming")):
         if key in figures:

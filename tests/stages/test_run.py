@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import TINY_QRELS, write_beir
 
+import effir
 from effir.cli import main
 from effir.stages.run import MARKER
 
@@ -185,3 +186,69 @@ def test_distillation_and_the_query_side_variant_from_a_retriever(data, tmp_path
     history = json.loads((run / "query-side" / "distill" / "model" / "effir.json").read_text())["history"]
     assert history[-1]["query_side"] and history[-1]["teacher"] == str(parent)
     assert "query-side: compressed queries" in (run / "report.md").read_text()
+
+
+def test_the_2_4_baselines_are_planned_in_both_orders_and_timed_like_every_baseline(tiny_llama_dir, data, tmp_path):
+    from effir.config import load_config
+    from effir.run_plan import plan_baselines
+
+    cfg = load_config(_config(tmp_path, tiny_llama_dir, data, stages=["finetune", "eval", "bench"],
+                              prune={"seq_len": 16}, baselines={"full": True, "wanda_2_4": True}))
+    run = tmp_path / "run"
+    steps = plan_baselines(cfg, run)
+    plan = [(s.variant, s.stage, s.argv[0]) for s in steps]
+    tuned = str(run / "baselines" / "full" / "finetune" / "model")
+    first = str(run / "baselines" / "wanda_2_4-prune_ft" / "prune" / "model")
+    assert plan[3:] == [
+        ("wanda_2_4-prune_ft", "prune", str(tiny_llama_dir)), ("wanda_2_4-prune_ft", "finetune", first),
+        ("wanda_2_4-prune_ft", "eval", str(run / "baselines" / "wanda_2_4-prune_ft" / "finetune" / "model")),
+        ("wanda_2_4-prune_ft", "bench", str(run / "baselines" / "wanda_2_4-prune_ft" / "finetune" / "model")),
+        ("wanda_2_4-ft_prune", "prune", tuned),
+        ("wanda_2_4-ft_prune", "eval", str(run / "baselines" / "wanda_2_4-ft_prune" / "prune" / "model")),
+        ("wanda_2_4-ft_prune", "bench", str(run / "baselines" / "wanda_2_4-ft_prune" / "prune" / "model"))]
+    prune = steps[3]
+    assert prune.argv[1:] == ["--method", "wanda", "--pattern", "2:4", "--output", str(prune.folder), "--seq-len", "16"]
+    assert steps[7].upstream == [steps[0]] and steps[0].stage == "finetune"  # re-pruned when the full model changes
+    assert all(s.argv[s.argv.index("--baseline") + 1] == str(tiny_llama_dir) for s in steps if s.stage == "bench")
+
+
+def test_the_2_4_baselines_in_both_orders(tiny_llama_dir, data, tmp_path):
+    """The paper's Table 4 from the harness: Wanda and SparseGPT 2:4 pruned then fine-tuned, and the fine-tuned full
+    model pruned; each evaluated like every baseline, with the pattern intact in what was evaluated."""
+    pytest.importorskip("llmcompressor", reason="effir prune's kernels")
+    from effir.sparsity import nonzeros_per_group, projections
+
+    prune = {"calibration": f"beir:{data}", "calibration_samples": 2, "seq_len": 16, "device": "cpu",
+             "no_progress": True}
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["finetune", "eval"], prune=prune,
+                  baselines={"full": True, "wanda_2_4": True, "sparsegpt_2_4": True})
+    assert main(["run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    pruned = {f"{m}_2_4-{o}" for m in ("wanda", "sparsegpt") for o in ("prune_ft", "ft_prune")}
+    assert set(report["variants"]) == {"effir", "full", *pruned}
+    for name in pruned:
+        v = report["variants"][name]
+        assert v["sparsity"] == "2:4" and v["avg_ndcg10"] is not None
+        final = run / "baselines" / name / ("finetune" if name.endswith("prune_ft") else "prune") / "model"
+        enc = effir.load(final, device="cpu")
+        assert all(bool((nonzeros_per_group(m.weight, 4) == 2).all())
+                   for m in projections(enc.model, enc.adapter).values()), name
+    # fine-tune then prune: the full baseline's fine-tuned model is what was pruned
+    history = json.loads((run / "baselines" / "wanda_2_4-ft_prune" / "prune" / "model" / "effir.json").read_text())
+    assert [h["stage"] for h in history["history"]] == ["finetune", "prune"]
+    md = (run / "report.md").read_text()
+    assert "Wanda 2:4: pruned, then fine-tuned" in md and "SparseGPT 2:4: the fine-tuned full model, pruned" in md
+    assert "store their zeros densely" in md
+
+
+def test_the_2_4_baselines_need_the_fine_tuned_full_model(tiny_llama_dir, data, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["finetune", "eval"], baselines={"sparsegpt_2_4": True})
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "baselines.sparsegpt_2_4 compares pruning before and after fine-tuning" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+    cfg = _config(tmp_path, tiny_llama_dir, data, prune={"method": "wanda"},
+                  baselines={"full": True, "wanda_2_4": True})
+    assert main(["run", str(cfg)]) == 2
+    assert "'prune.method' is set by the pipeline" in capsys.readouterr().err

@@ -29,6 +29,8 @@ VERBS: dict[str, tuple[str, str]] = {
                "beside its sentence-transformers files"),
     "run": ("effir.stages.run", "the whole pipeline from one YAML config, resumable, ending in a report"),
     "demo": ("effir.stages.run", "the whole pipeline on smollm2-135m and built-in Wikipedia data (= effir run demo)"),
+    "prune": ("effir.stages.prune", "the paper's 2:4 baselines: Wanda or SparseGPT semi-structured pruning of every "
+              "attention/MLP projection (no memory or speed gained without sparse kernels)"),
     "verify": ("effir.stages.verify", "check a compressed model folder: reloads, weights, parameter counts, embeddings"),
 }
 

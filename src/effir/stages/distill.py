@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .. import asymmetric, embedding_cache, train_checkpoints, training
+from .. import asymmetric, embedding_cache, sparsity, train_checkpoints, training
 from ..calibration import SOURCE_HELP
 from ..checkpoint import fingerprint, load, save
 from ..distillation import Loss, Texts, micro_batches, read_texts
@@ -142,7 +142,10 @@ def _run(args, acc, texts: Texts) -> int:
                                                 f"{side}-side texts") for side, items in sides}
     total = args.max_steps or max(1, round(args.epochs * per_epoch["query" if args.query_side else "document"]))
     seed_everything(args.seed)
+    zeros = sparsity.zero_masks(student)  # an N:M-pruned student keeps its zeros (before LoRA wraps the model)
     optimizer, scheduler = training.optimizer_and_schedule(student, args, total)
+    if args.full:
+        sparsity.hold_zeros(student.model, student.adapter, zeros)
     key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "teacher": teacher_id,
            "model_fingerprint": fingerprint(student), "texts": texts.key, "processes": acc.num_processes,
            "total_steps": total}
@@ -166,7 +169,7 @@ def _run(args, acc, texts: Texts) -> int:
                                  desc="distill", progress=not args.no_progress)
     student.model, student.settings = acc.unwrap_model(model), saved_settings
     if acc.is_main_process:
-        _finish(args, student, save_dtype, texts, out, stats, total, time.perf_counter() - t0)
+        _finish(args, student, save_dtype, texts, out, stats, total, time.perf_counter() - t0, zeros)
     return 0
 
 
@@ -234,12 +237,13 @@ def _cache_teacher(args, texts: Texts, student: Encoder, device: str) -> tuple[d
 
 
 def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: Path, stats: dict, total: int,
-            wall: float) -> None:
+            wall: float, zeros: dict | None) -> None:
     student.model = training.finished_model(student.model, lora=not args.full,
                                             gradient_checkpointing=args.gradient_checkpointing, dtype=save_dtype)
     stage = {"stage": "distill", "teacher": str(args.teacher), "texts": list(args.texts), "steps": total,
              "method": "full" if args.full else f"lora(r={args.lora_r},alpha={args.lora_alpha})", "lr": args.lr,
-             "query_texts": len(texts.queries), "document_texts": len(texts.documents)}
+             "query_texts": len(texts.queries), "document_texts": len(texts.documents),
+             **sparsity.kept(student, zeros)}
     if args.query_side:  # the parent as it embeds documents: as stored, with its own settings
         parent = load(args.teacher, device="cpu", dtype="source")
         asymmetric.save(student, parent, out / "model", stage={**stage, "query_side": True}, overwrite=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .. import train_checkpoints, training
+from .. import sparsity, train_checkpoints, training
 from ..checkpoint import fingerprint, load, save
 from ..encoder import POOLINGS, Encoder
 from ..files import write_json
@@ -148,7 +148,10 @@ def _run(args, acc) -> int:
     per_epoch = training.steps_per_epoch(len(examples), args.batch_size, acc.num_processes, args.grad_accum)
     total = args.max_steps or max(1, int(round(args.epochs * per_epoch)))
     seed_everything(args.seed)
+    zeros = sparsity.zero_masks(encoder)  # an N:M-pruned model keeps its zeros (before LoRA wraps the model)
     optimizer, scheduler = training.optimizer_and_schedule(encoder, args, total)
+    if args.full:
+        sparsity.hold_zeros(encoder.model, encoder.adapter, zeros)
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
     start = train_checkpoints.resume(out / "checkpoints", acc, encoder.model, optimizer, scheduler, key,
                                      log_path=out / "train_log.jsonl",
@@ -159,7 +162,7 @@ def _run(args, acc) -> int:
     stats = _train(args, acc, encoder, optimizer, scheduler, examples, teacher_t, start, total, per_epoch, out, key)
     encoder.model = acc.unwrap_model(model)
     if acc.is_main_process:
-        _finish(args, encoder, save_dtype, saved_settings, out, stats, total, time.perf_counter() - t0)
+        _finish(args, encoder, save_dtype, saved_settings, out, stats, total, time.perf_counter() - t0, zeros)
     return 0
 
 
@@ -300,13 +303,14 @@ def _watch_collapse(stats: dict, record: dict, args, main: bool) -> None:
 
 
 def _finish(args, encoder: Encoder, save_dtype: torch.dtype, settings, out: Path, stats, total: int,
-            wall: float) -> None:
+            wall: float, zeros: dict | None) -> None:
     encoder.model = training.finished_model(encoder.model, lora=not args.full,
                                             gradient_checkpointing=args.gradient_checkpointing, dtype=save_dtype)
     encoder.settings = settings
     stage = {"stage": "finetune", "train": str(args.train), "steps": total,
              "method": "full" if args.full else f"lora(r={args.lora_r},alpha={args.lora_alpha})", "lr": args.lr,
-             "teacher": args.teacher, "negatives": args.negatives, "num_negatives": args.num_negatives}
+             "teacher": args.teacher, "negatives": args.negatives, "num_negatives": args.num_negatives,
+             **sparsity.kept(encoder, zeros)}
     save(encoder, out / "model", stage=stage, overwrite=True)
     summary = {**stage, "model": str(args.model), "output": str(out / "model"), "wall_s": round(wall, 1),
                "train_s": round(stats["train_s"], 1), "tokens": int(stats["tokens"]),
