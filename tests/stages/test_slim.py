@@ -290,19 +290,19 @@ def test_gates_learn_without_labels_from_the_model_itself(tiny_llama_dir, tmp_pa
     assert log[-1]["embedding"] > 0 and "lam" in log[-1]
 
 
-def test_learned_gates_start_from_the_activation_ranking(tiny_model_dir, train_beir, tmp_path):
+def test_learned_gates_start_from_the_activation_ranking(tiny_llama_dir, train_beir, tmp_path):
     """--gate-prior activation: gates that cannot move (a tiny gate lr) cut exactly what --method activation cuts,
     so the prior is that ranking on the same calibration text; --gate-prior none does not."""
     common = ("--ratio", "0.3", "--calibration-samples", "4", "--seq-len", "32")
-    assert main(_args(tiny_model_dir, tmp_path / "act", "--method", "activation", *common)) == 0
+    assert main(_args(tiny_llama_dir, tmp_path / "act", "--method", "activation", *common)) == 0
     learned = ("--train", str(train_beir), "--gate-steps", "2", "--batch-size", "4", "--num-negatives", "1",
                "--gate-lr", "1e-6", "--no-early-stop", *common)
-    assert main(_args(tiny_model_dir, tmp_path / "prior", *learned)) == 0
+    assert main(_args(tiny_llama_dir, tmp_path / "prior", *learned)) == 0
     act, prior = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("act", "prior"))
     assert act.keys() == prior.keys() and all(torch.equal(act[k], prior[k]) for k in act)
     summary = json.loads((tmp_path / "prior" / "slim.json").read_text())
     assert summary["gate_prior"] == "activation" and summary["closed_gate_fraction"] == 0.0
-    assert main(_args(tiny_model_dir, tmp_path / "none", *learned, "--gate-prior", "none")) == 0
+    assert main(_args(tiny_llama_dir, tmp_path / "none", *learned, "--gate-prior", "none")) == 0
     assert json.loads((tmp_path / "none" / "slim.json").read_text())["gate_prior"] == "none"
     none = load_file(str(tmp_path / "none" / "model" / "model.safetensors"))
     assert none.keys() != act.keys() or not all(torch.equal(act[k], none[k]) for k in act)
