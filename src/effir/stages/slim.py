@@ -297,7 +297,8 @@ def _activation_scores(args, encoder, layers: list[int], texts: list[str], main:
 
 
 RUN_KEYS = ("train", "split", "seed", "ratio", "method", "negatives", "num_negatives", "mine_range", "temperature",
-            "batch_size", "grad_accum", "gate_loss", "gate_prior", "calibration", "calibration_samples", "seq_len", "gate_steps", "gate_lr", "beta", "lam",
+            "batch_size", "grad_accum", "gate_loss", "gate_prior", "calibration", "calibration_samples", "seq_len",
+            "gate_steps", "gate_lr", "beta", "lam",
             "no_early_stop", "gates_with_lora",
             "recover_steps",
             "lr", "lora_r", "lora_alpha", "pooling", "query_max_length", "document_max_length", "precision")
