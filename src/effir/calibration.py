@@ -23,6 +23,7 @@ import functools
 import html
 import random
 import re
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -245,6 +246,25 @@ def token_blocks(tokenizer, texts: Sequence[str], samples: int, seq_len: int, se
     blocks = [stream[i:i + seq_len] for i in range(0, min(len(stream), need) - seq_len + 1, seq_len)]
     if not blocks and stream:
         blocks = [stream]
+    return blocks
+
+
+def calibration_blocks(encoder: Encoder, texts: Sequence[str], samples: int, seq_len: int, *, seed: int,
+                       source: str, verb: str) -> list[list[int]]:
+    """:func:`token_blocks` of ``texts`` for ``effir VERB``, with ``seq_len`` capped at the model's
+    max_position_embeddings; a note on stderr when ``source`` gives fewer than ``samples`` blocks.
+
+    Raises:
+        EffirError: ``source`` tokenizes to nothing.
+    """
+    max_pos = getattr(encoder.model.config, "max_position_embeddings", None) or seq_len
+    seq_len = min(seq_len, max_pos)
+    blocks = token_blocks(encoder.tokenizer, texts, samples, seq_len, seed=seed)
+    if not blocks:
+        raise EffirError(f"calibration source {source!r} tokenizes to nothing; give it real text")
+    if len(blocks) < samples:
+        print(f"effir {verb}: note: {source} gives {len(blocks)} block(s) of {seq_len} tokens (asked for {samples})",
+              file=sys.stderr)
     return blocks
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..calibration import block_batches, load_texts, sample_texts, side_batches, token_blocks
+from ..calibration import block_batches, calibration_blocks, load_texts, sample_texts, side_batches
 from ..checkpoint import fingerprint, load
 from ..files import write_json
 from ..plots import importance_heatmap
@@ -127,14 +127,8 @@ def _dropped(encoder) -> dict[str, list[int]]:
 def _batches(encoder, texts, side: str, args):
     """Token batches for one side -> (iterator, number of batches, calibration info)."""
     if side == "text":
-        max_pos = getattr(encoder.model.config, "max_position_embeddings", None) or args.seq_len
-        seq_len = min(args.seq_len, max_pos)
-        blocks = token_blocks(encoder.tokenizer, texts.documents, args.samples, seq_len, seed=args.seed)
-        if not blocks:
-            raise EffirError(f"calibration source {args.calibration!r} tokenizes to nothing; give it real text")
-        if len(blocks) < args.samples:
-            print(f"effir analyze: note: {args.calibration} gives {len(blocks)} block(s) of {seq_len} tokens "
-                  f"(asked for {args.samples})", file=sys.stderr)
+        blocks = calibration_blocks(encoder, texts.documents, args.samples, args.seq_len, seed=args.seed,
+                                    source=args.calibration, verb="analyze")
         info = {"samples": len(blocks), "seq_len": max(len(b) for b in blocks)}
         return block_batches(blocks, args.batch_size, encoder.pad_id), math.ceil(len(blocks) / args.batch_size), info
     n = args.document_samples if side == "document" and args.document_samples else args.samples

@@ -19,10 +19,9 @@ matmuls, so it reads about 1.0x. That is the paper's point against it.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from ..calibration import block_batches, load_texts, token_blocks
+from ..calibration import block_batches, calibration_blocks, load_texts
 from ..checkpoint import load, save
 from ..files import write_json
 from ..pruning import METHODS, prune_layers
@@ -70,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     encoder = load(args.model, device=args.device, dtype=args.dtype)
     check_divisible(encoder.model, encoder.adapter, pattern)
-    blocks = _blocks(args, encoder, texts)
+    blocks = calibration_blocks(encoder, texts, args.calibration_samples, args.seq_len, seed=args.seed,
+                                source=args.calibration, verb="prune")
     (out / SUMMARY).unlink(missing_ok=True)  # --overwrite: the old run stops looking finished before any new work
     stats = prune_layers(encoder.model, encoder.adapter, block_batches(blocks, args.batch_size, encoder.pad_id),
                          args.method, pattern, block_size=args.block_size, dampening=args.dampening,
@@ -95,20 +95,6 @@ def run(args: argparse.Namespace) -> int:
           f"{stats['weights']:,} weights zero ({summary['zero_fraction']:.1%}) in {summary['wall_s']:.0f}s; saved "
           f"{out / 'model'} (dense storage: the same size and speed without sparse kernels)")
     return 0
-
-
-def _blocks(args, encoder, texts: list[str]) -> list[list[int]]:
-    """--calibration-samples blocks of --seq-len tokens (capped at the model's positions), as `effir analyze` cuts
-    them."""
-    max_pos = getattr(encoder.model.config, "max_position_embeddings", None) or args.seq_len
-    seq_len = min(args.seq_len, max_pos)
-    blocks = token_blocks(encoder.tokenizer, texts, args.calibration_samples, seq_len, seed=args.seed)
-    if not blocks:
-        raise EffirError(f"calibration source {args.calibration!r} tokenizes to nothing; give it real text")
-    if len(blocks) < args.calibration_samples:
-        print(f"effir prune: note: {args.calibration} gives {len(blocks)} block(s) of {seq_len} tokens (asked for "
-              f"{args.calibration_samples})", file=sys.stderr)
-    return blocks
 
 
 def _check_args(args):

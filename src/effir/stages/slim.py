@@ -168,8 +168,7 @@ def _training_arguments(g) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
-    learns_from_text = args.method == "activation" or (args.method == "learned" and (
-        _gate_loss(args) == "distill" or _gate_prior(args) == "activation"))
+    learns_from_text = _ranks_by_activation(args) or (args.method == "learned" and _gate_loss(args) == "distill")
     texts = load_texts(args.calibration).documents if learns_from_text else None
     return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
@@ -202,7 +201,7 @@ def _run(args, acc, texts: list[str] | None) -> int:
     # calibration statistics may differ in the last bits between GPUs: every process trains rank 0's masks
     masks = from_main_process(masks)
     offset = None
-    if learned and _gate_prior(args) == "activation":  # before any gate or LoRA: the ranking of the model itself
+    if learned and _ranks_by_activation(args):  # before any gate or LoRA: the ranking of the model itself
         offset = prior_offsets(from_main_process(_activation_scores(args, encoder, layers, texts, acc.is_main_process)),
                                GATE_PRIOR_SPREAD)
     if trains:
@@ -226,7 +225,7 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
              "train": args.train}
     if args.method == "learned":
         stage.update(gate_prior=_gate_prior(args))
-    if args.method == "activation" or stage.get("gate_prior") == "activation":
+    if _ranks_by_activation(args):
         stage.update(calibration=args.calibration, calibration_samples=args.calibration_samples, seq_len=args.seq_len)
     save(encoder, out / "model", stage=stage, overwrite=True)
     width_plot(layers, widths_before, widths_after, out / "widths.png",
@@ -254,8 +253,7 @@ def _check(args) -> None:
         raise EffirError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.width_multiple < 1:
         raise EffirError(f"--width-multiple must be >= 1, got {args.width_multiple}")
-    if (args.method == "activation" or args.method == "learned" and _gate_prior(args) == "activation") and (
-            args.calibration_samples < 1 or args.seq_len < 2):
+    if _ranks_by_activation(args) and (args.calibration_samples < 1 or args.seq_len < 2):
         raise EffirError("--calibration-samples must be >= 1 and --seq-len >= 2")
     if args.recover_steps < 0:
         raise EffirError(f"--recover-steps must be >= 0, got {args.recover_steps}")
@@ -343,6 +341,11 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
         encoder.model = encoder.model.merge_and_unload()
     encoder.settings = saved
     return masks, z, info
+
+
+def _ranks_by_activation(args) -> bool:
+    """--method activation, or learned gates that start from that ranking: both score neurons on calibration text."""
+    return args.method == "activation" or (args.method == "learned" and _gate_prior(args) == "activation")
 
 
 def _gate_prior(args) -> str:
