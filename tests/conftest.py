@@ -60,7 +60,8 @@ def _seed():
 
 # The CPU's bf16 path (``--dtype auto`` / ``--precision auto`` pick bf16 on CPUs with avx512_bf16 / AMX) is forced
 # off and on by EFFIR_CPU_BF16, so no CPU hides a failure of either path. The stage tests and the load/save tests run
-# under both; everything else under the fp32 path. EFFIR_TEST_CPU_BF16=0 or 1 runs the whole suite under one path.
+# under both (but those marked one_cpu_path: harness tests whose stages are tested under both); everything else under
+# the fp32 path. EFFIR_TEST_CPU_BF16=0 or 1 runs the whole suite under one path.
 CPU_BF16_TEST_ENV = "EFFIR_TEST_CPU_BF16"
 BOTH_PATHS_MODULES = {"test_checkpoint", "test_checkpoint_refs", "test_encoder", "test_export"}
 
@@ -74,6 +75,8 @@ def _cpu_bf16_paths(path: Path) -> list[str]:
 
 def pytest_generate_tests(metafunc):
     paths = _cpu_bf16_paths(Path(str(metafunc.definition.fspath)))
+    if metafunc.definition.get_closest_marker("one_cpu_path"):
+        return
     if len(paths) > 1 and "cpu_bf16" in metafunc.fixturenames:
         metafunc.parametrize("cpu_bf16", paths, indirect=True, ids=lambda v: "cpu-bf16" if v == "1" else "cpu-fp32")
 

@@ -29,6 +29,7 @@ def test_mistral_config_is_the_papers_recipe():
     assert cfg.finetune["lora_r"] == 32 and cfg.finetune["lora_alpha"] == 64
     assert cfg.finetune["temperature"] == 0.02 and cfg.finetune["num_negatives"] == 7
     assert "num_processes 8" in cfg.launcher
+    assert cfg.quantize == ["nf4"]  # Table 6
 
 
 def test_overrides_and_unknown_keys(tmp_path):

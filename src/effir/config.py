@@ -1,7 +1,7 @@
 """The ``effir run`` configuration: one YAML file for the whole pipeline. Imports no torch, so validation is instant.
 
 Top-level keys are the fields of :class:`RunConfig`. Each stage section (``analyze``, ``drop``, ``slim``,
-``finetune``, ``distill``, ``eval``, ``bench``) holds that stage's command-line options with ``_`` or ``-`` (``gate_steps: 50``
+``finetune``, ``distill``, ``eval``, ``bench``, ``prune``, ``export``) holds that stage's command-line options with ``_`` or ``-`` (``gate_steps: 50``
 is ``--gate-steps 50``; ``true`` is a bare flag); the stage's own parser checks the names, so a misspelled key is an
 error that names it. Options the pipeline wires itself (model, output, data, scores, baseline) are not allowed there.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 from .utils import EffirError
 
 STAGES = ("analyze", "drop", "slim", "finetune", "distill", "eval", "bench")
-SECTIONS = (*STAGES, "prune")
-"""Stage sections of the config: the pipeline's stages, and ``prune`` (options of `effir prune` for the 2:4
-baselines)."""
+SECTIONS = (*STAGES, "prune", "export")
+"""Stage sections of the config: the pipeline's stages, ``prune`` (options of `effir prune` for the 2:4
+baselines) and ``export`` (options of `effir export` for the ``onnx-int8`` / ``openvino-int8`` quantisations)."""
 WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", "teacher", "query_side"}
 PARENTS = ("original", "full")
 PRUNE_BASELINES = {"wanda_2_4": ("wanda", "2:4"), "sparsegpt_2_4": ("sparsegpt", "2:4")}
@@ -27,6 +27,11 @@ FLAG_BASELINES = ("original", "full", *PRUNE_BASELINES)
 """Baselines switched on with ``true``; the others take a number of sub-layers or blocks."""
 PRUNE_WIRED = {"method", "pattern"}
 """Options of the ``prune`` section the baseline's name sets."""
+EXPORT_WIRED = {"format", "int8"}
+"""Options of the ``export`` section the ``quantize`` entry sets."""
+QUANTIZED = ("int8", "nf4", "onnx-int8", "openvino-int8")
+"""Entries of ``quantize``: ``[BACKEND-]QUANTISATION`` as `effir eval --backend --quantize` takes them (torch when no
+backend is named)."""
 DEMO_KEYS = {"train_queries": int, "test_queries": int, "passage_words": int, "max_passages": int,
              "test_fraction": float, "seed": int}
 """The ``demo`` section: the keyword arguments of :func:`effir.synthetic.build_ict_beir` and their types."""
@@ -34,7 +39,7 @@ _TEXT, _OPTIONAL_TEXT, _TEXTS = "a string", "a string or null", "a list of strin
 FIELD_TYPES = {"model": _TEXT, "output": _TEXT, "train": _OPTIONAL_TEXT, "datasets": _TEXTS, "split": _TEXT,
                "stages": _TEXTS, "slim_after_finetune": "true or false", "teacher": _OPTIONAL_TEXT,
                "baselines": "a mapping", "launcher": _OPTIONAL_TEXT, "demo": "a mapping", "parent": _TEXT,
-               "query_side": "true or false",
+               "query_side": "true or false", "quantize": _TEXTS,
                **{s: "a mapping of option: value" for s in SECTIONS}}
 """What each top-level key must hold (checked before anything else reads the config)."""
 
@@ -67,6 +72,11 @@ class RunConfig:
     query_side: bool = False
     """Also build the query-side variant: the compressed model (after drop / slim) distilled on the parent's query
     embeddings, queries through it and documents through the parent (``effir distill --query-side``)."""
+    quantize: list[str] = field(default_factory=list)
+    """Also evaluate every variant quantised, beside its 16-bit evaluation (the paper's Table 6: size and nDCG@10):
+    ``int8`` / ``nf4`` quantise the torch model's weights (torchao; bitsandbytes NF4 with double quantisation, CUDA
+    only), ``onnx-int8`` / ``openvino-int8`` export the model (`effir export --int8`) and evaluate the int8 graph.
+    A quantisation this machine cannot run is refused before the first stage."""
     baselines: dict = field(default_factory=dict)
     """Baselines trained and evaluated the same way: ``full: true`` (the uncompressed model fine-tuned),
     ``drop_blocks: K|auto`` (Drop-kB by importance), ``drop_last: K|auto`` (Drop-LastkB), ``drop_attention: K``
@@ -89,6 +99,8 @@ class RunConfig:
     bench: dict = field(default_factory=dict)
     prune: dict = field(default_factory=dict)
     """Options of `effir prune` for the 2:4 baselines (calibration, calibration_samples, seq_len, ...)."""
+    export: dict = field(default_factory=dict)
+    """Options of `effir export` for the ``onnx-int8`` / ``openvino-int8`` quantisations (calibration, ...)."""
 
     def __post_init__(self):
         for name, kind in FIELD_TYPES.items():
@@ -104,6 +116,7 @@ class RunConfig:
         rank = [STAGES.index("slim") if s == "finetune" else STAGES.index(s) for s in self.stages]
         _check_recovery(self)
         _check_pruned(self)
+        _check_quantize(self)
         if rank != sorted(rank) or len(set(self.stages)) != len(self.stages):
             raise EffirError(f"stages {self.stages} are out of order; they run as {' -> '.join(pipeline)}")
         if "drop" in self.stages and "analyze" not in self.stages and self.drop.get("strategy", "importance") == \
@@ -120,7 +133,7 @@ class RunConfig:
             raise EffirError("stage 'eval' needs at least one entry in 'datasets'")
         for name in SECTIONS:
             section = getattr(self, name)
-            wired = sorted((WIRED | (PRUNE_WIRED if name == "prune" else set()))
+            wired = sorted((WIRED | {"prune": PRUNE_WIRED, "export": EXPORT_WIRED}.get(name, set()))
                            & {k.replace("-", "_") for k in section})
             if wired:
                 raise EffirError(f"'{name}.{wired[0]}' is set by the pipeline itself; remove it from the config")
@@ -176,6 +189,26 @@ def _check_pruned(cfg: RunConfig) -> None:
         raise EffirError(f"baselines.{pruned[0]} compares pruning before and after fine-tuning, and the second order "
                          "prunes the fine-tuned full model: set baselines.full: true with stage finetune (or distill); "
                          "fix the config")
+
+
+def quantized_variant(entry: str) -> tuple[str, str]:
+    """A ``quantize`` entry as (backend, quantisation): ``"onnx-int8"`` -> ``("onnx", "int8")``, ``"nf4"`` ->
+    ``("torch", "nf4")``."""
+    backend, _, quantize = entry.rpartition("-")
+    return backend or "torch", quantize
+
+
+def _check_quantize(cfg: RunConfig) -> None:
+    """``quantize`` entries are known, evaluated, and not also asked for in the ``eval`` section."""
+    unknown = [q for q in cfg.quantize if q not in QUANTIZED]
+    if unknown:
+        raise EffirError(f"unknown quantisation {unknown[0]!r} in 'quantize'; known: {', '.join(QUANTIZED)}")
+    if cfg.quantize and "eval" not in cfg.stages:
+        raise EffirError("'quantize' adds quantised evaluations: add stage 'eval' (and 'datasets')")
+    clash = sorted({"backend", "quantize"} & {k.replace("-", "_") for k in cfg.eval})
+    if clash:
+        raise EffirError(f"'eval.{clash[0]}' would evaluate every variant one way only: list the quantisations in the "
+                         "top-level 'quantize' instead (each is evaluated beside the 16-bit model)")
 
 
 def _is(value, kind: str) -> bool:

@@ -44,9 +44,12 @@ def _collect(steps) -> dict[str, dict]:
         v = variants.setdefault(step.variant, {"label": _label(step.variant), "ndcg10": {}, "metrics": {}})
         if step.stage == "eval" and (step.folder / "results.json").exists():
             res = json.loads((step.folder / "results.json").read_text())
-            name = step.name.split(":", 1)[1]
+            kind, name = step.name.split(":", 1)
+            if kind != "eval":  # eval-ENTRY: the variant quantised (run_plan._quantized_evals)
+                v = v.setdefault("quantized", {}).setdefault(kind[len("eval-"):], {"ndcg10": {}})
             v["ndcg10"][name] = res["metrics"]["nDCG@10"]
-            v["metrics"][name] = res["metrics"]
+            v.setdefault("metrics", {})[name] = res["metrics"]
+            v["size"] = res.get("size")
         elif step.stage == "bench" and (step.folder / "bench.json").exists():
             bench = json.loads((step.folder / "bench.json").read_text())
             v["parameters"] = bench["models"]["candidate"]["parameters"]
@@ -58,8 +61,9 @@ def _collect(steps) -> dict[str, dict]:
             v["widths"] = slim["widths_after"]
             v["parameters"] = v.get("parameters") or slim["parameters_after"]
     for name, v in variants.items():
-        scores = list(v["ndcg10"].values())
-        v["avg_ndcg10"] = sum(scores) / len(scores) if scores else None
+        for scored in (v, *v.get("quantized", {}).values()):
+            scores = list(scored["ndcg10"].values())
+            scored["avg_ndcg10"] = sum(scores) / len(scores) if scores else None
         if name.split("-")[0] in PRUNE_BASELINES:
             v.update(sparsity=PRUNE_BASELINES[name.split("-")[0]][1], note=SPARSE_NOTE)
     return variants
@@ -118,11 +122,38 @@ def _markdown(cfg, variants: dict, figures: dict) -> str:
     lines.append("")
     if any(v.get("sparsity") for v in variants.values()):
         lines += [SPARSE_NOTE, ""]
+    lines += _quantized_table(variants)
     for key, title in (("quality_vs_speed", "Quality against speed"), ("importance", "Sub-layer importance"),
                        ("widths", "MLP widths after slimming")):
         if key in figures:
             lines += [f"## {title}", "", f"![{title}]({figures[key]})", ""]
     return "\n".join(lines)
+
+
+def _quantized_table(variants: dict) -> list[str]:
+    """The paper's Table 6: each variant's 16-bit size and quality beside every quantisation's (``quantize``)."""
+    entries = sorted({q for v in variants.values() for q in v.get("quantized", {})})
+    if not entries:
+        return []
+    lines = ["## Quantised (the paper's Table 6)", "",
+             "Sizes in MB, embeddings included: 16-bit is 2 bytes per parameter; a quantised size is what that "
+             "variant stores (the int8 graph file, or the quantised torch weights). nDCG@10 averaged over the data "
+             "sets.", "", "| model | 16-bit MB | nDCG@10 | " + " | ".join(f"{q} MB | nDCG@10 {q}" for q in entries)
+             + " |", "|---|---:|---:|" + "---:|---:|" * len(entries)]
+    for v in variants.values():
+        if not v.get("quantized"):
+            continue
+        cells = [_fmt(_megabytes(v, "bytes_16bit"), ".1f"), _fmt(v["avg_ndcg10"])]
+        for q in entries:
+            got = v["quantized"].get(q, {})
+            cells += [_fmt(_megabytes(got, "bytes_stored"), ".1f"), _fmt(got.get("avg_ndcg10"))]
+        lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _megabytes(scored: dict, key: str) -> float | None:
+    size = scored.get("size") or {}
+    return size[key] / 1e6 if key in size else None
 
 
 def _speed(s) -> str:

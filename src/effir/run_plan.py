@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import PRUNE_BASELINES, RunConfig, stage_argv
+from .config import PRUNE_BASELINES, RunConfig, quantized_variant, stage_argv
 from .utils import EffirError
 
 PRUNE_ORDERS = ("prune_ft", "ft_prune")
@@ -136,10 +136,35 @@ def _evaluate_and_time(cfg: RunConfig, out: Path, model: str, prev: list[Step], 
             steps.append(Step(f"eval:{_dataset_name(ref)}", "eval",
                               [model, "--data", _data_ref(ref, out), "--split", cfg.split, "--output", str(folder),
                                *stage_argv(cfg.eval)], folder, variant, prev))
+        if variant != "query_side":  # two models behind one encoder: neither export nor weight quantisation takes it
+            for entry in cfg.quantize:
+                steps += _quantized_evals(cfg, out, model, prev, variant, base, entry)
     if "bench" in cfg.stages and variant != "original":
         against = ["--baseline", cfg.model] if baseline else []
         steps.append(Step("bench", "bench", [model, *against, "--output", str(base / "bench"),
                                              *stage_argv(cfg.bench)], base / "bench", variant, prev))
+    return steps
+
+
+def _quantized_evals(cfg: RunConfig, out: Path, model: str, prev: list[Step], variant: str, base: Path,
+                     entry: str) -> list[Step]:
+    """The model evaluated quantised (``entry`` of ``quantize``), into ``BASE/eval-ENTRY/DATASET``: the torch model
+    with its weights quantised, or the int8 graph of an export step (``BASE/export-BACKEND``)."""
+    backend, quantize = quantized_variant(entry)
+    steps: list[Step] = []
+    options = dict(cfg.eval)
+    if backend != "torch":  # the graph runs on the CPU in fp32 / int8, whatever the torch model computes in
+        options = {k: v for k, v in options.items() if k.replace("-", "_") not in ("device", "dtype")}
+        folder = base / f"export-{backend}"
+        steps.append(Step(f"export:{backend}", "export", [model, "--format", backend, "--int8", "--output",
+                                                          str(folder / "model"), *stage_argv(cfg.export)],
+                          folder, variant, prev))
+        model, prev = str(folder / "model"), steps[-1:]
+    for ref in cfg.datasets:
+        folder = base / f"eval-{entry}" / _dataset_name(ref)
+        steps.append(Step(f"eval-{entry}:{_dataset_name(ref)}", "eval",
+                          [model, "--data", _data_ref(ref, out), "--split", cfg.split, "--output", str(folder),
+                           "--backend", backend, "--quantize", quantize, *stage_argv(options)], folder, variant, prev))
     return steps
 
 

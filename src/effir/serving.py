@@ -66,7 +66,7 @@ def require(feature: str, flag: str) -> None:
     """Raise a one-line :class:`EffirError` naming what to install when ``feature``'s packages are missing."""
     missing = [pip for mod, pip in NEEDS[feature].items() if importlib.util.find_spec(mod) is None]
     if missing:
-        extra = "serve" if feature in ("onnx", "openvino", "int8") else "gpu-quant"
+        extra = "serve" if feature in ("onnx", "openvino") else "quant"
         raise EffirError(f"{flag} needs {', '.join(missing)}: pip install {' '.join(missing)} "
                          f"(or pip install 'effir[{extra}]')")
 

@@ -26,6 +26,12 @@ FAST = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Runs cache corpus embeddings: in the test's own folder, never the user's cache."""
+    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def data(tmp_path):
     folder = write_beir(tmp_path / "beir", split="train")
@@ -64,6 +70,7 @@ def test_full_pipeline_with_baselines_and_report(tiny_llama_dir, data, tmp_path)
     assert out.returncode == 0 and out.stdout.count("done, skipped") == len(list(run.rglob(MARKER)))
 
 
+@pytest.mark.one_cpu_path
 def test_training_and_eval_stages_run_as_one_job_under_the_launcher(tiny_llama_dir, data, tmp_path):
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
     one = {"batch_size": 1}  # per process: 2 queries per step out of the 3 training queries
@@ -83,6 +90,7 @@ def test_training_and_eval_stages_run_as_one_job_under_the_launcher(tiny_llama_d
     assert json.loads(next(run.rglob("results.json")).read_text())["processes"] == 2
 
 
+@pytest.mark.one_cpu_path
 def test_killed_mid_stage_then_rerun_gives_the_same_metrics(tiny_llama_dir, data, tmp_path):
     stages = {"stages": ["finetune", "eval"]}
     plain = _config(tmp_path / "a", tiny_llama_dir, data, **stages)
@@ -100,6 +108,7 @@ def test_killed_mid_stage_then_rerun_gives_the_same_metrics(tiny_llama_dir, data
     assert metrics[0] == metrics[1]
 
 
+@pytest.mark.one_cpu_path
 def test_from_stage_redoes_that_stage_only(tiny_llama_dir, data, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "eval"], drop={"mlp": 1, "strategy": "last"})
     assert main(["run", str(cfg)]) == 0
@@ -109,6 +118,7 @@ def test_from_stage_redoes_that_stage_only(tiny_llama_dir, data, tmp_path, capsy
     assert "drop: done, skipped" in printed and "eval:beir: done, skipped" not in printed
 
 
+@pytest.mark.one_cpu_path
 def test_slim_after_finetune_slims_the_retriever_and_reruns_downstream(tiny_llama_dir, data, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "finetune", "slim", "eval"],
                   drop={"mlp": 1, "strategy": "last"}, slim={**FAST["slim"], "method": "activation",
@@ -144,6 +154,11 @@ def test_slim_after_finetune_slims_the_retriever_and_reruns_downstream(tiny_llam
     ({"query_side": True, "distill": {"texts": ["wiki"]}}, "is not one"),  # a base LLM: no parent retriever
     ({"stages": ["analyze", "drop", "slim", "distill"], "distill": {"texts": ["wiki"], "query_side": True}},
      "'distill.query_side' is set by the pipeline"),
+    ({"quantize": ["fp8"]}, "unknown quantisation 'fp8' in 'quantize'"),
+    ({"quantize": ["onnx-int8"], "eval": {"quantize": "int8"}}, "'eval.quantize' would evaluate every variant"),
+    ({"quantize": ["onnx-int8"], "export": {"int8": True}}, "'export.int8' is set by the pipeline"),
+    ({"quantize": ["onnx-int8"], "export": {"calibraton": "wiki"}}, "unknown option 'export.calibraton'"),
+    ({"quantize": ["onnx-int8"], "stages": ["drop", "slim", "finetune"]}, "add stage 'eval'"),
 ])
 def test_bad_config_is_one_line_exit_2(tiny_llama_dir, data, tmp_path, capsys, over, message):
     cfg = _config(tmp_path, tiny_llama_dir, data, **over)
@@ -159,12 +174,12 @@ def test_missing_dataset_is_one_line_exit_2(tiny_llama_dir, data, tmp_path, caps
     assert "failed" in capsys.readouterr().err
 
 
+@pytest.mark.one_cpu_path
 def test_distillation_and_the_query_side_variant_from_a_retriever(data, tmp_path, monkeypatch):
     """A sentence-transformers retriever as the original: no labels, no fine-tuning; EffiR recovers by distilling
     from it, and the query-side variant keeps its documents (their cached embeddings are reused)."""
     from st_replicas import build_replica
 
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))  # the cached corpus must be this run's own
     parent = build_replica("minilm", tmp_path / "minilm")
     texts = {"texts": [f"beir:{data}"], "max_steps": 2, "batch_size": 2, "device": "cpu", "no_progress": True}
     cfg = _config(tmp_path, parent, data, train=None, stages=["drop", "slim", "distill", "eval", "bench"],
@@ -212,6 +227,7 @@ def test_the_2_4_baselines_are_planned_in_both_orders_and_timed_like_every_basel
     assert all(s.argv[s.argv.index("--baseline") + 1] == str(tiny_llama_dir) for s in steps if s.stage == "bench")
 
 
+@pytest.mark.one_cpu_path
 def test_the_2_4_baselines_in_both_orders(tiny_llama_dir, data, tmp_path):
     """The paper's Table 4 from the harness: Wanda and SparseGPT 2:4 pruned then fine-tuned, and the fine-tuned full
     model pruned; each evaluated like every baseline, with the pattern intact in what was evaluated."""
@@ -252,3 +268,64 @@ def test_the_2_4_baselines_need_the_fine_tuned_full_model(tiny_llama_dir, data, 
                   baselines={"full": True, "wanda_2_4": True})
     assert main(["run", str(cfg)]) == 2
     assert "'prune.method' is set by the pipeline" in capsys.readouterr().err
+
+
+def test_a_quantisation_this_machine_cannot_run_is_refused_before_the_first_stage(tiny_llama_dir, data, tmp_path,
+                                                                                    capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("NF4 runs here")
+    cfg = _config(tmp_path, tiny_llama_dir, data, quantize=["onnx-int8", "nf4"])
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("effir") and "quantize: nf4: --quantize nf4 needs a CUDA GPU" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.one_cpu_path
+def test_quantised_evaluations_beside_the_16_bit_ones(tiny_llama_dir, data, tmp_path):
+    """The paper's Table 6 from the harness: every variant exported and its int8 graph evaluated beside it."""
+    pytest.importorskip("onnxruntime", reason="the onnx backend (effir[serve])")
+    from effir import serving
+
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "eval"], drop={"mlp": 1, "strategy": "last"},
+                  baselines={"original": True}, quantize=["onnx-int8"])
+    assert main(["run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    variants = json.loads((run / "report.json").read_text())["variants"]
+    md = (run / "report.md").read_text()
+    assert "## Quantised (the paper's Table 6)" in md
+    for name, base in (("effir", run), ("original", run / "baselines" / "original")):
+        served = json.loads((base / "eval-onnx-int8" / "beir" / "results.json").read_text())
+        assert (served["backend"], served["quantize"]) == ("onnx", "int8")
+        graph = base / "export-onnx" / "model" / serving.SERVED_FILES[("onnx", True)]
+        q = variants[name]["quantized"]["onnx-int8"]
+        assert q["size"]["bytes_stored"] == graph.stat().st_size and q["avg_ndcg10"] == served["metrics"]["nDCG@10"]
+        v = variants[name]
+        assert v["size"]["bytes_16bit"] == 2 * v["size"]["parameters"] == 2 * q["size"]["parameters"]
+        assert (f"| {v['label']} | {v['size']['bytes_16bit'] / 1e6:.1f} | {v['avg_ndcg10']:.3f} | "
+                f"{q['size']['bytes_stored'] / 1e6:.1f} | {q['avg_ndcg10']:.3f} |") in md
+    assert variants["effir"]["size"]["parameters"] < variants["original"]["size"]["parameters"]
+    out = subprocess.run([sys.executable, "-m", "effir", "run", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 0 and "export:onnx: done, skipped" in out.stdout, out.stderr[-2000:]
+
+
+def test_dry_run_lists_every_step_baselines_and_quantised_evaluations_included(tiny_llama_dir, data, tmp_path,
+                                                                              capsys):
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "finetune", "eval"],
+                  drop={"mlp": 1, "strategy": "last"}, quantize=["onnx-int8"],
+                  baselines={"full": True, "drop_last": "auto"}, export={"calibration_samples": 4})
+    assert main(["run", str(cfg), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("# baselines: planned once the EffiR model exists")  # drop_last: auto
+    verbs = [c.split(" effir ", 1)[1].split()[0] for c in printed[1:]]
+    assert verbs == ["drop", "finetune", "eval", "export", "eval"]
+    export, served = printed[4], printed[5]
+    assert "--format onnx --int8" in export and export.endswith("--calibration-samples 4")
+    assert "--backend onnx --quantize int8" in served and str(tmp_path / "run" / "export-onnx" / "model") in served
+    cfg = _config(tmp_path, tiny_llama_dir, data, stages=["finetune", "eval"], baselines={"full": True})
+    assert main(["run", str(cfg), "--dry-run"]) == 0
+    verbs = [c.split(" effir ", 1)[1].split()[0] for c in capsys.readouterr().out.splitlines()]
+    assert verbs == ["finetune", "eval", "finetune", "eval"]  # EffiR's, then the full baseline's
+    assert not (tmp_path / "run").exists()

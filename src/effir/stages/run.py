@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..config import SECTIONS, STAGES, RunConfig, load_config, stage_argv
+from ..config import SECTIONS, STAGES, RunConfig, load_config, quantized_variant, stage_argv
 from ..files import write_json, write_text
 from ..run_plan import Step, demo_folder, main_steps, plan_baselines, plan_full_baseline, step_key
 from ..utils import EffirError, check_device, check_output_dir
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_config(ref), overrides)
     check_stage_options(cfg)
     check_parent(cfg)
+    check_quantize(cfg)
     out = check_output_dir(cfg.output, "'output'")
     t0 = time.perf_counter()
     # the parent comes first when it is the fine-tuned full model: distillation learns from it
@@ -61,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     tuned = [s for s in first if s.stage == "finetune"]
     parent = (str(tuned[0].folder / "model"), tuned) if tuned else (cfg.model, [])
     if args.dry_run:
-        for step in first + main_steps(cfg, out, parent):
-            print(" ".join(shlex.quote(a) for a in step.command(cfg)))
+        _print_plan(cfg, out, first, parent)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     _save_config(cfg, out / "config.yaml")
@@ -78,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(cfg, out, first + steps + baseline_steps)
     print(f"effir {args.verb}: finished in {time.perf_counter() - t0:.0f}s; report: {report}")
     return 0
+
+
+def _print_plan(cfg: RunConfig, out: Path, first: list[Step], parent) -> None:
+    """The stage commands, baselines included (those sized 'auto' need the EffiR model: named, not planned)."""
+    steps = first + main_steps(cfg, out, parent)
+    try:
+        steps += plan_baselines(cfg, out, bool(first), parent)
+    except EffirError as e:
+        print(f"# baselines: planned once the EffiR model exists ({e})")
+    for step in steps:
+        print(" ".join(shlex.quote(a) for a in step.command(cfg)))
 
 
 def resolve_config(ref: str) -> Path:
@@ -105,7 +116,7 @@ def check_stage_options(cfg: RunConfig) -> None:
                                  f"see effir {stage} -h")
         try:  # the options the pipeline wires itself get placeholders; only the config's values are at stake
             options = parser.parse_args([*WIRED_ARGS[stage], *stage_argv(getattr(cfg, stage))])
-            check_device(options.device, "--device")
+            check_device(getattr(options, "device", None), "--device")
         except EffirError as e:
             raise EffirError(f"section '{stage}' of the config: {e}; fix the value") from None
 
@@ -114,7 +125,8 @@ WIRED_ARGS = {"analyze": ["MODEL", "--output", "OUT"], "drop": ["MODEL", "--outp
               "slim": ["MODEL", "--output", "OUT"], "finetune": ["MODEL", "--train", "DATA", "--output", "OUT"],
               "distill": ["MODEL", "--teacher", "PARENT", "--output", "OUT"],
               "eval": ["MODEL", "--data", "DATA", "--output", "OUT"], "bench": ["MODEL", "--output", "OUT"],
-              "prune": ["MODEL", "--method", "wanda", "--output", "OUT"]}
+              "prune": ["MODEL", "--method", "wanda", "--output", "OUT"],
+              "export": ["MODEL", "--format", "onnx", "--output", "OUT"]}
 """Placeholders for the arguments each stage requires and ``effir run`` supplies."""
 
 
@@ -135,6 +147,20 @@ def check_parent(cfg: RunConfig) -> None:
         raise EffirError(f"stage 'distill' and query_side learn from the parent retriever, and {cfg.model} is not one "
                          "(no sentence-transformers files, never fine-tuned by effir): set parent: full with "
                          "baselines.full: true to use the fine-tuned full model as the parent")
+
+
+def check_quantize(cfg: RunConfig) -> None:
+    """Refuse, before the first stage, a quantisation this machine cannot run (NF4 without CUDA, missing packages)."""
+    if not cfg.quantize:
+        return
+    from .. import serving
+
+    for entry in cfg.quantize:
+        backend, quantize = quantized_variant(entry)
+        try:
+            serving.check_variant(backend, quantize, cfg.eval.get("device") if backend == "torch" else None, None)
+        except EffirError as e:
+            raise EffirError(f"quantize: {entry}: {e}") from None
 
 
 def _save_config(cfg: RunConfig, path: Path) -> None:
@@ -163,7 +189,7 @@ def prepare_data(cfg: RunConfig, out: Path) -> None:
 
 
 # -- execution ------------------------------------------------------------------------------------------------------
-OVERWRITE = {"analyze", "drop", "prune", "slim", "finetune", "eval"}  # stages that refuse an existing output without it
+OVERWRITE = {"analyze", "drop", "prune", "slim", "finetune", "eval", "export"}  # stages that refuse an existing output without it
 
 
 def _in_process(argv: list[str]) -> int:
