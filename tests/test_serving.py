@@ -59,6 +59,23 @@ def test_onnx_export_equals_torch_on_every_architecture(tiny_model_dir, tmp_path
     assert set(st["prompts"]) >= {"query", "document"}
 
 
+@needs_onnx
+def test_an_int8_graph_far_from_the_torch_model_is_exported_with_a_warning(tiny_llama_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    from effir.stages import export
+
+    out = tmp_path / "served"
+    assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--int8", "--output", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err  # a tiny random model quantises well
+    cosine = json.loads((out / "export.json").read_text())["checks"]["onnx/model_qint8.onnx"]["min_cosine"]
+    monkeypatch.setattr(export, "INT8_MIN_COSINE", cosine + 1e-3)  # as if the model defeated the quantiser
+    assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--int8", "--output", str(out),
+                 "--overwrite"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "onnx/model_qint8.onnx embeds the probes at cosine" in warned[0]
+    assert "export --format openvino --int8" in warned[0]
+
+
 @needs_openvino
 def test_openvino_export_equals_torch(tiny_llama_dir, tmp_path):
     out = tmp_path / "ov"

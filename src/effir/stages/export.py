@@ -21,6 +21,7 @@ export like any other: the graph is traced from the loaded torch modules, so no 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,16 @@ PROBE_DOCUMENTS = [
     "Paris is the capital and most populous city of France, with an estimated population of two million residents.",
 ]
 FP32_TOLERANCE = 1e-3  # largest |difference| of normalised embeddings the fp32 graphs may show (float32 reordering)
+INT8_MIN_COSINE = 0.95
+"""An int8 graph whose probe embeddings fall below this cosine to the torch model's is exported with a warning:
+int8 costs a little everywhere, but a graph this far off is one whose quantiser the model defeats."""
+INT8_ADVICE = {
+    "onnx": "ONNX Runtime's dynamic int8 scales each activation tensor as a whole, and a decoder LLM's massive "
+            "activations (effir analyze flags them) leave the other tokens few levels: measure it (effir eval DIR "
+            "--backend onnx --quantize int8) or export --format openvino --int8, which calibrates static ranges",
+    "openvino": "measure it (effir eval DIR --backend openvino --quantize int8) before serving it; more "
+                "--calibration-samples, or text like the served one in --calibration, may help",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     for rel, c in checks.items():
         print(f"effir export: {rel}: {c['megabytes']:.1f} MB, embeddings vs torch: max |diff| "
               f"{c['max_abs_diff']:.2e}, min cosine {c['min_cosine']:.5f}")
+    for rel, c in checks.items():
+        if c["int8"] and c["min_cosine"] < INT8_MIN_COSINE:
+            print(f"effir export: warning: {rel} embeds the probes at cosine {c['min_cosine']:.3f} to the torch "
+                  f"model; {INT8_ADVICE[c['backend']]}", file=sys.stderr)
     bad = [rel for rel, c in checks.items() if not c["int8"] and c["max_abs_diff"] > FP32_TOLERANCE]
     if bad:
         raise EffirError(f"{', '.join(bad)} embed(s) differently from the torch model (max |diff| > "
