@@ -1,9 +1,10 @@
 """The ``effir run`` configuration: one YAML file for the whole pipeline. Imports no torch, so validation is instant.
 
 Top-level keys are the fields of :class:`RunConfig`. Each stage section (``analyze``, ``drop``, ``slim``,
-``finetune``, ``distill``, ``eval``, ``bench``, ``prune``, ``export``) holds that stage's command-line options with ``_`` or ``-`` (``gate_steps: 50``
-is ``--gate-steps 50``; ``true`` is a bare flag); the stage's own parser checks the names, so a misspelled key is an
-error that names it. Options the pipeline wires itself (model, output, data, scores, baseline) are not allowed there.
+``finetune``, ``distill``, ``eval``, ``bench``, ``prune``, ``export``) holds that stage's command-line options with
+``_`` or ``-`` (``gate_steps: 50`` is ``--gate-steps 50``; ``true`` is a bare flag); the stage's own parser checks the
+names, so a misspelled key is an error that names it. Options the pipeline wires itself (model, output, data, scores,
+baseline) are not allowed there.
 """
 
 from __future__ import annotations

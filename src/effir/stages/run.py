@@ -189,7 +189,8 @@ def prepare_data(cfg: RunConfig, out: Path) -> None:
 
 
 # -- execution ------------------------------------------------------------------------------------------------------
-OVERWRITE = {"analyze", "drop", "prune", "slim", "finetune", "eval", "export"}  # stages that refuse an existing output without it
+OVERWRITE = {"analyze", "drop", "prune", "slim", "finetune", "eval", "export"}
+"""Stages that refuse an existing output without ``--overwrite``."""
 
 
 def _in_process(argv: list[str]) -> int:
