@@ -55,6 +55,8 @@ def test_overrides_and_unknown_keys(tmp_path):
     ({"baselines": {"full": True, "sparsegpt_2_4": True}, "stages": ["eval"]}, "with stage finetune"),
     ({"baselines": {"full": True, "wanda_2_4": "yes"}}, "'baselines.wanda_2_4' must be true or false"),
     ({"prune": {"method": "sparsegpt"}}, "'prune.method' is set by the pipeline"),
+    ({"stages": ["finetune", "eval"], "baselines": {"drop_mlp": [0, 4]}}, "drop_mlp ranks by importance and needs"),
+    ({"stages": ["finetune", "eval"], "baselines": {"drop_attention": "auto"}}, "drop_attention ranks by importance"),
 ])
 def test_bad_configs(data, message):
     base = {"model": "m", "output": "o", "train": "demo"}
@@ -69,6 +71,12 @@ def test_the_2_4_baselines_take_effir_prune_options():
     cfg.prune["calibration_sample"] = 3
     with pytest.raises(EffirError, match="unknown option 'prune.calibration_sample' for `effir prune`"):
         check_stage_options(cfg)
+
+
+def test_baselines_that_drop_nothing_or_drop_the_last_blocks_need_no_scores():
+    for baselines in ({"drop_mlp": 0, "drop_blocks": [0]}, {"drop_last": 2}):
+        RunConfig.from_dict({"model": "m", "output": "o", "train": "demo", "stages": ["finetune", "eval"],
+                             "baselines": baselines})
 
 
 def test_activation_slim_alone_needs_no_training_data():

@@ -23,7 +23,10 @@ WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", 
 PARENTS = ("original", "full")
 PRUNE_BASELINES = {"wanda_2_4": ("wanda", "2:4"), "sparsegpt_2_4": ("sparsegpt", "2:4")}
 """The semi-structured baselines: ``baselines`` key -> (``effir prune --method``, ``--pattern``)."""
-BASELINES = ("original", "full", "drop_mlp", "drop_blocks", "drop_last", "drop_attention", *PRUNE_BASELINES)
+DROP_BASELINES = {"drop_mlp": ("--mlp", "importance"), "drop_blocks": ("--blocks", "importance"),
+                  "drop_last": ("--blocks", "last"), "drop_attention": ("--attention", "importance")}
+"""The layer-dropping baselines: ``baselines`` key -> (``effir drop`` flag taking K, ``--strategy``)."""
+BASELINES = ("original", "full", *DROP_BASELINES, *PRUNE_BASELINES)
 FLAG_BASELINES = ("original", "full", *PRUNE_BASELINES)
 """Baselines switched on with ``true``; the others take a number of sub-layers or blocks."""
 PRUNE_WIRED = {"method", "pattern"}
@@ -117,6 +120,7 @@ class RunConfig:
         rank = [STAGES.index("slim") if s == "finetune" else STAGES.index(s) for s in self.stages]
         _check_recovery(self)
         _check_pruned(self)
+        _check_ranked(self)
         _check_quantize(self)
         if rank != sorted(rank) or len(set(self.stages)) != len(self.stages):
             raise EffirError(f"stages {self.stages} are out of order; they run as {' -> '.join(pipeline)}")
@@ -181,6 +185,14 @@ def _check_recovery(cfg: RunConfig) -> None:
         raise EffirError("parent: full learns from the fine-tuned full model: set baselines.full: true (and 'train')")
     if cfg.baselines.get("full") and "distill" in cfg.stages and not cfg.train:
         raise EffirError("baselines.full fine-tunes the full model and needs training data: set 'train'")
+
+
+def _check_ranked(cfg: RunConfig) -> None:
+    """Baselines that drop by importance read the scores of stage ``analyze``."""
+    planned = {name: any(v if isinstance(v, list) else [v]) for name, v in cfg.baselines.items()}  # K = 0: none
+    ranked = [name for name, (_, strategy) in DROP_BASELINES.items() if strategy == "importance" and planned.get(name)]
+    if ranked and "analyze" not in cfg.stages:
+        raise EffirError(f"baseline {ranked[0]} ranks by importance and needs stage 'analyze'")
 
 
 def _check_pruned(cfg: RunConfig) -> None:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import PRUNE_BASELINES, RunConfig, quantized_variant, stage_argv
+from .config import DROP_BASELINES, PRUNE_BASELINES, RunConfig, quantized_variant, stage_argv
 from .utils import EffirError
 
 PRUNE_ORDERS = ("prune_ft", "ft_prune")
@@ -131,11 +131,7 @@ def _evaluate_and_time(cfg: RunConfig, out: Path, model: str, prev: list[Step], 
     """eval on every data set, then bench (against the original model with ``baseline``, else its own default)."""
     steps = []
     if "eval" in cfg.stages:
-        for ref in cfg.datasets:
-            folder = base / "eval" / _dataset_name(ref)
-            steps.append(Step(f"eval:{_dataset_name(ref)}", "eval",
-                              [model, "--data", _data_ref(ref, out), "--split", cfg.split, "--output", str(folder),
-                               *stage_argv(cfg.eval)], folder, variant, prev))
+        steps += _eval_steps(cfg, out, model, prev, variant, base, "eval", [], cfg.eval)
         if variant != "query_side":  # two models behind one encoder: neither export nor weight quantisation takes it
             for entry in cfg.quantize:
                 steps += _quantized_evals(cfg, out, model, prev, variant, base, entry)
@@ -160,11 +156,20 @@ def _quantized_evals(cfg: RunConfig, out: Path, model: str, prev: list[Step], va
                                                           str(folder / "model"), *stage_argv(cfg.export)],
                           folder, variant, prev))
         model, prev = str(folder / "model"), steps[-1:]
+    return steps + _eval_steps(cfg, out, model, prev, variant, base, f"eval-{entry}",
+                               ["--backend", backend, "--quantize", quantize], options)
+
+
+def _eval_steps(cfg: RunConfig, out: Path, model: str, prev: list[Step], variant: str, base: Path, kind: str,
+                served: list[str], options: dict) -> list[Step]:
+    """``effir eval`` of ``model`` on every data set, into ``BASE/KIND/DATASET``, named ``KIND:DATASET`` (the
+    report reads the kind back: ``eval``, or ``eval-ENTRY`` for a quantised evaluation)."""
+    steps = []
     for ref in cfg.datasets:
-        folder = base / f"eval-{entry}" / _dataset_name(ref)
-        steps.append(Step(f"eval-{entry}:{_dataset_name(ref)}", "eval",
+        folder = base / kind / _dataset_name(ref)
+        steps.append(Step(f"{kind}:{_dataset_name(ref)}", "eval",
                           [model, "--data", _data_ref(ref, out), "--split", cfg.split, "--output", str(folder),
-                           "--backend", backend, "--quantize", quantize, *stage_argv(options)], folder, variant, prev))
+                           *served, *stage_argv(options)], folder, variant, prev))
     return steps
 
 
@@ -184,8 +189,7 @@ def plan_baselines(cfg: RunConfig, out: Path, skip_full: bool = False,
         steps += _train_eval_bench(cfg, out, cfg.model, [], "original", out / "baselines" / "original", slim=False)
     full = plan_full_baseline(cfg, out) if b.get("full") and not skip_full else []
     steps += full
-    for name, flag, strategy in (("drop_mlp", "--mlp", "importance"), ("drop_blocks", "--blocks", "importance"),
-                                 ("drop_last", "--blocks", "last"), ("drop_attention", "--attention", "importance")):
+    for name, (flag, strategy) in DROP_BASELINES.items():
         for k in b.get(name) if isinstance(b.get(name), list) else [b.get(name)]:
             if k:
                 steps += _drop_baseline(cfg, out, name, flag, strategy, k, parent)
@@ -202,8 +206,6 @@ def _drop_baseline(cfg: RunConfig, out: Path, name: str, flag: str, strategy: st
     variant = f"{name}{k}"
     base = out / "baselines" / variant
     scores = ["--scores", str(out / "analyze" / "scores.json")] if strategy == "importance" else []
-    if strategy == "importance" and "analyze" not in cfg.stages:
-        raise EffirError(f"baseline {name} ranks by importance and needs stage 'analyze'")
     shared = stage_argv({key: v for key, v in cfg.drop.items()
                          if key.replace("-", "_") in ("device", "dtype", "side", "force", "drop_massive")})
     drop = Step("drop", "drop", [cfg.model, *scores, flag, str(k), "--strategy", strategy, "--output",
