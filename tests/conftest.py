@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,24 +61,42 @@ def _seed():
 
 
 # The CPU's bf16 path (``--dtype auto`` / ``--precision auto`` pick bf16 on CPUs with avx512_bf16 / AMX) is forced
-# off and on by EFFIR_CPU_BF16, so no CPU hides a failure of either path. The stage tests and the load/save tests run
-# under both (but those marked one_cpu_path: harness tests whose stages are tested under both); everything else under
-# the fp32 path. EFFIR_TEST_CPU_BF16=0 or 1 runs the whole suite under one path.
+# off and on by EFFIR_CPU_BF16, so no CPU hides a failure of either path. Tests run under the fp32 path; those where
+# the dtype matters run under both: save/load (BOTH_PATHS_MODULES), and the tests marked ``both_cpu_paths``
+# (exactness after a kill, one end-to-end test per stage). EFFIR_TEST_CPU_BF16=0 or 1 runs every test under one path.
 CPU_BF16_TEST_ENV = "EFFIR_TEST_CPU_BF16"
-BOTH_PATHS_MODULES = {"test_checkpoint", "test_checkpoint_refs", "test_encoder", "test_export"}
+BOTH_PATHS_MODULES = {"test_checkpoint", "test_checkpoint_refs"}
 
 
-def _cpu_bf16_paths(path: Path) -> list[str]:
+def _cpu_bf16_paths(node) -> list[str]:
     forced = os.environ.get(CPU_BF16_TEST_ENV, "").strip()
     if forced in ("0", "1"):
         return [forced]
-    return ["0", "1"] if "stages" in path.parts or path.stem in BOTH_PATHS_MODULES else ["0"]
+    both = Path(str(node.fspath)).stem in BOTH_PATHS_MODULES or node.get_closest_marker("both_cpu_paths")
+    return ["0", "1"] if both else ["0"]
+
+
+# Every architecture of the table runs the component tests. The stage tests (end to end, seconds each) run one
+# architecture per distinct adapter by default and the others under -m slow: the stages reach the model only
+# through its adapter, so a second model of the same adapter repeats the same code path.
+def _adapter_representatives() -> set[str]:
+    first: dict[int, str] = {}
+    for mt, adapter in ADAPTERS.items():
+        first.setdefault(id(adapter), mt)
+    return set(first.values())
+
+
+def _model_type_params(node) -> list:
+    if "stages" not in Path(str(node.fspath)).parts:
+        return sorted(ADAPTERS)
+    shown = _adapter_representatives()
+    return [mt if mt in shown else pytest.param(mt, marks=pytest.mark.slow) for mt in sorted(ADAPTERS)]
 
 
 def pytest_generate_tests(metafunc):
-    paths = _cpu_bf16_paths(Path(str(metafunc.definition.fspath)))
-    if metafunc.definition.get_closest_marker("one_cpu_path"):
-        return
+    if "model_type" in metafunc.fixturenames:
+        metafunc.parametrize("model_type", _model_type_params(metafunc.definition))
+    paths = _cpu_bf16_paths(metafunc.definition)
     if len(paths) > 1 and "cpu_bf16" in metafunc.fixturenames:
         metafunc.parametrize("cpu_bf16", paths, indirect=True, ids=lambda v: "cpu-bf16" if v == "1" else "cpu-fp32")
 
@@ -84,9 +104,23 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True)
 def cpu_bf16(request, monkeypatch) -> bool:
     """Whether this test runs with the CPU's bf16 path forced on (EFFIR_CPU_BF16=1) or off (=0)."""
-    value = getattr(request, "param", None) or _cpu_bf16_paths(Path(str(request.node.fspath)))[0]
+    value = getattr(request, "param", None) or _cpu_bf16_paths(request.node)[0]
     monkeypatch.setenv("EFFIR_CPU_BF16", value)
     return value == "1"
+
+
+@pytest.fixture(autouse=True)
+def _own_effir_cache(tmp_path, monkeypatch):
+    """Each test caches into its own folder: never the user's cache, never another test's (or xdist worker's)."""
+    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "effir-cache"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker computes with its share of the cores: N workers of all the threads each would
+    oversubscribe the CPU (the tiny models gain nothing from more than one thread anyway)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture
@@ -116,11 +150,6 @@ def _tiny_models():
         m.eval()
         models[mt] = m
     return models
-
-
-@pytest.fixture(params=sorted(ADAPTERS))
-def model_type(request) -> str:
-    return request.param
 
 
 @pytest.fixture
@@ -182,6 +211,27 @@ def write_beir(folder: Path, corpus=TINY_CORPUS, queries=TINY_QUERIES, qrels=TIN
 def tiny_beir(tmp_path) -> Path:
     """6 documents, 3 queries, a ``test`` split, in the BEIR folder layout."""
     return write_beir(tmp_path / "tiny-beir")
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+EXACT_THREADS = "1"
+"""Threads of every process an exactness test compares: float sums split over more threads round differently (on
+AMD EPYC, 2 threads against 1 moved a finetune loss by 4e-4 at step 3), so both sides must use the same number."""
+
+
+def effir_env(**extra: str) -> dict[str, str]:
+    """The environment of an ``effir`` process started by a test: this checkout's sources, no hub, one process
+    (no inherited torchrun variables) and a fixed thread count, plus ``extra``."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS=EXACT_THREADS, HF_HUB_OFFLINE="1", **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run_effir(argv: list, **extra_env: str) -> subprocess.CompletedProcess:
+    """``python -m effir ARGV`` in a process of its own (see :func:`effir_env`). Exactness tests run every side of
+    their comparison this way, never one side inside the pytest process, whose thread count differs."""
+    return subprocess.run([sys.executable, "-m", "effir", *map(str, argv)], env=effir_env(**extra_env),
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
 
 
 def needs_scifact():

@@ -27,6 +27,7 @@ def _check_png(path):
     return img
 
 
+@pytest.mark.both_cpu_paths
 def test_both_sides_every_architecture(tiny_model_dir, tiny_beir, tmp_path, capsys):
     out = tmp_path / "out"
     assert _analyze(tiny_model_dir, out, "--calibration", f"beir:{tiny_beir}", "--side", "both",

@@ -63,6 +63,7 @@ def _check_schema(result, with_baseline):
             assert cell["efficiency"] == pytest.approx(cell["speedup"] / cell["predicted_speedup"])
 
 
+@pytest.mark.both_cpu_paths
 def test_bench_against_baseline(tmp_path, dropped_dir, tiny_llama_dir, capsys):
     out = tmp_path / "bench"
     assert main(["bench", str(dropped_dir), "--baseline", str(tiny_llama_dir), "--output", str(out), *GRID]) == 0

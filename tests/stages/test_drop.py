@@ -32,6 +32,7 @@ def _embeddings(enc):
     return torch.cat([enc.encode(TEXTS, "query"), enc.encode(TEXTS, "document")])
 
 
+@pytest.mark.both_cpu_paths
 def test_importance_drops_the_lowest_of_each_group(tiny_model_dir, tmp_path, capsys):
     scores = write_scores(tmp_path / "scores.json", tiny_model_dir)
     out = tmp_path / "out"
@@ -184,6 +185,7 @@ def _stored_dtypes(folder):
 
 @pytest.mark.parametrize("source_dtype, flags, stored", [
     (torch.float32, [], "F32"), (torch.bfloat16, [], "BF16"), (torch.float32, ["--dtype", "bf16"], "BF16")])
+@pytest.mark.both_cpu_paths
 def test_the_saved_dtype_is_the_source_dtype_unless_asked(_tiny_models, tiny_tokenizer, tmp_path, cpu_bf16,
                                                         source_dtype, flags, stored):
     """On a CPU with native bf16 (forced here) too: the dtype written is the source's, never the compute dtype."""

@@ -56,6 +56,7 @@ def _assert_runs_close(a, b, abs=1e-5):
         assert a[q] == pytest.approx(b[q], abs=abs), q
 
 
+@pytest.mark.both_cpu_paths
 def test_eval_matches_brute_force(tiny_llama_dir, tiny_beir, tmp_path, capsys):
     out = tmp_path / "out"
     assert _eval(tiny_llama_dir, tiny_beir, out, "--batch-size", "2") == 0

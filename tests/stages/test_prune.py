@@ -52,6 +52,7 @@ def exactly_two_of_four(folder) -> int:
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.both_cpu_paths
 def test_the_pattern_holds_before_and_after_finetuning_and_reload(tiny_model_dir, train_dir, calib, tmp_path,
                                                                    method, capsys):
     out = tmp_path / "pruned"

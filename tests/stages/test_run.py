@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import TINY_QRELS, write_beir
+from conftest import TINY_QRELS, run_effir, write_beir
 
 import effir
 from effir.cli import main
@@ -70,7 +70,6 @@ def test_full_pipeline_with_baselines_and_report(tiny_llama_dir, data, tmp_path)
     assert out.returncode == 0 and out.stdout.count("done, skipped") == len(list(run.rglob(MARKER)))
 
 
-@pytest.mark.one_cpu_path
 def test_training_and_eval_stages_run_as_one_job_under_the_launcher(tiny_llama_dir, data, tmp_path):
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
     one = {"batch_size": 1}  # per process: 2 queries per step out of the 3 training queries
@@ -90,25 +89,22 @@ def test_training_and_eval_stages_run_as_one_job_under_the_launcher(tiny_llama_d
     assert json.loads(next(run.rglob("results.json")).read_text())["processes"] == 2
 
 
-@pytest.mark.one_cpu_path
 def test_killed_mid_stage_then_rerun_gives_the_same_metrics(tiny_llama_dir, data, tmp_path):
     stages = {"stages": ["finetune", "eval"]}
     plain = _config(tmp_path / "a", tiny_llama_dir, data, **stages)
-    assert main(["run", str(plain)]) == 0
+    # every run in a process of its own with the same thread count (like with like: see conftest.run_effir)
+    assert run_effir(["run", plain]).returncode == 0
     killed = _config(tmp_path / "b", tiny_llama_dir, data, **stages)
     # stages run inside the `effir run` process, so finetune's SIGKILL after step 2 is a kill -9 of the whole run
-    env = {**os.environ, "EFFIR_TEST_KILL_AT_STEP": "2"}
-    out = subprocess.run([sys.executable, "-m", "effir", "run", str(killed)], env=env, capture_output=True,
-                         text=True)
-    assert out.returncode == -9
+    assert run_effir(["run", killed], EFFIR_TEST_KILL_AT_STEP="2").returncode == -9
     assert not (tmp_path / "b" / "run" / "finetune" / MARKER).exists()
-    assert main(["run", str(killed)]) == 0
+    out = run_effir(["run", killed])
+    assert out.returncode == 0, out.stderr[-2000:]
     metrics = [json.loads((tmp_path / x / "run" / "eval" / "beir" / "results.json").read_text())["metrics"]
                for x in ("a", "b")]
     assert metrics[0] == metrics[1]
 
 
-@pytest.mark.one_cpu_path
 def test_from_stage_redoes_that_stage_only(tiny_llama_dir, data, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "eval"], drop={"mlp": 1, "strategy": "last"})
     assert main(["run", str(cfg)]) == 0
@@ -118,7 +114,6 @@ def test_from_stage_redoes_that_stage_only(tiny_llama_dir, data, tmp_path, capsy
     assert "drop: done, skipped" in printed and "eval:beir: done, skipped" not in printed
 
 
-@pytest.mark.one_cpu_path
 def test_slim_after_finetune_slims_the_retriever_and_reruns_downstream(tiny_llama_dir, data, tmp_path, capsys):
     cfg = _config(tmp_path, tiny_llama_dir, data, stages=["drop", "finetune", "slim", "eval"],
                   drop={"mlp": 1, "strategy": "last"}, slim={**FAST["slim"], "method": "activation",
@@ -174,7 +169,6 @@ def test_missing_dataset_is_one_line_exit_2(tiny_llama_dir, data, tmp_path, caps
     assert "failed" in capsys.readouterr().err
 
 
-@pytest.mark.one_cpu_path
 def test_distillation_and_the_query_side_variant_from_a_retriever(data, tmp_path, monkeypatch):
     """A sentence-transformers retriever as the original: no labels, no fine-tuning; EffiR recovers by distilling
     from it, and the query-side variant keeps its documents (their cached embeddings are reused)."""
@@ -227,7 +221,6 @@ def test_the_2_4_baselines_are_planned_in_both_orders_and_timed_like_every_basel
     assert all(s.argv[s.argv.index("--baseline") + 1] == str(tiny_llama_dir) for s in steps if s.stage == "bench")
 
 
-@pytest.mark.one_cpu_path
 def test_the_2_4_baselines_in_both_orders(tiny_llama_dir, data, tmp_path):
     """The paper's Table 4 from the harness: Wanda and SparseGPT 2:4 pruned then fine-tuned, and the fine-tuned full
     model pruned; each evaluated like every baseline, with the pattern intact in what was evaluated."""
@@ -283,7 +276,6 @@ def test_a_quantisation_this_machine_cannot_run_is_refused_before_the_first_stag
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.one_cpu_path
 def test_quantised_evaluations_beside_the_16_bit_ones(tiny_llama_dir, data, tmp_path):
     """The paper's Table 6 from the harness: every variant exported and its int8 graph evaluated beside it."""
     pytest.importorskip("onnxruntime", reason="the onnx backend (effir[serve])")

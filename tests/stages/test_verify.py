@@ -19,8 +19,10 @@ def _dropped(src, out, *flags):
     return out
 
 
-def verify(*args):
-    return cli.main(["verify", *map(str, args)])
+def verify(*args, st: bool = False):
+    """``effir verify ARGS``; the sentence-transformers check (a Python process of its own, seconds) only with ``st``,
+    in the tests about it."""
+    return cli.main(["verify", *map(str, args), *([] if st else ["--skip", "sentence-transformers"])])
 
 
 def _status(text):
@@ -32,7 +34,7 @@ def _status(text):
 def test_verify_passes_on_a_dropped_model(tiny_model_dir, tmp_path, capsys):
     out = _dropped(tiny_model_dir, tmp_path / "out", "--mlp", 2, "--attention", 1)
     capsys.readouterr()
-    assert verify(out) == 0
+    assert verify(out, st=True) == 0
     text = capsys.readouterr().out
     assert _status(text) == {"integrity": "PASS", "reload": "PASS", "weights": "PASS", "parameters": "PASS",
                              "reference": "PASS", "transformers": "PASS", "sentence-transformers": "PASS"}, text
@@ -122,11 +124,12 @@ def test_weights_of_another_model_fail_integrity_where_the_reference_is_skipped(
     assert status["integrity"] == "FAIL" and status["reference"] == "SKIP" and status["reload"] == "PASS"
 
 
+@pytest.mark.both_cpu_paths
 def test_a_folder_saved_in_bf16_is_compared_like_with_like(tiny_model_dir, tmp_path, capsys):
     out = _dropped(tiny_model_dir, tmp_path / "out", "--mlp", 1, "--dtype", "bf16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     capsys.readouterr()
-    assert verify(out) == 0, capsys.readouterr().out
+    assert verify(out, st=True) == 0, capsys.readouterr().out
 
 
 def test_a_changed_modeling_file_is_never_run(tiny_llama_dir, tmp_path, capsys):
@@ -166,7 +169,7 @@ def test_smollm2_drop_15_mlps_then_verify(tmp_path, capsys):
     assert meta["parameters"] == {"total": 134_515_008 - 15 * (3 * 576 * 1536 + 576),
                                   "without_embeddings": 134_515_008 - 49152 * 576 - 15 * (3 * 576 * 1536 + 576)}
     capsys.readouterr()
-    assert verify(out) == 0, capsys.readouterr().out
+    assert verify(out, st=True) == 0, capsys.readouterr().out
 
 
 def test_sentence_transformers_check_fails_when_its_files_embed_differently(tmp_path, capsys):
@@ -176,16 +179,27 @@ def test_sentence_transformers_check_fails_when_its_files_embed_differently(tmp_
 
     out = _dropped(build_replica("qwen3-embedding", tmp_path / "src"), tmp_path / "out", "--mlp", 2)
     capsys.readouterr()
-    assert verify(out) == 0
+    assert verify(out, st=True) == 0
     text = capsys.readouterr().out
     assert _status(text)["sentence-transformers"] == "PASS" and "trust_remote_code=True" in text
     pooling = out / "1_Pooling" / "config.json"
     pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_mode": "mean"}))
-    assert verify(out) == 1
+    assert verify(out, st=True) == 1
     text = capsys.readouterr().out
     assert _status(text)["sentence-transformers"] == "FAIL" and _status(text)["transformers"] == "PASS"
     with open(out / "modeling_effir.py", "a") as f:
         f.write("\n# edited\n")
-    assert verify(out) == 1
+    assert verify(out, st=True) == 1
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "sentence-transformers:" in ln)
     assert line.startswith("FAIL") and "not the file this effir ships; not run" in line
+
+
+def test_skipped_checks_are_reported_as_skipped(tiny_llama_dir, tmp_path, capsys):
+    out = _dropped(tiny_llama_dir, tmp_path / "out", "--mlp", 1)
+    capsys.readouterr()
+    assert cli.main(["verify", str(out), "--skip", "reference", "--skip", "transformers",
+                     "--skip", "sentence-transformers"]) == 0
+    text = capsys.readouterr().out
+    assert {k: v for k, v in _status(text).items() if v == "SKIP"} == {
+        "reference": "SKIP", "transformers": "SKIP", "sentence-transformers": "SKIP"}
+    assert "skipped (--skip)" in text and "verify: PASS (4 passed, 3 skipped)" in text

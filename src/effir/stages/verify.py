@@ -1,6 +1,6 @@
 """Check that a saved model folder is what its effir.json says it is.
 
-    effir verify DIR [--reference MODEL]
+    effir verify DIR [--reference MODEL] [--skip CHECK]
 
 Checks, one PASS / FAIL / SKIP line each (exit code 1 when any fails; an unreadable effir.json is a FAIL too):
 - integrity: the safetensors files are the ones the stage wrote (their sha256 as recorded in effir.json);
@@ -41,12 +41,19 @@ DOCUMENTS = [{"title": "Paris", "text": "Paris is the capital and largest city o
              "Sunlight is scattered by air molecules; blue light is scattered more than red light."]
 
 
+SKIPPABLE = ("reference", "transformers", "sentence-transformers")
+"""The checks ``--skip`` can leave out: each loads the model once more (the others read files or the loaded model)."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="DIR", help="model folder written by an effir stage (e.g. effir drop)")
     p.add_argument("--reference", default=None,
                    help="model to rebuild and compare against (default: the source model in DIR's history)")
     p.add_argument("--atol", type=finite_float, default=1e-5, help="max |embedding difference| allowed (default: 1e-5)")
     p.add_argument("--device", default="cpu", help="device for the comparisons (default: cpu)")
+    p.add_argument("--skip", action="append", default=[], choices=SKIPPABLE, metavar="CHECK",
+                   help=f"skip a check that loads the model again ({', '.join(SKIPPABLE)}); repeatable. "
+                        "sentence-transformers starts a Python process of its own")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     lines.append(_check_weights(folder, encoder, structure))
     lines.append(_check_parameters(meta, encoder))
     want = _embeddings(encoder)
-    lines.append(_check_reference(args, meta, encoder, structure, want))
-    lines.append(_check_transformers(folder, meta, encoder, want, args))
-    lines.append(_check_sentence_transformers(folder, meta, want, args))
+    checks = {"reference": lambda: _check_reference(args, meta, encoder, structure, want),
+              "transformers": lambda: _check_transformers(folder, meta, encoder, want, args),
+              "sentence-transformers": lambda: _check_sentence_transformers(folder, meta, want, args)}
+    for name, check in checks.items():
+        lines.append(("SKIP", name, "skipped (--skip)") if name in args.skip else check())
     return _report(lines)
 
 
