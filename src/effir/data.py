@@ -74,15 +74,16 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
     if missing_docs == sum(len(judged) for judged in qrels.values()):  # every metric would be 0, and look measured
         raise EffirError(f"split {split!r} is unusable: none of the {missing_docs} document ids judged in {qrels_path} "
                          f"is in {folder / 'corpus.jsonl'}")
+    judged = len(qrels)
     for q in missing_q:
         del qrels[q]
-    if not qrels:
-        raise EffirError(f"split {split!r} is unusable: none of the {len(missing_q)} query ids in {qrels_path} "
-                         f"is in {folder / 'queries.jsonl'}")
+    _check_found(len(qrels), judged, split, qrels_path, folder / "queries.jsonl")
     queries = {q: all_queries[q] for q in qrels}
     report = {
         "documents": len(corpus),
         "queries": len(queries),
+        "judged_queries": judged,
+        "empty_queries": sum(not text.strip() for text in queries.values()),
         "judgements": sum(len(j) for j in qrels.values()),
         "relevant": sum(s > 0 for j in qrels.values() for s in j.values()),
         "qrels_queries_missing": len(missing_q),
@@ -93,6 +94,19 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
     name = ref_name[:-4] if ref_name.endswith(".zip") else folder.name if Path(ref).expanduser().is_dir() else ref_name
     return BeirData(name=name, path=folder, split=split, corpus=corpus, queries=queries, qrels=qrels,
                     report=report)
+
+
+MIN_FOUND_QUERIES = 0.5
+"""The fraction of a split's judged query ids that ``queries.jsonl`` must hold. Official BEIR sets hold all of them,
+and a few missing (a trimmed or hand-edited set) leave metrics that still describe the split; below half, the ids
+belong to another queries file, and metrics over the few that match would look like a result."""
+
+
+def _check_found(found: int, judged: int, split: str, qrels_path: Path, queries_path: Path) -> None:
+    if found == 0 or found < MIN_FOUND_QUERIES * judged:
+        raise EffirError(f"split {split!r} is unusable: {f'only {found}' if found else 'none'} of the {judged} query "
+                         f"ids judged in {qrels_path} are in {queries_path} (at least half must be); the qrels and "
+                         "the queries come from different data sets: fix one of them")
 
 
 def load_corpus(path: str | os.PathLike) -> dict[str, dict]:
