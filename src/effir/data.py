@@ -3,7 +3,8 @@ official BEIR data set fetched by name, loaded into a small :class:`BeirData` an
 
 Conventions follow BEIR's ``GenericDataLoader``: qrels keep every judged pair (score 0 = judged non-relevant), and
 the queries of a split are those that appear in its qrels. Problems with the files are :class:`EffirError` that
-name the file and line; qrels ids missing from the corpus or the queries are counted in ``BeirData.report``.
+name the file and line; qrels ids missing from the corpus or the queries are counted in ``BeirData.report``, and a
+split whose ``queries.jsonl`` holds fewer than half of its judged query ids is refused (:data:`MIN_FOUND_QUERIES`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class BeirData:
     qrels: dict[str, dict[str, int]]
     """query id -> {doc id -> relevance}; 0 means judged non-relevant."""
     report: dict = field(default_factory=dict)
-    """Counts: documents, queries, judged pairs, qrels ids missing from corpus/queries, duplicates."""
+    """Counts: documents, queries (evaluated) of judged_queries (in the qrels), judged pairs, qrels ids missing from
+    corpus/queries, blank queries."""
 
 
 def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = False) -> BeirData:
@@ -55,8 +57,8 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
         progress: show a progress bar while downloading.
 
     Raises:
-        EffirError: missing folder/files, malformed lines (file:line), missing or empty split, bad zip, failed
-            download.
+        EffirError: missing folder/files, malformed lines (file:line), missing or empty split, fewer than half of
+            the judged query ids in the queries file, bad zip, failed download.
     """
     folder = resolve_beir(ref, progress=progress)
     qrels_path = folder / "qrels" / f"{split}.tsv"
