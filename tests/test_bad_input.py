@@ -53,6 +53,7 @@ def world(tmp_path_factory, tiny_llama_dir) -> dict[str, str]:
     assert main(["drop", str(tiny_llama_dir), "--strategy", "last", "--blocks", "1", "--output", str(compressed),
                  "--device", "cpu", "--dtype", "fp32"]) == 0
     (root / "a-file").write_text("not a folder\n")
+    (root / "fake.gguf").write_text("a text file named .gguf\n")
     (root / "train.jsonl").write_bytes(b'{"query": "q", "pos": ["p"], "neg": ["n"]}\n' + NON_UTF8)
     (root / "calib.txt").write_bytes(b"plain text\n\n" + "caf\xe9".encode("latin-1") + b"\n")
     paths = {
@@ -70,6 +71,9 @@ def world(tmp_path_factory, tiny_llama_dir) -> dict[str, str]:
         "dup_queries": write_beir(root / "dup-queries", queries=[*TINY_QUERIES, {"_id": "q1", "text": "again"}]),
         "unknown_queries": write_beir(root / "unknown-queries", qrels=[("x" + q, d, s) for q, d, s in TINY_QRELS]),
         "unknown_docs": write_beir(root / "unknown-docs", qrels=[(q, "x" + d, s) for q, d, s in TINY_QRELS]),
+        # 12 judged query ids, of which queries.jsonl holds one: the qrels belong to another queries file
+        "few_queries": write_beir(root / "few-queries", qrels=[*TINY_QRELS[:1], *((f"x{i}", "d1", 1) for i in range(11))]),
+        "fake_gguf": root / "fake.gguf",
         "file": root / "a-file",
         "train_jsonl": root / "train.jsonl",
         "calib": root / "calib.txt",
@@ -174,6 +178,18 @@ CASES = [
     ("prune-calibration-not-utf8", PRUNE + " --calibration {calib}", ["pr"], "calib.txt:3"),
     ("prune-output-under-file", "prune {llama} --method wanda --output {file}/pr", [], "is a file"),
     ("prune-truncated-compressed", "prune {truncated_compressed} --method wanda --output {out}/pr", ["pr"], "damaged"),
+    # -- the last that slipped (issue 25 item 7): each refused before any work, with nothing written --
+    ("eval-fake-gguf", EVAL.replace("{llama}", "{fake_gguf}"), EVAL_DONE, "fake.gguf is not a GGUF file"),
+    ("finetune-resume-missing", FT + " --resume {out}/nope", [*FT_DONE, "ft/train_data.jsonl", "ft/train_data.meta.json"],
+     "--resume"),
+    ("finetune-model-missing", FT.replace("{llama}", "{out}/nope"), ["ft"], "MODEL: model"),
+    ("finetune-teacher-missing", FT + " --teacher {out}/nope", ["ft"], "--teacher: model"),
+    ("distill-teacher-missing", "distill {llama} --teacher {out}/nope --texts wiki --output {out}/di --device cpu",
+     ["di"], "--teacher: model"),
+    ("slim-mine-range-not-a-range", SLIM + " --mine-range ten", ["sl"], "rank range 'ten'"),
+    ("eval-qrels-few-queries", EVAL.replace("{beir}", "{few_queries}"), EVAL_DONE, "only 1 of the 12 query ids"),
+    ("eval-device-cpu-1", EVAL + " --device cpu:1", EVAL_DONE, "--device cpu:1: this machine has no such device"),
+    ("analyze-device-cpu-1", ANALYZE + " --device cpu:1", ["an"], "use one of cpu"),
 ]
 
 RUN_BASE = """model: {llama}

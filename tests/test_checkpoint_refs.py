@@ -35,11 +35,14 @@ def test_nonexistent_path(tmp_path):
     _one_line_error("./nope", "not found")
 
 
-def test_file_that_is_not_a_model(tmp_path):
+def test_file_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
     _one_line_error(tmp_path / "weights.bin", r"is a file but not a .gguf model")
     (tmp_path / "fake.gguf").write_text("not gguf at all")
-    _one_line_error(tmp_path / "fake.gguf", r"could not be read as a GGUF model")
+    _one_line_error(tmp_path / "fake.gguf", r"fake.gguf is not a GGUF file \(it does not start with the bytes 'GGUF'\)")
+    assert "converting" not in capsys.readouterr().err  # refused before any work is announced
+    (tmp_path / "truncated.gguf").write_bytes(b"GGUF" + b"\3\0\0\0" + b"\0" * 8)
+    _one_line_error(tmp_path / "truncated.gguf", r"could not be read as a GGUF model")
     assert not list((tmp_path / "cache").glob("models/*"))  # nothing that looks like a converted model
 
 

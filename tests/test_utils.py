@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from effir.utils import EffirError, init_distributed_from_env, lr_schedule
+from effir.utils import EffirError, check_device, init_distributed_from_env, lr_schedule
 
 
 @pytest.mark.parametrize("cuda, device, backend", [
@@ -22,6 +22,26 @@ def test_alone_no_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: pytest.fail("must not join"))
     assert init_distributed_from_env("cpu") is False
+
+
+# -- check_device: only the devices this machine has (faked: two GPUs, no mps) --------------------------------------
+@pytest.mark.parametrize(("device", "message"), [
+    ("cpu", None), ("cpu:0", None), ("cuda", None), ("cuda:0", None), ("cuda:1", None), (None, None),
+    ("cpu:1", "--device cpu:1: this machine has no such device; use one of cpu, cuda:0, cuda:1$"),
+    ("cuda:2", "--device cuda:2: this machine has no such device; use one of cpu, cuda:0, cuda:1$"),
+    ("mps", "--device mps: this machine has no such device"),
+    ("meta", "--device meta: this machine has no such device"),
+    ("gpu0", "--device 'gpu0' is not a device; use one of cpu, cuda:0, cuda:1$"),
+])
+def test_check_device_accepts_only_devices_that_exist(monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if message is None:
+        check_device(device)
+    else:
+        with pytest.raises(EffirError, match=message):
+            check_device(device)
 
 
 # -- lr_schedule: multipliers of the peak lr, by hand -----------------------------------------------------------------

@@ -3,7 +3,8 @@ official BEIR data set fetched by name, loaded into a small :class:`BeirData` an
 
 Conventions follow BEIR's ``GenericDataLoader``: qrels keep every judged pair (score 0 = judged non-relevant), and
 the queries of a split are those that appear in its qrels. Problems with the files are :class:`EffirError` that
-name the file and line; qrels ids missing from the corpus or the queries are counted in ``BeirData.report``.
+name the file and line; qrels ids missing from the corpus or the queries are counted in ``BeirData.report``, and a
+split whose ``queries.jsonl`` holds fewer than half of its judged query ids is refused (:data:`MIN_FOUND_QUERIES`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class BeirData:
     qrels: dict[str, dict[str, int]]
     """query id -> {doc id -> relevance}; 0 means judged non-relevant."""
     report: dict = field(default_factory=dict)
-    """Counts: documents, queries, judged pairs, qrels ids missing from corpus/queries, duplicates."""
+    """Counts: documents, queries (evaluated) of judged_queries (in the qrels), judged pairs, qrels ids missing from
+    corpus/queries, blank queries."""
 
 
 def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = False) -> BeirData:
@@ -55,8 +57,8 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
         progress: show a progress bar while downloading.
 
     Raises:
-        EffirError: missing folder/files, malformed lines (file:line), missing or empty split, bad zip, failed
-            download.
+        EffirError: missing folder/files, malformed lines (file:line), missing or empty split, fewer than half of
+            the judged query ids in the queries file, bad zip, failed download.
     """
     folder = resolve_beir(ref, progress=progress)
     qrels_path = folder / "qrels" / f"{split}.tsv"
@@ -74,15 +76,16 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
     if missing_docs == sum(len(judged) for judged in qrels.values()):  # every metric would be 0, and look measured
         raise EffirError(f"split {split!r} is unusable: none of the {missing_docs} document ids judged in {qrels_path} "
                          f"is in {folder / 'corpus.jsonl'}")
+    judged = len(qrels)
     for q in missing_q:
         del qrels[q]
-    if not qrels:
-        raise EffirError(f"split {split!r} is unusable: none of the {len(missing_q)} query ids in {qrels_path} "
-                         f"is in {folder / 'queries.jsonl'}")
+    _check_found(len(qrels), judged, split, qrels_path, folder / "queries.jsonl")
     queries = {q: all_queries[q] for q in qrels}
     report = {
         "documents": len(corpus),
         "queries": len(queries),
+        "judged_queries": judged,
+        "empty_queries": sum(not text.strip() for text in queries.values()),
         "judgements": sum(len(j) for j in qrels.values()),
         "relevant": sum(s > 0 for j in qrels.values() for s in j.values()),
         "qrels_queries_missing": len(missing_q),
@@ -93,6 +96,19 @@ def load_beir(ref: str | os.PathLike, split: str = "test", progress: bool = Fals
     name = ref_name[:-4] if ref_name.endswith(".zip") else folder.name if Path(ref).expanduser().is_dir() else ref_name
     return BeirData(name=name, path=folder, split=split, corpus=corpus, queries=queries, qrels=qrels,
                     report=report)
+
+
+MIN_FOUND_QUERIES = 0.5
+"""The fraction of a split's judged query ids that ``queries.jsonl`` must hold. Official BEIR sets hold all of them,
+and a few missing (a trimmed or hand-edited set) leave metrics that still describe the split; below half, the ids
+belong to another queries file, and metrics over the few that match would look like a result."""
+
+
+def _check_found(found: int, judged: int, split: str, qrels_path: Path, queries_path: Path) -> None:
+    if found == 0 or found < MIN_FOUND_QUERIES * judged:
+        raise EffirError(f"split {split!r} is unusable: {f'only {found}' if found else 'none'} of the {judged} query "
+                         f"ids judged in {qrels_path} are in {queries_path} (at least half must be); the qrels and "
+                         "the queries come from different data sets: fix one of them")
 
 
 def load_corpus(path: str | os.PathLike) -> dict[str, dict]:

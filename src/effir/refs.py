@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
         return "dir", path
     if path.is_file():
         if path.suffix == ".gguf":
+            _check_gguf_magic(path)
             return "gguf", path
         raise EffirError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file, "
                          f"a hub id or one of {', '.join(BUILTINS)}")
@@ -79,6 +81,36 @@ def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
         return "hub", ref_s
     raise EffirError(f"model {ref_s!r} not found: no such file or directory, and not a built-in name "
                      f"({', '.join(BUILTINS)}) or a hub id (org/name)")
+
+
+def check_refs(refs: dict[str, str | None]) -> None:
+    """Resolve each model reference (flag -> reference; ``None``: not given) before a stage does any work, so a
+    wrong one fails in a second, naming its flag, instead of after the output folder and the data are prepared.
+
+    Raises:
+        EffirError: a reference cannot be resolved (see :func:`resolve`).
+    """
+    for flag, ref in refs.items():
+        if ref is None:
+            continue
+        try:
+            resolve(ref)
+        except EffirError as e:
+            raise EffirError(f"{flag}: {e}") from None
+
+
+GGUF_MAGIC = b"GGUF"
+"""The first four bytes of every GGUF file (the format's header)."""
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """Refuse a file named .gguf that is not one, before any conversion is announced or started (transformers'
+    own error comes only after effir has said it is converting)."""
+    with open(path, "rb") as f:
+        head = f.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        raise EffirError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); pass a real .gguf "
+                         f"model, a model directory or a hub id")
 
 
 def quiet_transformers() -> None:
@@ -104,9 +136,11 @@ def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
     hf_logging.enable_progress_bar()  # dequantising a large gguf takes a while: show it
     tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
+    # damaged or truncated (transformers' reader raises struct.error on a short header), or an architecture
+    # transformers can't read
     try:
         quantized = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as e:  # not GGUF, truncated, or an architecture transformers can't read
+    except (ValueError, OSError, KeyError, struct.error) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EffirError(f"{gguf} could not be read as a GGUF model: {first}") from None
     # A gguf-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights over.

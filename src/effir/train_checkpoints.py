@@ -27,6 +27,20 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(done, key=lambda d: int(d.name.split("-")[1]))
 
 
+def check_resume(path: str | None, flag: str = "--resume") -> None:
+    """Refuse an explicit checkpoint that is not a finished one before any work: :func:`resume` reads it only once
+    the model is loaded and the training data prepared, and that data would be left in the output folder.
+
+    Raises:
+        EffirError: ``path`` does not exist or holds no ``state.json``.
+    """
+    if path is None or (Path(path) / "state.json").is_file():
+        return
+    what = "is not a finished effir checkpoint (no state.json)" if Path(path).exists() else "does not exist"
+    raise EffirError(f"{flag} {path} {what}; pass a checkpoint folder (OUTPUT/checkpoints/step-N), or leave {flag} "
+                     "out to resume from the newest one in --output")
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -29,23 +29,37 @@ def finite_float(text: str) -> float:
 
 
 def check_device(name: str | None, flag: str = "--device") -> None:
-    """Refuse a device this machine lacks, before any work: torch would fail deep inside a stage, and accelerate
-    would silently train on the CPU instead of the GPU asked for.
+    """Refuse a device this machine lacks, before any work: torch would fail deep inside a stage, accelerate
+    would silently train on the CPU instead of the GPU asked for, and torch runs ``cpu:1`` on the one CPU device
+    while the user believes they chose another.
 
     Raises:
-        EffirError: ``name`` is not a torch device, or names a CUDA GPU that torch cannot see.
+        EffirError: ``name`` is not a torch device, or names one this machine does not have (the line lists those
+            it has).
     """
     if not name:
         return
+    have = device_counts()
+    listed = ", ".join(f"{kind}:{i}" if n > 1 else kind for kind, n in have.items() for i in range(n))
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise EffirError(f"{flag} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise EffirError(f"{flag} {name!r} is not a device; use one of {listed}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EffirError(f"{flag} {name} asked for CUDA, but torch sees no CUDA GPU here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise EffirError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 "
-                         f"to cuda:{torch.cuda.device_count() - 1}")
+    if (device.index or 0) >= have.get(device.type, 0):
+        raise EffirError(f"{flag} {name}: this machine has no such device; use one of {listed}")
+
+
+def device_counts() -> dict[str, int]:
+    """How many devices of each kind this machine runs: one ``cpu`` (torch has a single CPU device, ``cpu:0``),
+    each CUDA GPU torch sees, and one ``mps`` on Apple silicon."""
+    counts = {"cpu": 1}
+    if torch.cuda.is_available():
+        counts["cuda"] = torch.cuda.device_count()
+    if torch.backends.mps.is_available():
+        counts["mps"] = 1
+    return counts
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--output", siblings: bool = False) -> Path:

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import SCIFACT, TINY_CORPUS, TINY_QUERIES, needs_scifact, write_beir
+from conftest import SCIFACT, TINY_CORPUS, TINY_QRELS, TINY_QUERIES, needs_scifact, write_beir
 
 import effir
 from effir.cli import main
@@ -190,7 +190,23 @@ def test_missing_qrels_ids_are_reported(tiny_llama_dir, tmp_path, capsys):
     assert _eval(tiny_llama_dir, data, tmp_path / "out") == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["data"]["qrels_docs_missing"] == 1 and results["data"]["qrels_queries_missing"] == 1
-    assert "1 query id(s) missing" in capsys.readouterr().err
+    assert results["data"]["queries"] == 1 and results["data"]["judged_queries"] == 2  # half found: still evaluated
+    captured = capsys.readouterr()
+    assert "1 query id(s) missing" in captured.err
+    assert "; 1 of 2 judged queries evaluated; " in captured.out.strip().splitlines()[-1]
+
+
+def test_blank_queries_are_warned_by_id(tiny_llama_dir, tmp_path, capsys):
+    """Seven blank queries (empty or spaces): one warning line naming the first five, then how many more."""
+    blank = [{"_id": f"b{i}", "text": " " * (i % 2)} for i in range(7)]
+    data = write_beir(tmp_path / "b", queries=[*TINY_QUERIES, *blank],
+                      qrels=[*TINY_QRELS, *((q["_id"], "d1", 1) for q in blank)])
+    assert _eval(tiny_llama_dir, data, tmp_path / "out") == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("effir")]  # not progress bars
+    assert len(err) == 1 and err[0].startswith("effir eval: warning: test query ids with empty text in "), err
+    assert err[0].endswith(": b0, b1, b2, b3, b4 and 2 more"), err[0]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["data"]["empty_queries"] == 7 and results["data"]["queries"] == 10
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")

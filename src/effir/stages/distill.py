@@ -42,6 +42,7 @@ from ..checkpoint import fingerprint, load, save
 from ..distillation import Loss, Texts, micro_batches, read_texts
 from ..encoder import Encoder
 from ..files import cache_dir, write_json
+from ..refs import check_refs
 from ..utils import (
     DTYPE_CHOICES,
     EffirError,
@@ -182,6 +183,7 @@ RUN_KEYS = ("texts", "query_side", "max_texts", "passage_words", "query_max_leng
 def _check_args(args) -> None:
     check_device(args.device)  # accelerate would otherwise train on the CPU when --device cuda finds no GPU
     check_output_dir(args.output)
+    check_refs({"MODEL": args.model, "--teacher": args.teacher})
     for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "encode_batch_size", "passage_words",
                  "query_max_length", "document_max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -106,6 +106,7 @@ def _run(args, device: torch.device) -> int:
     t0 = time.perf_counter()
     data = _load_data(args, rank, world)
     _warn_missing(data, rank)
+    _warn_empty(data, rank)
     encoder = load(args.model, device=str(device), dtype=args.dtype, pooling=args.pooling,
                    query_prompt=args.query_prompt, prompt_name=args.prompt_name, task=args.task,
                    query_max_length=args.query_max_length,
@@ -211,6 +212,17 @@ def _warn_missing(data: BeirData, rank: int) -> None:
               file=sys.stderr)
 
 
+def _warn_empty(data: BeirData, rank: int, shown: int = 5) -> None:
+    """A blank query embeds as the prompt alone and scores like any other: warned, not refused, so one blank line in
+    a published set does not block its evaluation, and the scores stay those every other tool reports for it."""
+    empty = [q for q, text in data.queries.items() if not text.strip()]
+    if rank != 0 or not empty:
+        return
+    more = f" and {len(empty) - shown} more" if len(empty) > shown else ""
+    print(f"effir eval: warning: {data.split} query ids with empty text in {data.path / 'queries.jsonl'}, embedded as "
+          f"the prompt alone: {', '.join(empty[:shown])}{more}", file=sys.stderr)
+
+
 def _cache_path(documents_id: str, encoder: Encoder, data: BeirData) -> Path:
     key = f"{documents_id}-{data.report['corpus_sha256'][:16]}-{dtype_name(encoder.dtype)}"
     return cache_dir() / "embeddings" / f"{key}.npy"
@@ -276,4 +288,6 @@ def _print_table(results: dict, out: Path) -> None:
     print("  ".join(f"{k:>8}" for k in m))
     print("  ".join(f"{v:8.4f}" for v in m.values()))
     corpus = "from cache" if results["corpus_cached"] else f"{t['documents_per_s']:.1f} docs/s"
-    print(f"corpus: {corpus}; total {t['total_s']:.1f}s; wrote {out / 'results.json'} and {out / 'run.trec'}")
+    d = results["data"]
+    print(f"corpus: {corpus}; total {t['total_s']:.1f}s; {d['queries']} of {d['judged_queries']} judged queries "
+          f"evaluated; wrote {out / 'results.json'} and {out / 'run.trec'}")

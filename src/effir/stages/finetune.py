@@ -28,6 +28,7 @@ from .. import sparsity, train_checkpoints, training
 from ..checkpoint import fingerprint, load, save
 from ..encoder import POOLINGS, Encoder
 from ..files import write_json
+from ..refs import check_refs
 from ..train_data import (
     NEGATIVES,
     TrainExample,
@@ -180,6 +181,9 @@ def _check_args(args) -> None:
     parse_rank_range(args.mine_range)
     check_device(args.device)  # accelerate would otherwise train on the CPU when --device cuda finds no GPU
     check_output_dir(args.output)
+    train_checkpoints.check_resume(args.resume)
+    check_refs({"MODEL": args.model, "--mine-model": args.mine_model,
+                "--teacher": None if args.teacher == "data" else args.teacher})
 
 
 # -- data -----------------------------------------------------------------------------------------------------------

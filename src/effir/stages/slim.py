@@ -56,6 +56,7 @@ from ..gates import MlpGates, check_reachable, global_keep_masks, prior_offsets,
 from ..plots import width_plot
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import neuron_importance
+from ..refs import check_refs
 from ..surgery import count_parameters, slice_mlp, structure_of
 from ..train_data import check_negatives, load_training_data, parse_rank_range, prepare_negatives
 from ..utils import (
@@ -249,6 +250,8 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
 def _check(args) -> None:
     check_device(args.device)
     check_output_dir(args.output)
+    check_refs({"MODEL": args.model})
+    parse_rank_range(args.mine_range)  # else read only once the model is loaded and the masks ranked
     if not 0.0 < args.ratio < 1.0:
         raise EffirError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.width_multiple < 1:
