@@ -120,7 +120,7 @@ def test_no_import_cycles():
 
 
 def test_imports_point_down():
-    """Leaves import only utils; components import no stage, cli or the package API; stages import neither cli nor
+    """Leaves import only utils and the stage table; components import no stage, cli or the package API; stages import neither cli nor
     each other (``run`` may use the verb table); cli imports only leaves and the verb table."""
     allowed = {
         "leaf": lambda m, t: t in ("effir.utils", "effir.stage_specs"),
