@@ -120,8 +120,8 @@ def test_no_import_cycles():
 
 
 def test_imports_point_down():
-    """Leaves import only utils and the stage table; components import no stage, cli or the package API; stages import neither cli nor
-    each other (``run`` may use the verb table); cli imports only leaves and the verb table."""
+    """Leaves import only utils and the stage table; components import no stage, cli or the package API; stages
+    import neither cli nor each other (``run`` may use the verb table); cli imports only leaves and the verb table."""
     allowed = {
         "leaf": lambda m, t: t in ("effir.utils", "effir.stage_specs"),
         "component": lambda m, t: _kind(t) in ("leaf", "component"),
