@@ -52,7 +52,7 @@ if [[ "$CANDIDATE" == drop-last:* ]]; then
   K=${CANDIDATE#drop-last:}
   "$PY" -m effir drop "$BASELINE" --strategy last --mlp "$K" --output "$OUT/candidate" --overwrite \
     --device "$DEVICE" --dtype fp32 2>&1 | tee "$OUT/drop.log"
-  CANDIDATE="$OUT/candidate"
+  CANDIDATE="$OUT/candidate/model"
 fi
 
 status=0

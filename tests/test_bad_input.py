@@ -49,8 +49,8 @@ def world(tmp_path_factory, tiny_llama_dir) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad-input")
     cache = root / "cache"
     os.environ["EFFIR_CACHE"] = str(cache)  # the fixture's own drop run must not touch the user's cache
-    compressed = root / "compressed"
-    assert main(["drop", str(tiny_llama_dir), "--strategy", "last", "--blocks", "1", "--output", str(compressed),
+    compressed = root / "compressed" / "model"
+    assert main(["drop", str(tiny_llama_dir), "--strategy", "last", "--blocks", "1", "--output", str(compressed.parent),
                  "--device", "cpu", "--dtype", "fp32"]) == 0
     (root / "a-file").write_text("not a folder\n")
     (root / "fake.gguf").write_text("a text file named .gguf\n")

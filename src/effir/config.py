@@ -13,13 +13,16 @@ import copy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .stage_specs import SPECS
 from .utils import EffirError
 
 STAGES = ("analyze", "drop", "slim", "finetune", "distill", "eval", "bench")
 SECTIONS = (*STAGES, "prune", "export")
 """Stage sections of the config: the pipeline's stages, ``prune`` (options of `effir prune` for the 2:4
 baselines) and ``export`` (options of `effir export` for the ``onnx-int8`` / ``openvino-int8`` quantisations)."""
-WIRED = {"output", "train", "data", "scores", "baseline", "model", "overwrite", "teacher", "query_side"}
+WIRED = set().union(*(SPECS[s].wired_keys() for s in STAGES))
+"""Keys no pipeline section may set: what ``effir run`` wires into any of its stages (the run's top-level keys, such
+as ``train`` and ``teacher``, set them); the ``prune`` and ``export`` sections also refuse their own wired options."""
 PARENTS = ("original", "full")
 PRUNE_BASELINES = {"wanda_2_4": ("wanda", "2:4"), "sparsegpt_2_4": ("sparsegpt", "2:4")}
 """The semi-structured baselines: ``baselines`` key -> (``effir prune --method``, ``--pattern``)."""
@@ -29,10 +32,6 @@ DROP_BASELINES = {"drop_mlp": ("--mlp", "importance"), "drop_blocks": ("--blocks
 BASELINES = ("original", "full", *DROP_BASELINES, *PRUNE_BASELINES)
 FLAG_BASELINES = ("original", "full", *PRUNE_BASELINES)
 """Baselines switched on with ``true``; the others take a number of sub-layers or blocks."""
-PRUNE_WIRED = {"method", "pattern"}
-"""Options of the ``prune`` section the baseline's name sets."""
-EXPORT_WIRED = {"format", "int8"}
-"""Options of the ``export`` section the ``quantize`` entry sets."""
 QUANTIZED = ("int8", "nf4", "onnx-int8", "openvino-int8")
 """Entries of ``quantize``: ``[BACKEND-]QUANTISATION`` as `effir eval --backend --quantize` takes them (torch when no
 backend is named)."""
@@ -138,8 +137,7 @@ class RunConfig:
             raise EffirError("stage 'eval' needs at least one entry in 'datasets'")
         for name in SECTIONS:
             section = getattr(self, name)
-            wired = sorted((WIRED | {"prune": PRUNE_WIRED, "export": EXPORT_WIRED}.get(name, set()))
-                           & {k.replace("-", "_") for k in section})
+            wired = sorted((WIRED | SPECS[name].wired_keys()) & {k.replace("-", "_") for k in section})
             if wired:
                 raise EffirError(f"'{name}.{wired[0]}' is set by the pipeline itself; remove it from the config")
 

@@ -69,6 +69,8 @@ def resolve(ref: str | os.PathLike) -> tuple[str, Path | str]:
             if query_side_routes(path):
                 raise EffirError(f"{path} is a query-side folder (queries and documents are embedded by two models); "
                                  f"this command takes one model: pass {path / 'query'} or {path / 'document'}")
+            if (path / "model" / "config.json").exists():  # a stage's run folder: the model is one level down
+                raise EffirError(f"{path} is the output folder of an effir stage, not a model: pass {path / 'model'}")
             raise EffirError(f"{path} is a directory without config.json; it is not a model folder")
         return "dir", path
     if path.is_file():

@@ -12,9 +12,12 @@ from .plots import quality_speed_plot
 
 LABELS = {"effir": "EffiR (drop + slim)", "original": "original, not fine-tuned", "full": "full model, fine-tuned",
           "query_side": "query-side: compressed queries, the parent's documents"}
+DROP_LABELS = {"drop_mlp": "Drop-{}M", "drop_blocks": "Drop-{}B (importance)", "drop_last": "Drop-Last{}B",
+               "drop_attention": "Drop-{}A"}
+"""Labels of the layer-dropping baselines, formatted with their K."""
 METHODS = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}
 ORDERS = {"prune_ft": "pruned, then fine-tuned", "ft_prune": "the fine-tuned full model, pruned"}
-"""Labels of the semi-structured variants ``NAME-ORDER`` (effir.run_plan)."""
+"""Labels of the semi-structured baselines' two orders (effir.run_plan.PRUNE_ORDERS)."""
 SPARSE_NOTE = ("2:4 variants store their zeros densely: they keep the full model's parameters and memory, and "
                "effir bench times dense matmuls, so their speed-up is about 1.0x; only sparse kernels (2:4 sparse "
                "tensor cores) would make them faster.")
@@ -41,14 +44,15 @@ def write_report(cfg, out: Path, steps) -> Path:
 def _collect(steps) -> dict[str, dict]:
     variants: dict[str, dict] = {}
     for step in steps:
-        v = variants.setdefault(step.variant, {"label": _label(step.variant), "ndcg10": {}, "metrics": {}})
+        v = variants.setdefault(step.variant, {"label": _label(step), "ndcg10": {}, "metrics": {}})
+        if step.family in PRUNE_BASELINES:
+            v.update(sparsity=PRUNE_BASELINES[step.family][1], note=SPARSE_NOTE)
         if step.stage == "eval" and (step.folder / "results.json").exists():
             res = json.loads((step.folder / "results.json").read_text())
-            kind, name = step.name.split(":", 1)
-            if kind != "eval":  # eval-ENTRY: the variant quantised (run_plan._quantized_evals)
-                v = v.setdefault("quantized", {}).setdefault(kind[len("eval-"):], {"ndcg10": {}})
-            v["ndcg10"][name] = res["metrics"]["nDCG@10"]
-            v.setdefault("metrics", {})[name] = res["metrics"]
+            if step.quantized:  # the variant evaluated quantised (run_plan._quantized_evals)
+                v = v.setdefault("quantized", {}).setdefault(step.quantized, {"ndcg10": {}})
+            v["ndcg10"][step.dataset] = res["metrics"]["nDCG@10"]
+            v.setdefault("metrics", {})[step.dataset] = res["metrics"]
             v["size"] = res.get("size")
         elif step.stage == "bench" and (step.folder / "bench.json").exists():
             bench = json.loads((step.folder / "bench.json").read_text())
@@ -56,31 +60,25 @@ def _collect(steps) -> dict[str, dict]:
             v["baseline_parameters"] = bench["models"].get("baseline", {}).get("parameters")
             v["speed"] = {side: {k: s[k] for k in ("speedup", "predicted_speedup", "efficiency")}
                           for side, s in bench["summary"].items()}
-        elif step.stage == "slim" and (step.folder / "slim.json").exists():
-            slim = json.loads((step.folder / "slim.json").read_text())
+        elif step.stage == "slim" and (step.folder / step.done_file).exists():
+            slim = json.loads((step.folder / step.done_file).read_text())
             v["widths"] = slim["widths_after"]
             v["parameters"] = v.get("parameters") or slim["parameters_after"]
-    for name, v in variants.items():
+    for v in variants.values():
         for scored in (v, *v.get("quantized", {}).values()):
             scores = list(scored["ndcg10"].values())
             scored["avg_ndcg10"] = sum(scores) / len(scores) if scores else None
-        if name.split("-")[0] in PRUNE_BASELINES:
-            v.update(sparsity=PRUNE_BASELINES[name.split("-")[0]][1], note=SPARSE_NOTE)
     return variants
 
 
-def _label(variant: str) -> str:
-    if variant in LABELS:
-        return LABELS[variant]
-    name, _, order = variant.partition("-")
-    if name in PRUNE_BASELINES and order in ORDERS:
-        method, pattern = PRUNE_BASELINES[name]
-        return f"{METHODS[method]} {pattern}: {ORDERS[order]}"
-    for prefix, text in (("drop_mlp", "Drop-{}M"), ("drop_blocks", "Drop-{}B (importance)"), ("drop_last", "Drop-Last{}B"),
-                         ("drop_attention", "Drop-{}A")):
-        if variant.startswith(prefix):
-            return text.format(variant[len(prefix):])
-    return variant
+def _label(step) -> str:
+    """The report's name for the variant ``step`` belongs to, from the step's baseline fields."""
+    if step.family in PRUNE_BASELINES:
+        method, pattern = PRUNE_BASELINES[step.family]
+        return f"{METHODS[method]} {pattern}: {ORDERS[step.order]}"
+    if step.family in DROP_LABELS:
+        return DROP_LABELS[step.family].format(step.count)
+    return LABELS.get(step.variant, step.variant)
 
 
 def _figures(out: Path, variants: dict) -> dict:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DROP_BASELINES, PRUNE_BASELINES, RunConfig, quantized_variant, stage_argv
+from .stage_specs import SPECS
 from .utils import EffirError
 
 PRUNE_ORDERS = ("prune_ft", "ft_prune")
@@ -38,7 +39,8 @@ def _dataset_name(ref: str) -> str:
 # -- steps ----------------------------------------------------------------------------------------------------------
 @dataclass
 class Step:
-    """One stage invocation: ``effir VERB ARGV`` writing into ``folder`` (the marker goes there, last)."""
+    """One stage invocation: ``effir VERB ARGV`` writing into ``folder`` (the marker goes there, last). The fields
+    after ``upstream`` say what the step is for the report, which reads them rather than the names."""
 
     name: str
     stage: str
@@ -46,8 +48,21 @@ class Step:
     folder: Path
     variant: str = "effir"
     upstream: list[Step] = field(default_factory=list)
-    done_file: str | None = None
-    """The stage's own completion file (slim.json / finetune.json), for stages that resume by themselves."""
+    dataset: str | None = None
+    """The data set an ``eval`` step evaluates on (its name, the folder's)."""
+    quantized: str | None = None
+    """The ``quantize`` entry an ``eval`` step evaluates the variant under (None: the 16-bit model)."""
+    family: str | None = None
+    """The baseline the step belongs to, a key of ``config.BASELINES`` (None: EffiR or the query-side variant)."""
+    count: int | None = None
+    """K, the sub-layers or blocks a layer-dropping baseline drops."""
+    order: str | None = None
+    """A 2:4 baseline's order, one of :data:`PRUNE_ORDERS`."""
+
+    @property
+    def done_file(self) -> str | None:
+        """The stage's own completion file, for stages that resume by themselves (``StageSpec.done_file``)."""
+        return SPECS[self.stage].done_file
 
     @property
     def key(self) -> str:
@@ -55,9 +70,16 @@ class Step:
 
     def command(self, cfg: RunConfig, argv: list[str] | None = None) -> list[str]:
         """The process to start: ``python -m effir STAGE ARGV``, under the config's launcher where it applies."""
-        launch = shlex.split(cfg.launcher) if cfg.launcher and self.stage in ("slim", "finetune", "eval") else None
+        launch = shlex.split(cfg.launcher) if cfg.launcher and SPECS[self.stage].launched else None
         prefix = [*launch, "-m", "effir"] if launch else [sys.executable, "-m", "effir"]
         return [*prefix, self.stage, *(self.argv if argv is None else argv)]
+
+
+def _of_baseline(steps: list[Step], family: str, count: int | None = None, order: str | None = None) -> list[Step]:
+    """Mark ``steps`` as the baseline ``family``'s (with its K or its order): the report labels them by it."""
+    for step in steps:
+        step.family, step.count, step.order = family, count, order
+    return steps
 
 
 def step_key(argv: list[str], upstream: str) -> str:
@@ -76,7 +98,7 @@ def main_steps(cfg: RunConfig, out: Path, parent: tuple[str, list[Step]] | None 
         prev = [steps[-1]]
     if "drop" in cfg.stages:
         scores = ["--scores", str(out / "analyze" / "scores.json")] if "analyze" in cfg.stages else []
-        steps.append(Step("drop", "drop", [model, *scores, "--output", str(out / "drop" / "model"),
+        steps.append(Step("drop", "drop", [model, *scores, "--output", str(out / "drop"),
                                            *stage_argv(cfg.drop)], out / "drop", upstream=prev))
         model, prev = str(out / "drop" / "model"), [steps[-1]]
     steps += _train_eval_bench(cfg, out, model, prev, "effir", out, parent=parent)
@@ -91,8 +113,7 @@ def _query_side_steps(cfg: RunConfig, out: Path, effir_steps: list[Step], parent
     model = str(compressed[-1].folder / "model") if compressed else cfg.model
     base = out / "query-side"
     argv = [model, "--teacher", parent[0], "--query-side", "--output", str(base / "distill"), *stage_argv(cfg.distill)]
-    steps = [Step("distill", "distill", argv, base / "distill", "query_side", compressed[-1:] + parent[1],
-                  "distill.json")]
+    steps = [Step("distill", "distill", argv, base / "distill", "query_side", compressed[-1:] + parent[1])]
     steps += _evaluate_and_time(cfg, out, str(base / "distill" / "model"), steps[-1:], "query_side", base,
                                 baseline=False)
     return steps
@@ -107,7 +128,7 @@ def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], v
         if stage == "slim" and slim and "slim" in cfg.stages:
             train_args = ["--train", train] if train else []
             steps.append(Step("slim", "slim", [model, *train_args, "--output", str(base / "slim"),
-                                               *stage_argv(cfg.slim)], base / "slim", variant, prev, "slim.json"))
+                                               *stage_argv(cfg.slim)], base / "slim", variant, prev))
             model, prev = str(base / "slim" / "model"), [steps[-1]]
         elif stage == "finetune" and variant != "original" and (
                 "finetune" in cfg.stages or (variant == "full" and "distill" in cfg.stages)):
@@ -115,13 +136,13 @@ def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], v
             teacher_args = ["--teacher", teacher] if teacher else []
             steps.append(Step("finetune", "finetune", [model, "--train", train, "--output", str(base / "finetune"),
                                                        *teacher_args, *stage_argv(cfg.finetune)],
-                              base / "finetune", variant, prev, "finetune.json"))
+                              base / "finetune", variant, prev))
             model, prev = str(base / "finetune" / "model"), [steps[-1]]
     if "distill" in cfg.stages and variant not in ("original", "full"):  # the full baseline is fine-tuned
         teacher, made_by = parent or (cfg.model, [])
         steps.append(Step("distill", "distill", [model, "--teacher", teacher, "--output", str(base / "distill"),
                                                  *stage_argv(cfg.distill)], base / "distill", variant,
-                          prev + made_by, "distill.json"))
+                          prev + made_by))
         model, prev = str(base / "distill" / "model"), [steps[-1]]
     return steps + _evaluate_and_time(cfg, out, model, prev, variant, base, baseline=variant != "original")
 
@@ -131,7 +152,7 @@ def _evaluate_and_time(cfg: RunConfig, out: Path, model: str, prev: list[Step], 
     """eval on every data set, then bench (against the original model with ``baseline``, else its own default)."""
     steps = []
     if "eval" in cfg.stages:
-        steps += _eval_steps(cfg, out, model, prev, variant, base, "eval", [], cfg.eval)
+        steps += _eval_steps(cfg, out, model, prev, variant, base, None, [], cfg.eval)
         if variant != "query_side":  # two models behind one encoder: neither export nor weight quantisation takes it
             for entry in cfg.quantize:
                 steps += _quantized_evals(cfg, out, model, prev, variant, base, entry)
@@ -156,27 +177,30 @@ def _quantized_evals(cfg: RunConfig, out: Path, model: str, prev: list[Step], va
                                                           str(folder / "model"), *stage_argv(cfg.export)],
                           folder, variant, prev))
         model, prev = str(folder / "model"), steps[-1:]
-    return steps + _eval_steps(cfg, out, model, prev, variant, base, f"eval-{entry}",
+    return steps + _eval_steps(cfg, out, model, prev, variant, base, entry,
                                ["--backend", backend, "--quantize", quantize], options)
 
 
-def _eval_steps(cfg: RunConfig, out: Path, model: str, prev: list[Step], variant: str, base: Path, kind: str,
-                served: list[str], options: dict) -> list[Step]:
-    """``effir eval`` of ``model`` on every data set, into ``BASE/KIND/DATASET``, named ``KIND:DATASET`` (the
-    report reads the kind back: ``eval``, or ``eval-ENTRY`` for a quantised evaluation)."""
+def _eval_steps(cfg: RunConfig, out: Path, model: str, prev: list[Step], variant: str, base: Path,
+                quantized: str | None, served: list[str], options: dict) -> list[Step]:
+    """``effir eval`` of ``model`` on every data set, into ``BASE/KIND/DATASET``, named ``KIND:DATASET``: KIND is
+    ``eval``, or ``eval-ENTRY`` for the evaluation under the ``quantize`` entry ``quantized``."""
+    kind = f"eval-{quantized}" if quantized else "eval"
     steps = []
     for ref in cfg.datasets:
-        folder = base / kind / _dataset_name(ref)
-        steps.append(Step(f"{kind}:{_dataset_name(ref)}", "eval",
+        dataset = _dataset_name(ref)
+        folder = base / kind / dataset
+        steps.append(Step(f"{kind}:{dataset}", "eval",
                           [model, "--data", _data_ref(ref, out), "--split", cfg.split, "--output", str(folder),
-                           *served, *stage_argv(options)], folder, variant, prev))
+                           *served, *stage_argv(options)], folder, variant, prev, dataset, quantized))
     return steps
 
 
 def plan_full_baseline(cfg: RunConfig, out: Path) -> list[Step]:
     """The uncompressed model fine-tuned, evaluated and timed like the EffiR model (its fine-tuning step last but
     the evaluations: ``[finetune, eval..., bench]``)."""
-    return _train_eval_bench(cfg, out, cfg.model, [], "full", out / "baselines" / "full", slim=False)
+    return _of_baseline(_train_eval_bench(cfg, out, cfg.model, [], "full", out / "baselines" / "full", slim=False),
+                        "full")
 
 
 def plan_baselines(cfg: RunConfig, out: Path, skip_full: bool = False,
@@ -186,7 +210,8 @@ def plan_baselines(cfg: RunConfig, out: Path, skip_full: bool = False,
     steps: list[Step] = []
     b = cfg.baselines
     if b.get("original"):
-        steps += _train_eval_bench(cfg, out, cfg.model, [], "original", out / "baselines" / "original", slim=False)
+        steps += _of_baseline(_train_eval_bench(cfg, out, cfg.model, [], "original", out / "baselines" / "original",
+                                                slim=False), "original")
     full = plan_full_baseline(cfg, out) if b.get("full") and not skip_full else []
     steps += full
     for name, (flag, strategy) in DROP_BASELINES.items():
@@ -209,8 +234,9 @@ def _drop_baseline(cfg: RunConfig, out: Path, name: str, flag: str, strategy: st
     shared = stage_argv({key: v for key, v in cfg.drop.items()
                          if key.replace("-", "_") in ("device", "dtype", "side", "force", "drop_massive")})
     drop = Step("drop", "drop", [cfg.model, *scores, flag, str(k), "--strategy", strategy, "--output",
-                                 str(base / "drop" / "model"), *shared], base / "drop", variant)
-    return [drop, *_train_eval_bench(cfg, out, str(base / "drop" / "model"), [drop], variant, base, False, parent)]
+                                 str(base / "drop"), *shared], base / "drop", variant)
+    after = _train_eval_bench(cfg, out, str(base / "drop" / "model"), [drop], variant, base, False, parent)
+    return _of_baseline([drop, *after], name, count=k)
 
 
 def _prune_baselines(cfg: RunConfig, out: Path, name: str, tuned: list[Step], parent=None) -> list[Step]:
@@ -226,12 +252,12 @@ def _prune_baselines(cfg: RunConfig, out: Path, name: str, tuned: list[Step], pa
                                   strict=True):
         variant = f"{name}-{order}"
         base = out / "baselines" / variant
-        steps.append(Step("prune", "prune", [model, "--method", method, "--pattern", pattern, "--output",
-                                             str(base / "prune"), *stage_argv(cfg.prune)], base / "prune", variant,
-                          prev))
+        prune = Step("prune", "prune", [model, "--method", method, "--pattern", pattern, "--output", str(base / "prune"),
+                                        *stage_argv(cfg.prune)], base / "prune", variant, prev)
         pruned = str(base / "prune" / "model")
-        steps += (_train_eval_bench(cfg, out, pruned, steps[-1:], variant, base, False, parent) if order == "prune_ft"
-                  else _evaluate_and_time(cfg, out, pruned, steps[-1:], variant, base, baseline=True))
+        after = (_train_eval_bench(cfg, out, pruned, [prune], variant, base, False, parent) if order == "prune_ft"
+                 else _evaluate_and_time(cfg, out, pruned, [prune], variant, base, baseline=True))
+        steps += _of_baseline([prune, *after], name, order=order)
     return steps
 
 

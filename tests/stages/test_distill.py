@@ -39,7 +39,7 @@ def _log(out):
 
 def _dropped(src, out):
     assert main(["drop", str(src), "--strategy", "last", "--mlp", "1", "--output", str(out), "--device", "cpu"]) == 0
-    return out
+    return out / "model"
 
 
 def test_a_student_equal_to_its_parent_has_zero_loss(tiny_llama_dir, texts_dir, tmp_path):

@@ -37,7 +37,7 @@ def test_importance_drops_the_lowest_of_each_group(tiny_model_dir, tmp_path, cap
     scores = write_scores(tmp_path / "scores.json", tiny_model_dir)
     out = tmp_path / "out"
     assert drop(tiny_model_dir, "--scores", scores, "--mlp", 2, "--attention", 1, "--output", out) == 0
-    meta = read_effir_json(out)
+    meta = read_effir_json(out / "model")
     assert meta["structure"]["dropped_mlp"] == [1, 3]  # scores 0.1 and 0.2
     assert meta["structure"]["dropped_attention"] == [2]  # score 0.01
     step = meta["history"][-1]
@@ -49,7 +49,7 @@ def test_importance_drops_the_lowest_of_each_group(tiny_model_dir, tmp_path, cap
     # the saved model is exactly the source model with those sub-layers skipped
     ref = effir.load(tiny_model_dir, device="cpu", dtype="fp32")
     drop_sublayers(ref.model, ref.adapter, attention=[2], mlp=[1, 3])
-    torch.testing.assert_close(_embeddings(effir.load(out, device="cpu", dtype="fp32")), _embeddings(ref),
+    torch.testing.assert_close(_embeddings(effir.load(out / "model", device="cpu", dtype="fp32")), _embeddings(ref),
                                atol=1e-5, rtol=0)
 
 
@@ -57,25 +57,25 @@ def test_blocks_then_groups_and_side_scores(tiny_llama_dir, tmp_path):
     scores = write_scores(tmp_path / "scores.json", tiny_llama_dir)
     out = tmp_path / "out"
     assert drop(tiny_llama_dir, "--scores", scores, "--blocks", 2, "--mlp", 1, "--output", out) == 0
-    s = read_effir_json(out)["structure"]
+    s = read_effir_json(out / "model")["structure"]
     # blocks 3 and 1 (block scores 0.1, 0.2) go whole; then the lowest MLP left by MLP score: layer 2 (0.3 < 0.5)
     assert s["dropped_attention"] == [1, 3] and s["dropped_mlp"] == [1, 2, 3]
-    assert read_effir_json(out)["history"][-1]["blocks"] == [1, 3]
+    assert read_effir_json(out / "model")["history"][-1]["blocks"] == [1, 3]
     out2 = tmp_path / "doc-side"
     assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 1, "--side", "document", "--output", out2) == 0
-    assert read_effir_json(out2)["structure"]["dropped_mlp"] == [0]  # document-side MLP scores rank layer 0 first
+    assert read_effir_json(out2 / "model")["structure"]["dropped_mlp"] == [0]  # document-side MLP scores rank layer 0 first
 
 
 def test_massive_activation_sources_are_kept_unless_asked(tiny_llama_dir, tmp_path, capsys):
     massive = {"threshold": 100.0, "attention": [], "mlp": [1], "block": []}
     scores = write_scores(tmp_path / "scores.json", tiny_llama_dir, massive=massive)
     assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 2, "--output", tmp_path / "kept") == 0
-    assert read_effir_json(tmp_path / "kept")["structure"]["dropped_mlp"] == [2, 3]  # 1 (0.1) is kept
+    assert read_effir_json(tmp_path / "kept" / "model")["structure"]["dropped_mlp"] == [2, 3]  # 1 (0.1) is kept
     assert "keeping mlp 1: massive-activation source" in capsys.readouterr().err
     assert drop(tiny_llama_dir, "--scores", scores, "--blocks", 2, "--output", tmp_path / "blocks") == 0
-    assert read_effir_json(tmp_path / "blocks")["history"][-1]["blocks"] == [0, 3]  # block 1 holds the source
+    assert read_effir_json(tmp_path / "blocks" / "model")["history"][-1]["blocks"] == [0, 3]  # block 1 holds the source
     assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 2, "--drop-massive", "--output", tmp_path / "all") == 0
-    assert read_effir_json(tmp_path / "all")["structure"]["dropped_mlp"] == [1, 3]
+    assert read_effir_json(tmp_path / "all" / "model")["structure"]["dropped_mlp"] == [1, 3]
     capsys.readouterr()
     assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 4, "--output", tmp_path / "too-many") == 2
     err = capsys.readouterr().err
@@ -85,7 +85,7 @@ def test_massive_activation_sources_are_kept_unless_asked(tiny_llama_dir, tmp_pa
 def test_strategy_last_needs_no_scores(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert drop(tiny_llama_dir, "--strategy", "last", "--blocks", 1, "--mlp", 2, "--output", out) == 0
-    s = read_effir_json(out)["structure"]
+    s = read_effir_json(out / "model")["structure"]
     assert s["dropped_attention"] == [3] and s["dropped_mlp"] == [1, 2, 3]
 
 
@@ -94,19 +94,19 @@ def test_dropping_from_a_compressed_model_composes(tiny_llama_dir, tmp_path):
     assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", first) == 0
     # scores of the compressed model: the dropped MLP 3 scores null (as `effir analyze` writes it)
     scores = {**SCORES, "mlp": [0.5, 0.1, 0.3, None]}
-    path = write_scores(tmp_path / "scores2.json", first, scores=scores)
+    path = write_scores(tmp_path / "scores2.json", first / "model", scores=scores)
     second = tmp_path / "second"
-    assert drop(first, "--scores", path, "--mlp", 2, "--output", second) == 0
-    meta = read_effir_json(second)
+    assert drop(first / "model", "--scores", path, "--mlp", 2, "--output", second) == 0
+    meta = read_effir_json(second / "model")
     assert meta["structure"]["dropped_mlp"] == [1, 2, 3]  # 2 more, by original index
     assert [h["dropped_mlp"] for h in meta["history"]] == [[3], [1, 2]]
     ref = effir.load(tiny_llama_dir, device="cpu", dtype="fp32")
     drop_sublayers(ref.model, ref.adapter, mlp=[1, 2, 3])
-    torch.testing.assert_close(_embeddings(effir.load(second, device="cpu", dtype="fp32")), _embeddings(ref),
+    torch.testing.assert_close(_embeddings(effir.load(second / "model", device="cpu", dtype="fp32")), _embeddings(ref),
                                atol=1e-5, rtol=0)
     with_last = tmp_path / "third"
-    assert drop(second, "--strategy", "last", "--mlp", 1, "--output", with_last) == 0
-    assert read_effir_json(with_last)["structure"]["dropped_mlp"] == [0, 1, 2, 3]  # the last MLP still there
+    assert drop(second / "model", "--strategy", "last", "--mlp", 1, "--output", with_last) == 0
+    assert read_effir_json(with_last / "model")["structure"]["dropped_mlp"] == [0, 1, 2, 3]  # the last MLP still there
 
 
 def _one_line_error(capsys, code, match):
@@ -139,7 +139,7 @@ def test_scores_of_another_model_are_refused_unless_forced(tiny_llama_dir, tmp_p
                     "computed on a different model")
     assert not (tmp_path / "o").exists()
     assert drop(tiny_llama_dir, "--scores", scores, "--mlp", 1, "--output", tmp_path / "o", "--force") == 0
-    assert read_effir_json(tmp_path / "o")["structure"]["dropped_mlp"] == [1]
+    assert read_effir_json(tmp_path / "o" / "model")["structure"]["dropped_mlp"] == [1]
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -164,16 +164,16 @@ def test_existing_output_needs_overwrite(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", out) == 0
     _one_line_error(capsys, drop(tiny_llama_dir, "--strategy", "last", "--mlp", 2, "--output", out), "--overwrite")
-    assert read_effir_json(out)["structure"]["dropped_mlp"] == [3]  # untouched
+    assert read_effir_json(out / "model")["structure"]["dropped_mlp"] == [3]  # untouched
     assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 2, "--output", out, "--overwrite") == 0
-    assert read_effir_json(out)["structure"]["dropped_mlp"] == [2, 3]
+    assert read_effir_json(out / "model")["structure"]["dropped_mlp"] == [2, 3]
 
 
 def test_corrupted_effir_json_in_the_input_model(tiny_llama_dir, tmp_path, capsys):
     first = tmp_path / "first"
     assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", first) == 0
-    (first / "effir.json").write_text("{oops")
-    _one_line_error(capsys, drop(first, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "o"), "corrupted")
+    (first / "model" / "effir.json").write_text("{oops")
+    _one_line_error(capsys, drop(first / "model", "--strategy", "last", "--mlp", 1, "--output", tmp_path / "o"), "corrupted")
 
 
 def _stored_dtypes(folder):
@@ -195,5 +195,16 @@ def test_the_saved_dtype_is_the_source_dtype_unless_asked(_tiny_models, tiny_tok
     copy.deepcopy(_tiny_models["llama"]).to(source_dtype).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     assert drop(src, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "out", *flags) == 0
-    assert _stored_dtypes(tmp_path / "out") == {stored}
-    assert effir.load(tmp_path / "out", device="cpu", dtype="source").dtype == effir.utils.floating_dtype(stored)
+    assert _stored_dtypes(tmp_path / "out" / "model") == {stored}
+    assert effir.load(tmp_path / "out" / "model", device="cpu", dtype="source").dtype == effir.utils.floating_dtype(stored)
+
+
+def test_the_model_is_written_into_DIR_model_like_every_stage_writes_it(tiny_llama_dir, tmp_path, capsys):
+    """A new user's next step after a drop: `effir slim DIR/model`; and passing DIR names DIR/model in one line."""
+    out = tmp_path / "out"
+    assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", out) == 0
+    assert cli.main(["slim", str(out / "model"), "--method", "magnitude", "--ratio", "0.25", "--width-multiple", "4",
+                     "--output", str(tmp_path / "slim"), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, drop(out, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "o"),
+                    f"pass {out / 'model'}")

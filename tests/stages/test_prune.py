@@ -104,8 +104,8 @@ def test_distill_keeps_the_zeros_drop_keeps_the_record_slim_breaks_it(tiny_llama
     assert read_effir_json(tmp_path / "d" / "model")["history"][-1]["kept_sparsity"] == "2:4"
     assert main(["drop", str(pruned), "--strategy", "last", "--mlp", "1", "--output", str(tmp_path / "dr"),
                  "--device", "cpu"]) == 0
-    assert exactly_two_of_four(tmp_path / "dr") == 25  # the MLP of layer 3 (3 matrices) is gone
-    assert read_effir_json(tmp_path / "dr")["sparsity"]["pattern"] == "2:4"
+    assert exactly_two_of_four(tmp_path / "dr" / "model") == 25  # the MLP of layer 3 (3 matrices) is gone
+    assert read_effir_json(tmp_path / "dr" / "model")["sparsity"]["pattern"] == "2:4"
     capsys.readouterr()
     assert main(["slim", str(pruned), "--method", "magnitude", "--ratio", "0.25", "--width-multiple", "4",
                  "--output", str(tmp_path / "sl"), "--device", "cpu", "--no-progress"]) == 0

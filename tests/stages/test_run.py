@@ -321,3 +321,40 @@ def test_dry_run_lists_every_step_baselines_and_quantised_evaluations_included(t
     verbs = [c.split(" effir ", 1)[1].split()[0] for c in capsys.readouterr().out.splitlines()]
     assert verbs == ["finetune", "eval", "finetune", "eval"]  # EffiR's, then the full baseline's
     assert not (tmp_path / "run").exists()
+
+
+def _planned(tmp_path, model, data, **over):
+    """The config and the EffiR steps of a drop -> distill run (no stage runs)."""
+    from effir.config import load_config
+    from effir.run_plan import main_steps
+
+    over = {"stages": ["drop", "distill", "eval"], "drop": {"mlp": 1, "strategy": "last"},
+            "distill": {"texts": ["wiki"]}, **over}
+    cfg = load_config(_config(tmp_path, model, data, **over))
+    return cfg, main_steps(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("marker, overwrite", [(None, False), ({"key": "an older distill: option"}, True)],
+                         ids=["unfinished-resumes", "changed-reruns"])
+def test_distill_reruns_with_overwrite_and_resumes_without(tiny_llama_dir, data, tmp_path, monkeypatch, marker,
+                                                           overwrite):
+    """`effir distill` refuses a finished run without --overwrite: a changed distill option (or --from distill) must
+    pass it, or the run stops there; an unfinished run continues from its checkpoints instead."""
+    from effir.stages import run as run_stage
+
+    cfg, steps = _planned(tmp_path, tiny_llama_dir, data)
+    step = next(s for s in steps if s.stage == "distill")
+    step.folder.mkdir(parents=True)
+    if marker:
+        (step.folder / MARKER).write_text(json.dumps(marker))
+    started = []
+    monkeypatch.setattr(run_stage, "_in_process", lambda argv: started.append(argv) or 0)
+    run_stage.execute([step], cfg, None)
+    assert started[0][0] == "distill" and ("--overwrite" in started[0]) == overwrite
+
+
+def test_every_training_and_eval_stage_starts_under_the_launcher(tiny_llama_dir, data, tmp_path):
+    cfg, steps = _planned(tmp_path, tiny_llama_dir, data, launcher="torchrun --nproc_per_node 8",
+                          stages=["drop", "slim", "distill", "eval", "bench"])
+    launched = {s.stage for s in steps if s.command(cfg)[:1] == ["torchrun"]}
+    assert launched == {"slim", "distill", "eval"}  # bench times one process; drop has nothing to share out

@@ -16,7 +16,7 @@ from effir.surgery import drop_sublayers, slice_mlp
 def _dropped(src, out, *flags):
     assert cli.main(["drop", str(src), "--strategy", "last", *map(str, flags), "--output", str(out),
                      "--device", "cpu"]) == 0
-    return out
+    return out / "model"
 
 
 def verify(*args, st: bool = False):

@@ -9,30 +9,16 @@ and ``effir run`` runs stages through it. Bad input raises :class:`~effir.utils.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from types import ModuleType
 
+from ..stage_specs import SPECS
 from ..utils import EffirError
 
-# verb -> (stage module, one-line help). Order is the pipeline's order.
-VERBS: dict[str, tuple[str, str]] = {
-    "analyze": ("effir.stages.analyze", "score every attention/MLP sub-layer and block: 1 - cos(in, out) -> scores.json + heatmap"),
-    "drop": ("effir.stages.drop", "drop the least important attention/MLP sub-layers or blocks -> compressed model"),
-    "slim": ("effir.stages.slim", "width reduction: learn MLP neuron gates, cut the weakest fraction globally, slice"),
-    "finetune": ("effir.stages.finetune", "retrieval fine-tuning: InfoNCE + hard negatives (+ KL to a teacher), LoRA or full"),
-    "distill": ("effir.stages.distill", "recover a compressed model from its parent on unlabelled text (embedding + "
-                "similarity distillation, LoRA or full)"),
-    "eval": ("effir.stages.evaluate", "evaluate a model on a BEIR folder: nDCG@10, R@100, RR@10 + a TREC run"),
-    "bench": ("effir.stages.bench", "time query/document encoding against a baseline, beside the FLOPs-predicted speed-up"),
-    "export": ("effir.stages.export", "export a model for serving: ONNX or OpenVINO graph (fp32, + int8 with --int8) "
-               "beside its sentence-transformers files"),
-    "run": ("effir.stages.run", "the whole pipeline from one YAML config, resumable, ending in a report"),
-    "demo": ("effir.stages.run", "the whole pipeline on smollm2-135m and built-in Wikipedia data (= effir run demo)"),
-    "prune": ("effir.stages.prune", "the paper's 2:4 baselines: Wanda or SparseGPT semi-structured pruning of every "
-              "attention/MLP projection (no memory or speed gained without sparse kernels)"),
-    "verify": ("effir.stages.verify", "check a compressed model folder: reloads, weights, parameter counts, embeddings"),
-}
+VERBS: dict[str, tuple[str, str]] = {verb: (spec.module, spec.help) for verb, spec in SPECS.items()}
+"""verb -> (stage module, one-line help), in the pipeline's order (declared in :data:`effir.stage_specs.SPECS`)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -95,6 +81,13 @@ def verb_parser(verb: str, parser_class: type[OneLineParser] = OneLineParser) ->
     parser = parser_class(prog=f"effir {verb}")
     describe(parser, verb)
     return parser
+
+
+@functools.cache
+def takes_overwrite(verb: str) -> bool:
+    """Whether ``verb`` has ``--overwrite``: such a stage refuses an existing output without it, so ``effir run``
+    passes it when a stage must run again. Read from the parser itself, so it cannot drift from the options."""
+    return "--overwrite" in verb_parser(verb).flags()
 
 
 def run_verb(verb: str, args: argparse.Namespace) -> int:

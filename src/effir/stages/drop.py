@@ -3,6 +3,8 @@
     effir drop MODEL --scores scores.json --mlp 16 [--attention K] [--blocks K] --output DIR
     effir drop MODEL --strategy last --blocks 8 --output DIR          # the paper's Drop-Last-kB baseline
 
+The compressed model is DIR/model, as every verb that writes a model writes it (`effir slim DIR/model` next).
+
 With --strategy importance (default), attention and MLP sub-layers are ranked as two separate groups by the
 scores that `effir analyze` wrote (low = redundant) and the K lowest of each group go; --blocks K first drops the K
 whole blocks (attention + MLP of one layer) with the lowest block score. With --strategy last, the last K blocks /
@@ -42,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-massive", action="store_true",
                    help="also drop sub-layers that create a massive activation (attention sink); by default "
                         "--strategy importance keeps them, because dropping one breaks every attention after it")
-    p.add_argument("--output", required=True, help="folder for the compressed model")
+    p.add_argument("--output", required=True, help="run folder: the compressed model goes into DIR/model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
     p.add_argument("--force", action="store_true", help="use scores computed on a different model (fingerprint)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available, as `effir analyze`)")
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
              "side": args.side or (report or {}).get("side"), "blocks": new["block"],
              "dropped_attention": new["attention"], "dropped_mlp": new["mlp"]}
     t1 = time.perf_counter()
-    out = save(encoder, args.output, stage, overwrite=args.overwrite)
+    out = save(encoder, Path(args.output) / "model", stage, overwrite=args.overwrite)
     save_s = time.perf_counter() - t1
     _print_summary(params_before, params_after, after, new, out, load_s, save_s)
     return 0
@@ -92,9 +94,9 @@ def _check_args(args, counts: dict) -> None:
         raise EffirError("--strategy importance needs --scores scores.json (from `effir analyze`); "
                          "or use --strategy last")
     check_device(args.device)
-    out = check_output_dir(args.output, siblings=True)  # the model is written beside it, then renamed into place
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise EffirError(f"{out} already exists and is not empty; pass --overwrite or choose another --output")
+    model = check_output_dir(args.output) / "model"  # written beside itself, then renamed into place
+    if model.exists() and any(model.iterdir()) and not args.overwrite:
+        raise EffirError(f"{model} already exists and is not empty; pass --overwrite or choose another --output")
 
 
 def _read_scores(path: Path) -> dict:

@@ -24,8 +24,9 @@ from pathlib import Path
 from ..config import SECTIONS, STAGES, RunConfig, load_config, quantized_variant, stage_argv
 from ..files import write_json, write_text
 from ..run_plan import Step, demo_folder, main_steps, plan_baselines, plan_full_baseline, step_key
+from ..stage_specs import SPECS
 from ..utils import EffirError, check_device, check_output_dir
-from . import VERBS, RaisingParser, main_verb, verb_parser
+from . import VERBS, RaisingParser, main_verb, takes_overwrite, verb_parser
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARKER = ".effir-done.json"
@@ -115,19 +116,10 @@ def check_stage_options(cfg: RunConfig) -> None:
                 raise EffirError(f"unknown option '{stage}.{key}' for `effir {stage}` ({VERBS[stage][1]}); "
                                  f"see effir {stage} -h")
         try:  # the options the pipeline wires itself get placeholders; only the config's values are at stake
-            options = parser.parse_args([*WIRED_ARGS[stage], *stage_argv(getattr(cfg, stage))])
+            options = parser.parse_args([*SPECS[stage].placeholder_argv(), *stage_argv(getattr(cfg, stage))])
             check_device(getattr(options, "device", None), "--device")
         except EffirError as e:
             raise EffirError(f"section '{stage}' of the config: {e}; fix the value") from None
-
-
-WIRED_ARGS = {"analyze": ["MODEL", "--output", "OUT"], "drop": ["MODEL", "--output", "OUT"],
-              "slim": ["MODEL", "--output", "OUT"], "finetune": ["MODEL", "--train", "DATA", "--output", "OUT"],
-              "distill": ["MODEL", "--teacher", "PARENT", "--output", "OUT"],
-              "eval": ["MODEL", "--data", "DATA", "--output", "OUT"], "bench": ["MODEL", "--output", "OUT"],
-              "prune": ["MODEL", "--method", "wanda", "--output", "OUT"],
-              "export": ["MODEL", "--format", "onnx", "--output", "OUT"]}
-"""Placeholders for the arguments each stage requires and ``effir run`` supplies."""
 
 
 def check_parent(cfg: RunConfig) -> None:
@@ -189,10 +181,6 @@ def prepare_data(cfg: RunConfig, out: Path) -> None:
 
 
 # -- execution ------------------------------------------------------------------------------------------------------
-OVERWRITE = {"analyze", "drop", "prune", "slim", "finetune", "eval", "export"}
-"""Stages that refuse an existing output without ``--overwrite``."""
-
-
 def _in_process(argv: list[str]) -> int:
     """Run one stage in this process (no launcher): same CLI, no interpreter start-up per stage."""
     import gc
@@ -223,12 +211,11 @@ def execute(steps: list[Step], cfg: RunConfig, from_stage: str | None, rerun: se
             continue
         marker.unlink(missing_ok=True)
         argv = list(step.argv)
-        if (stale or step.done_file is None) and step.stage in OVERWRITE:
+        if (stale or step.done_file is None) and takes_overwrite(step.stage):
             argv.append("--overwrite")  # stages that resume by themselves keep their checkpoints otherwise
         print(f"effir run: [{step.variant}] {step.name}: effir {step.stage} " + " ".join(map(shlex.quote, argv)),
               flush=True)
-        # bench times in a process of its own: what earlier stages left behind in this one must not enter its timings
-        alone = cfg.launcher or step.stage == "bench"
+        alone = cfg.launcher or SPECS[step.stage].alone
         rc = subprocess.call(step.command(cfg, argv)) if alone else _in_process([step.stage, *argv])
         if rc != 0:
             raise EffirError(f"stage {step.name} of {step.variant} failed (exit {rc}); fix what it printed above "
