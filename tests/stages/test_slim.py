@@ -130,10 +130,10 @@ def test_resume_after_interruption_gives_the_same_result(tiny_llama_dir, train_b
     b = json.loads((ckpt_run / "slim.json").read_text())
     assert a["widths_after"] == b["widths_after"] and a.get("gate_stats") == b.get("gate_stats")
     wa, wb = (effir.load(p / "model", device="cpu", dtype="fp32").model.state_dict() for p in (full, ckpt_run))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    # both runs in this process, same threads: the resume promise is bit-identity (README, Tests)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     log = lambda p: [json.loads(x)["loss"] for x in (p / "slim_log.jsonl").read_text().splitlines()]  # noqa: E731
-    assert log(full) == pytest.approx(log(ckpt_run), rel=1e-5)
+    assert log(full) == log(ckpt_run)
 
 
 def _log(out):
