@@ -140,7 +140,7 @@ def _training_arguments(g) -> None:
                    help="LoRA steps on the masked model before slicing, any --method (needs --train; 0: leave "
                         "recovery to effir finetune)")
     options.add_lora(g, full=False)
-    options.add_steps(g, lr_help="LoRA lr (with --gates-with-lora / --recover-steps)", batch_size=8,
+    options.add_steps(g, lr_help="LoRA lr, with --gates-with-lora / --recover-steps", batch_size=8,
                       batch_help="queries (or, learning without --train, texts a side) per process per micro-batch")
     options.add_contrastive(g, negatives="random", num_negatives=3, miner=False)
     options.add_lengths(g)
