@@ -76,6 +76,10 @@ def kl_distill(student_scores: torch.Tensor, teacher_scores: torch.Tensor, stude
     return F.kl_div(log_s, log_p, log_target=True, reduction="batchmean")
 
 
+EMBEDDING_LOSSES = ("cosine", "mse")
+"""The kinds :func:`embedding_match` computes."""
+
+
 def embedding_match(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """How far the student's embeddings ``(B, H)`` are from the teacher's of the same texts, in the same space:
     ``cosine`` = mean ``1 - cos``, ``mse`` = mean squared difference per element (sentence-transformers' MSELoss).
@@ -86,7 +90,7 @@ def embedding_match(student: torch.Tensor, teacher: torch.Tensor, kind: str = "c
         return (1 - F.cosine_similarity(student.float(), teacher.float().detach(), dim=-1)).mean()
     if kind == "mse":
         return F.mse_loss(student.float(), teacher.float().detach())
-    raise ValueError(f"unknown embedding loss {kind!r}; use cosine or mse")
+    raise ValueError(f"unknown embedding loss {kind!r}; use one of {EMBEDDING_LOSSES}")
 
 
 def similarity_kl(student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor,

@@ -239,6 +239,8 @@ def random_negatives(examples: list[TrainExample], corpus: dict[str, str], num_n
 
 NEGATIVES = ("auto", "data", "bm25", "dense", "random")
 """Where hard negatives come from (:func:`prepare_negatives`)."""
+MINED_BY_MODEL = ("dense",)
+"""The sources of :data:`NEGATIVES` that need a ``miner`` model."""
 
 
 def prepare_negatives(examples: list[TrainExample], corpus: dict[str, str], how: str, num_negatives: int,

@@ -28,6 +28,7 @@ import torch
 
 from .encoder import Encoder
 from .losses import gather_with_grad, group_scores, info_nce, kl_distill
+from .options import Optimisation
 from .train_data import TrainExample
 from .utils import EffirError, cpu_supports_bf16, lr_schedule
 
@@ -117,12 +118,10 @@ def load_for_training(ref: str, device, *, full: bool, save_dtype: str, pooling:
     return encoder, saved, dtype
 
 
-def optimizer_and_schedule(encoder: Encoder, options, total: int):
-    """AdamW over :func:`trainable_parameters` and its lr schedule over ``total`` steps (finetune / distill options)."""
-    params = trainable_parameters(encoder, full=options.full, gradient_checkpointing=options.gradient_checkpointing,
-                                  lora_r=options.lora_r, lora_alpha=options.lora_alpha,
-                                  lora_dropout=options.lora_dropout, lora_targets=options.lora_targets)
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+def optimizer_and_schedule(encoder: Encoder, options: Optimisation, total: int):
+    """AdamW over :func:`trainable_parameters` and its lr schedule over ``total`` steps."""
+    optimizer = torch.optim.AdamW(trainable_parameters(encoder, options), lr=options.lr,
+                                  weight_decay=options.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(options.warmup_ratio, options.schedule,
                                                                                 total))
 
@@ -152,17 +151,16 @@ def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
 
 
-def trainable_parameters(encoder: Encoder, *, full: bool, gradient_checkpointing: bool, lora_r: int, lora_alpha: int,
-                         lora_dropout: float = 0.0, lora_targets: str = "all") -> list[torch.nn.Parameter]:
+def trainable_parameters(encoder: Encoder, options: Optimisation) -> list[torch.nn.Parameter]:
     """Put ``encoder.model`` in training mode and return what trains: every weight (``full``) or LoRA adapters."""
     encoder.model.train()
-    if gradient_checkpointing:
+    if options.gradient_checkpointing:
         set_activation_checkpointing(encoder.model, True)
-    if full:
+    if options.full:
         for p in encoder.model.parameters():
             p.requires_grad_(True)
         return list(encoder.model.parameters())
-    return add_lora(encoder, lora_r, lora_alpha, lora_dropout, lora_targets)
+    return add_lora(encoder, options.lora_r, options.lora_alpha, options.lora_dropout, options.lora_targets)
 
 
 def add_lora(encoder: Encoder, r: int, alpha: int, dropout: float = 0.0, targets: str = "all") -> list[torch.nn.Parameter]:

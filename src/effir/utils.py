@@ -205,6 +205,8 @@ def is_main_process() -> bool:
 
 
 SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""--precision of the training verbs: the autocast dtype, or auto (bf16 where the hardware runs it natively)."""
 
 
 def check_schedule(warmup_ratio: float, schedule: str) -> None:

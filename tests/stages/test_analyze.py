@@ -143,8 +143,8 @@ def test_bad_calibration_is_one_line_exit_2(tiny_llama_dir, tmp_path, capsys, ca
 
 def test_bad_options_and_no_clobber(tiny_llama_dir, tiny_beir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _analyze(tiny_llama_dir, out, "--samples", "0") == 2
-    assert "--samples must be at least 1" in capsys.readouterr().err
+    assert _analyze(tiny_llama_dir, out, "--samples", "0") == 2  # the old name, an alias, names the new one
+    assert "--calibration-samples must be at least 1" in capsys.readouterr().err
     assert _analyze(tiny_llama_dir, out, "--calibration", f"beir:{tiny_beir}", "--side", "query") == 0
     before = (out / "scores.json").read_text()
     assert _analyze(tiny_llama_dir, out, "--calibration", f"beir:{tiny_beir}", "--side", "document") == 2

@@ -179,14 +179,15 @@ def test_lora_targets_not_in_the_model(tiny_llama_dir, train_dir, tmp_path, caps
     assert "attn_c" in err and "not in the model" in err
 
 
-def test_resume_from_a_checkpoint_of_another_run(tiny_llama_dir, train_dir, tmp_path, capsys):
+# --save-dtype sets the dtype LoRA's frozen base trains in: a resume key though no run key list ever named it
+@pytest.mark.parametrize("other, key", [(["--lr", "1e-3"], "lr"), (["--save-dtype", "bf16"], "save_dtype")])
+def test_resume_from_a_checkpoint_of_another_run(tiny_llama_dir, train_dir, tmp_path, capsys, other, key):
     a = tmp_path / "a"
     assert main(_args(tiny_llama_dir, train_dir, a, "--max-steps", 2, "--save-every", 1)) == 0
     ckpt = next((a / "checkpoints").iterdir())
-    assert main(_args(tiny_llama_dir, train_dir, tmp_path / "b", "--max-steps", 2, "--lr", "1e-3",
-                      "--resume", ckpt)) == 2
+    assert main(_args(tiny_llama_dir, train_dir, tmp_path / "b", "--max-steps", 2, *other, "--resume", ckpt)) == 2
     err = _one_error_line(capsys)
-    assert "belongs to another run" in err and "lr" in err
+    assert "belongs to another run" in err and f"{key}:" in err
 
 
 class _PlantedCode:

@@ -4,10 +4,10 @@
 
 Importance = 1 - cos(x_in, x_out) of the residual stream across the sub-layer, per non-pad token, averaged over
 the calibration tokens; low = redundant, dropped first. One forward pass per batch with hooks.
-Sides (--side): `text` joins the texts and cuts them into --samples blocks of --seq-len tokens (LLM-Drop's recipe);
-`query` / `document` encode --samples texts one by one exactly as retrieval does (prompt template, per-side max
-length, EOS); `both` scores queries and documents separately so you can see whether they disagree (the headline
-scores are then their token-weighted mean). Default (`auto`): `both` for beir:DIR (queries vs corpus), else `text`.
+Sides (--side): `text` joins the texts and cuts them into --calibration-samples blocks of --seq-len tokens
+(LLM-Drop's recipe); `query` / `document` encode --calibration-samples texts one by one exactly as retrieval does
+(prompt template, per-side max length, EOS); `both` scores queries and documents separately so you can see whether
+they disagree (the headline scores are then their token-weighted mean). Default (`auto`): `both` for beir:DIR (queries vs corpus), else `text`.
 It also flags the sub-layers that create a massive activation (an attention sink: one token's largest activation
 grows >= 100x across the sub-layer, or an MLP neuron contributes >= 100x its layer's median); their score looks
 redundant but `effir drop` keeps them (see effir.redundancy).
@@ -54,10 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--side", choices=SIDES, default="auto",
                    help="text (joined blocks), query, document, or both sides scored separately "
                         "(default auto: both for beir:DIR with queries and corpus, else text)")
-    p.add_argument("--samples", type=int, default=256,
+    # --samples: this verb's name for it before every verb said --calibration-samples; configs and scripts use it
+    p.add_argument("--calibration-samples", "--samples", type=int, default=256,
                    help="blocks (side text) or texts per side (query/document) to score (default: 256)")
     p.add_argument("--document-samples", type=int, default=None,
-                   help="texts for the document side when it differs from --samples (default: --samples)")
+                   help="texts for the document side when it differs from --calibration-samples (default: "
+                        "--calibration-samples)")
     p.add_argument("--seq-len", type=int, default=2048,
                    help="block length in tokens for side text, capped at the model's max_position_embeddings "
                         "(default: 2048); query/document sides use the model's per-side max lengths")
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_args(args) -> Path:
-    for name, low in (("samples", 1), ("document_samples", 1), ("seq_len", 2), ("batch_size", 1)):
+    for name, low in (("calibration_samples", 1), ("document_samples", 1), ("seq_len", 2), ("batch_size", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise EffirError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     check_device(args.device)
@@ -127,11 +129,11 @@ def _dropped(encoder) -> dict[str, list[int]]:
 def _batches(encoder, texts, side: str, args):
     """Token batches for one side -> (iterator, number of batches, calibration info)."""
     if side == "text":
-        blocks = calibration_blocks(encoder, texts.documents, args.samples, args.seq_len, seed=args.seed,
+        blocks = calibration_blocks(encoder, texts.documents, args.calibration_samples, args.seq_len, seed=args.seed,
                                     source=args.calibration, verb="analyze")
         info = {"samples": len(blocks), "seq_len": max(len(b) for b in blocks)}
         return block_batches(blocks, args.batch_size, encoder.pad_id), math.ceil(len(blocks) / args.batch_size), info
-    n = args.document_samples if side == "document" and args.document_samples else args.samples
+    n = args.document_samples if side == "document" and args.document_samples else args.calibration_samples
     chosen = sample_texts(texts.for_side(side), n, seed=args.seed)
     seq_len = encoder.settings.query_max_length if side == "query" else encoder.settings.document_max_length
     info = {"samples": len(chosen), "seq_len": seq_len}

@@ -36,12 +36,13 @@ from pathlib import Path
 
 import torch
 
-from .. import asymmetric, embedding_cache, sparsity, train_checkpoints, training
+from .. import asymmetric, embedding_cache, options, sparsity, train_checkpoints, training
 from ..calibration import SOURCE_HELP
 from ..checkpoint import fingerprint, load, save
 from ..distillation import Loss, Texts, micro_batches, read_texts
 from ..encoder import Encoder
 from ..files import cache_dir, write_json
+from ..losses import EMBEDDING_LOSSES
 from ..refs import check_refs
 from ..utils import (
     DTYPE_CHOICES,
@@ -69,13 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "whose documents the parent embeds, so its existing index stays valid")
     p.add_argument("--passage-words", type=int, default=200,
                    help="cut longer documents into passages of about this many words (default: 200)")
-    p.add_argument("--query-max-length", type=int, default=None,
-                   help="query-side tokens while training, for student and parent (default: the student's)")
-    p.add_argument("--document-max-length", type=int, default=None,
-                   help="document-side tokens while training, for student and parent (default: the student's); "
-                        "the saved model keeps its own")
+    options.add_lengths(p, who=", for student and parent")
     g = p.add_argument_group("loss")
-    g.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
+    g.add_argument("--embedding-loss", choices=EMBEDDING_LOSSES, default="cosine",
+                   help="distance between the student's and the parent's embeddings: 1 - cos, or squared difference "
+                        "per element (default: cosine)")
     g.add_argument("--embedding-weight", type=finite_float, default=1.0,
                    help="weight of the embedding distance (needs the parent's embedding size; 0: similarities only)")
     g.add_argument("--kl-weight", type=finite_float, default=0.0,
@@ -84,41 +83,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=finite_float, default=0.05, help="student temperature of the similarity KL")
     g.add_argument("--teacher-temperature", type=finite_float, default=None,
                    help="parent temperature (default: --temperature)")
-    _optimisation_arguments(p.add_argument_group("optimisation"))
+    g = p.add_argument_group("optimisation")
+    options.add_lora(g)
+    options.add_steps(g, lr_help="AdamW lr", batch_size=32,
+                      batch_help="query-side and document-side texts per process per micro-batch")
+    options.add_schedule(g, epochs_help="passes over the document-side texts (query-side ones with --query-side)")
     g = p.add_argument_group("run")
     g.add_argument("--teacher-dtype", default="auto", choices=DTYPE_CHOICES,
                    help="dtype the parent computes its embeddings in (default: auto)")
     g.add_argument("--encode-batch-size", type=int, default=64, help="batch for the parent's embeddings")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="cpu forces CPU; default: accelerate gives each process its GPU (or the CPU)")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in DIR")
-
-
-def _optimisation_arguments(g) -> None:
-    g.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
-    g.add_argument("--lora-r", type=int, default=32)
-    g.add_argument("--lora-alpha", type=int, default=64)
-    g.add_argument("--lora-dropout", type=finite_float, default=0.0)
-    g.add_argument("--lora-targets", default="all", help="all (the architecture table's) or comma-separated names")
-    g.add_argument("--lr", type=finite_float, default=1e-4)
-    g.add_argument("--weight-decay", type=finite_float, default=0.0)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--warmup-ratio", type=finite_float, default=0.1)
-    g.add_argument("--batch-size", type=int, default=32, help="query-side and document-side texts per process per "
-                                                              "micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--epochs", type=finite_float, default=1.0, help="passes over the document-side texts (query-side ones with --query-side)")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--max-grad-norm", type=finite_float, default=1.0)
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
-    g.add_argument("--save-dtype", default="source", choices=[c for c in DTYPE_CHOICES if c != "auto"],
-                   help="dtype of the saved model (default: source, the student's stored dtype)")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--seed", type=int, default=42)
+    options.add_run(g, save_every=0)
+    options.add_training_device(g)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,10 +119,10 @@ def _run(args, acc, texts: Texts) -> int:
     total = args.max_steps or max(1, round(args.epochs * per_epoch["query" if args.query_side else "document"]))
     seed_everything(args.seed)
     zeros = sparsity.zero_masks(student)  # an N:M-pruned student keeps its zeros (before LoRA wraps the model)
-    optimizer, scheduler = training.optimizer_and_schedule(student, args, total)
+    optimizer, scheduler = training.optimizer_and_schedule(student, options.typed(options.Optimisation, args), total)
     if args.full:
         sparsity.hold_zeros(student.model, student.adapter, zeros)
-    key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "teacher": teacher_id,
+    key = {**{k: getattr(args, k) for k in RUN_KEYS}, "teacher": teacher_id,
            "model_fingerprint": fingerprint(student), "texts": texts.key, "processes": acc.num_processes,
            "total_steps": total}
     start = train_checkpoints.resume(out / "checkpoints", acc, student.model, optimizer, scheduler, key,
@@ -174,10 +149,9 @@ def _run(args, acc, texts: Texts) -> int:
     return 0
 
 
-RUN_KEYS = ("texts", "query_side", "max_texts", "passage_words", "query_max_length", "document_max_length", "embedding_loss",
-            "embedding_weight", "kl_weight", "temperature", "teacher_temperature", "teacher_dtype", "full", "lora_r",
-            "lora_alpha", "lora_dropout", "lora_targets", "lr", "weight_decay", "schedule", "warmup_ratio",
-            "batch_size", "grad_accum", "epochs", "max_steps", "max_grad_norm", "precision", "seed")
+RUN_KEYS = options.run_keys(add_arguments)
+"""What a checkpoint must share with this run to be resumed: every option but effir.options.NOT_RUN_KEYS (the key
+holds the parent and the texts by content)."""
 
 
 def _check_args(args) -> None:

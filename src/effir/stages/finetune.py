@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .. import sparsity, train_checkpoints, training
+from .. import options, sparsity, train_checkpoints, training
 from ..checkpoint import fingerprint, load, save
-from ..encoder import POOLINGS, Encoder
+from ..encoder import Encoder
 from ..files import write_json
 from ..refs import check_refs
 from ..train_data import (
-    NEGATIVES,
     TrainExample,
     check_negatives,
     cross_encoder_scores,
@@ -41,8 +40,6 @@ from ..train_data import (
     write_flag_jsonl,
 )
 from ..utils import (
-    DTYPE_CHOICES,
-    SCHEDULES,
     EffirError,
     check_device,
     check_output_dir,
@@ -61,14 +58,10 @@ COLLAPSE_STEPS = 5
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="built-in name, model folder (compressed or not), .gguf file or hub id")
-    p.add_argument("--train", required=True, help="BEIR folder, Tevatron jsonl or FlagEmbedding jsonl")
+    options.add_train_data(p, required=True)
     p.add_argument("--output", required=True, help="run folder: data, checkpoints, log, model/ and finetune.json")
-    p.add_argument("--split", default="train", help="qrels split of a BEIR folder (default: train)")
     g = p.add_argument_group("negatives and teacher")
-    g.add_argument("--negatives", default="auto", choices=NEGATIVES,
-                   help="auto: the data's own negatives when it has them, else BM25 (default: auto)")
-    g.add_argument("--num-negatives", type=int, default=7, help="hard negatives per query (paper: 7)")
-    g.add_argument("--mine-range", default="10-100", help="ranks LO-HI (0-based, positives removed) to draw from")
+    options.add_contrastive(g, negatives="auto", num_negatives=7, miner=True)
     g.add_argument("--mine-model", default=None, help="dense model for --negatives dense (default: MODEL itself)")
     g.add_argument("--teacher", default=None,
                    help="'data' (scores in the jsonl), a cross-encoder folder, or a dense model (e.g. the "
@@ -80,53 +73,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="teacher softmax temperature (default: --temperature for a dense teacher, else 1)")
     g.add_argument("--prepare-only", action="store_true", help="stop after writing DIR/train_data.jsonl")
     g = p.add_argument_group("model and loss")
-    g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    g.add_argument("--lora-r", type=int, default=32)
-    g.add_argument("--lora-alpha", type=int, default=64)
-    g.add_argument("--lora-dropout", type=finite_float, default=0.0)
-    g.add_argument("--lora-targets", default="all",
-                   help="comma-separated module names, default: all the architecture table names")
-    g.add_argument("--temperature", type=finite_float, default=0.02, help="InfoNCE temperature (paper: 0.02)")
+    options.add_lora(g)
     g.add_argument("--no-in-batch", action="store_true", help="score each query against its own candidates only")
     g.add_argument("--no-gather", action="store_true",
                    help="in-batch negatives from this process only (default: gathered from every process)")
-    g.add_argument("--pooling", choices=POOLINGS, default=None, help="train (and save) with this pooling")
-    g.add_argument("--query-max-length", type=int, default=None, help="training query length (default: model's)")
-    g.add_argument("--document-max-length", type=int, default=None, help="training document length; the saved "
-                   "model keeps its own (default: model's)")
-    _add_optimisation_arguments(p)
-
-
-def _add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
-    """The optimiser, batch, precision and run-folder flags (checkpoints, resume, device, --overwrite)."""
+    options.add_lengths(g)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=finite_float, default=1e-4)
-    g.add_argument("--weight-decay", type=finite_float, default=0.0)
-    g.add_argument("--schedule", default="linear", choices=SCHEDULES)
-    g.add_argument("--warmup-ratio", type=finite_float, default=0.1, help="fraction of steps with linear warm-up")
-    g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=finite_float, default=1.0)
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--max-grad-norm", type=finite_float, default=1.0)
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
-    g.add_argument("--save-dtype", default="source", choices=[c for c in DTYPE_CHOICES if c != "auto"],
-                   help="dtype of the saved model (default: source, the dtype the input model is stored in); "
-                        "LoRA's frozen base is loaded in it too, full fine-tuning keeps fp32 master weights")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--seed", type=int, default=42)
+    options.add_steps(g, lr_help="AdamW lr", batch_size=8, batch_help="queries per process per micro-batch")
+    options.add_schedule(g, epochs_help="passes over the training queries")
     g = p.add_argument_group("run")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
+    options.add_run(g, save_every=0)
     g.add_argument("--resume", default=None, help="checkpoint folder to resume from (default: newest in DIR)")
     g.add_argument("--encode-batch-size", type=int, default=32, help="batch for mining / teacher scoring")
-    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="cpu forces CPU; default: accelerate gives each process its GPU (or the CPU)")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace a finished run, or checkpoints of other arguments, in DIR (a killed run with the "
-                        "same arguments still resumes)")
+    options.add_training_device(g)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,7 +109,7 @@ def _run(args, acc) -> int:
     total = args.max_steps or max(1, int(round(args.epochs * per_epoch)))
     seed_everything(args.seed)
     zeros = sparsity.zero_masks(encoder)  # an N:M-pruned model keeps its zeros (before LoRA wraps the model)
-    optimizer, scheduler = training.optimizer_and_schedule(encoder, args, total)
+    optimizer, scheduler = training.optimizer_and_schedule(encoder, options.typed(options.Optimisation, args), total)
     if args.full:
         sparsity.hold_zeros(encoder.model, encoder.adapter, zeros)
     key = _run_key(args, acc.num_processes, model_fp, out / "train_data.jsonl", total)
@@ -254,17 +213,14 @@ def _prepare_examples(args, encoder: Encoder, kind: str | None) -> list[TrainExa
 
 
 # -- run key --------------------------------------------------------------------------------------------------------
-RUN_KEYS = ("train", "split", "negatives", "num_negatives", "mine_range", "mine_model", "teacher", "teacher_kind",
-            "kl_weight", "kl_teacher_temperature", "full", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-            "temperature", "no_in_batch", "no_gather", "pooling", "query_max_length", "document_max_length", "lr",
-            "weight_decay", "schedule", "warmup_ratio", "batch_size", "grad_accum", "epochs", "max_steps",
-            "max_grad_norm", "precision", "seed")
+RUN_KEYS = options.run_keys(add_arguments)
+"""What a checkpoint must share with this run to be resumed: every option but effir.options.NOT_RUN_KEYS."""
 
 
 def _run_key(args, world: int, model_fp: str, data_path: Path, total: int) -> dict:
     """What makes a checkpoint this run's: a checkpoint with another key is refused (or replaced under --overwrite)."""
     key = {k: getattr(args, k) for k in RUN_KEYS}
-    key.update(model=str(args.model), model_fingerprint=model_fp, processes=world, total_steps=total,
+    key.update(model_fingerprint=model_fp, processes=world, total_steps=total,
                data_sha256=hashlib.sha256(data_path.read_bytes()).hexdigest()[:16])
     return key
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .. import gate_training, training
+from .. import gate_training, options, training
 from ..calibration import block_batches, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..files import write_json
@@ -100,9 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--super-neuron-factor", type=finite_float, default=SUPER_NEURON_FACTOR,
                    help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
                         f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
-    p.add_argument("--train", help="training data (BEIR folder / Tevatron / FlagEmbedding jsonl); needed by --method "
-                                   "learned and by --recover-steps")
-    p.add_argument("--split", default="train")
+    options.add_train_data(p, required=False, purpose="; needed by --method learned and by --recover-steps")
     _training_arguments(p.add_argument_group("gate training"))
     p.add_argument("--device", default=None,
                    help="cpu forces CPU; default: each process's GPU (training under torchrun / accelerate launch "
@@ -111,8 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype to load and save the model in (default: source, the dtype it is stored in; auto: "
                         "bf16 where the hardware runs it natively); gates and LoRA train in fp32, computation "
                         "follows --precision")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished DIR")
+    options.add_run(p.add_argument_group("run"), save_every=50, keep_checkpoints=False)
 
 
 def _training_arguments(g) -> None:
@@ -143,27 +140,11 @@ def _training_arguments(g) -> None:
     g.add_argument("--recover-steps", type=int, default=0,
                    help="LoRA steps on the masked model before slicing, any --method (needs --train; 0: leave "
                         "recovery to effir finetune)")
-    g.add_argument("--lr", type=finite_float, default=1e-4, help="LoRA lr (with --gates-with-lora / --recover-steps)")
-    g.add_argument("--lora-r", type=int, default=32)
-    g.add_argument("--lora-alpha", type=int, default=64)
-    g.add_argument("--batch-size", type=int, default=8, help="queries per process per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, more time (figures in "
-                        "docs/results/figures-behind-defaults.md)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype while training; auto = bf16 on CUDA (and CPUs with native bf16), else fp32")
-    g.add_argument("--negatives", choices=["random", "bm25", "data"], default="random",
-                   help="hard negatives: the data's own, BM25-mined (ranks --mine-range) or random")
-    g.add_argument("--num-negatives", type=int, default=3, help="negatives per query")
-    g.add_argument("--mine-range", default="10-100")
-    g.add_argument("--temperature", type=finite_float, default=0.02)
-    g.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
-                   help="train (and save) with this pooling (default: the model's)")
-    g.add_argument("--query-max-length", type=int, default=None, help="training query length (default: model's)")
-    g.add_argument("--document-max-length", type=int, default=None, help="training document length")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
+    options.add_lora(g, full=False)
+    options.add_steps(g, lr_help="LoRA lr, with --gates-with-lora / --recover-steps", batch_size=8,
+                      batch_help="queries (or, learning without --train, texts a side) per process per micro-batch")
+    options.add_contrastive(g, negatives="random", num_negatives=3, miner=False)
+    options.add_lengths(g)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,12 +278,8 @@ def _activation_scores(args, encoder, layers: list[int], texts: list[str], main:
     return neuron_importance(encoder.model, encoder.adapter, layers, block_batches(blocks, 4, encoder.pad_id))
 
 
-RUN_KEYS = ("train", "split", "seed", "ratio", "method", "negatives", "num_negatives", "mine_range", "temperature",
-            "batch_size", "grad_accum", "gate_loss", "gate_prior", "calibration", "calibration_samples", "seq_len",
-            "gate_steps", "gate_lr", "beta", "lam",
-            "no_early_stop", "gates_with_lora",
-            "recover_steps",
-            "lr", "lora_r", "lora_alpha", "pooling", "query_max_length", "document_max_length", "precision")
+RUN_KEYS = options.run_keys(add_arguments)
+"""What a checkpoint must share with this run to be resumed: every option but effir.options.NOT_RUN_KEYS."""
 
 
 def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: list[torch.Tensor],
@@ -313,9 +290,11 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     saved = encoder.settings
     encoder.settings = replace(saved, query_max_length=args.query_max_length or saved.query_max_length,
                                document_max_length=args.document_max_length or saved.document_max_length)
+    loop = options.typed(gate_training.LoopOptions, args)
     examples = _examples(args) if args.train else None
-    gate_data = examples if _gate_loss(args) == "infonce" or masks is not None else gate_training.parent_targets(args, encoder)
-    key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model": str(args.model), "model_fingerprint": fingerprint(encoder),
+    gate_data = examples if _gate_loss(args) == "infonce" or masks is not None else gate_training.parent_targets(
+        encoder, args.calibration, loop, args.gate_steps)
+    key = {**{k: getattr(args, k) for k in RUN_KEYS}, "model_fingerprint": fingerprint(encoder),
            "processes": acc.num_processes,
            "masks": None if masks is None else hashlib.sha256(torch.cat(masks).numpy().tobytes()).hexdigest()}
     base = encoder.model
@@ -330,13 +309,13 @@ def _trained_masks(args, acc, encoder, layers: list[int], out: Path, protect: li
     gates = MlpGates(base, encoder.adapter, layers, straight_through=not paper).to(encoder.device)
     z, info = None, {}
     if masks is None:
-        z, masks, info = gate_training.train_gates(args, acc, encoder, gate_data, gates, lora_params, protect, out, key,
-                                                     offset)
+        z, masks, info = gate_training.train_gates(options.typed(gate_training.GateOptions, args), loop, acc, encoder,
+                                                   gate_data, gates, lora_params, protect, out, key, offset)
     gates.set_hard_masks([m.to(encoder.device) for m in masks])
     if args.recover_steps:
         gate_training.set_trainable(lora_params, True)
-        gate_training.run_phase(args, acc, encoder, examples, "recover", [{"params": lora_params, "lr": args.lr}],
-               args.recover_steps, out, key, penalty=None)
+        gate_training.run_phase(loop, acc, encoder, examples, "recover", [{"params": lora_params, "lr": args.lr}],
+                                args.recover_steps, out, key, penalty=None)
     gates.remove()
     if args.gradient_checkpointing:
         training.set_activation_checkpointing(base, False)
