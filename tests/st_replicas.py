@@ -17,6 +17,15 @@ for BERT). Copied from the published folders:
 - minilm: sentence-transformers/all-MiniLM-L6-v2: BERT, mean (legacy keys), Normalize, max_seq_length 256;
 - st6: a Llama folder saved by sentence-transformers 6 itself (single-key "pooling_mode", ST 6 module paths,
   query_length / document_length unset).
+
+Dense-headed layouts (:data:`DENSE_REPLICAS`, same machinery):
+
+- embeddinggemma: google/embeddinggemma-300m: gemma3_text with use_bidirectional_attention and a sliding window
+  (here 4 tokens, shorter than the test texts), mean pooling, 2_Dense (H -> 3H, no bias, Identity), 3_Dense
+  (3H -> H, no bias, Identity), 4_Normalize, the query / document / task prompts, max_seq_length 2048, a Gemma
+  tokenizer (<bos> ... <eos>; padded left here, the harder case for effir's explicit positions);
+- labse-like: a BERT with cls pooling, one Dense (H -> 24, bias, Tanh), Normalize, the legacy module types and a
+  pytorch_model.bin, as older sentence-transformers folders (LaBSE) are saved.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +56,9 @@ class Replica:
     post_processor: dict | None = None  # tokenizer.json post-processor; None keeps the trained one
     do_lower_case: bool = False
     st6: bool = False  # saved by sentence-transformers 6 itself
+    dense: tuple = ()  # (out_features, bias, activation_function) per Dense module, in order
+    model_config: dict = field(default_factory=dict)  # overrides of the tiny HF config
+    dense_weights: str = "model.safetensors"  # or pytorch_model.bin, as older sentence-transformers saves
 
 
 def _template(single: list[str], specials: dict[str, int]) -> dict:
@@ -101,11 +114,33 @@ REPLICAS: dict[str, Replica] = {
         _template(["[CLS]", "$A", "[SEP]"], {"[CLS]": 2, "[SEP]": 3})),
     "st6": Replica("llama", "word", "lasttoken", True, {"query": "query: ", "document": "passage: "}, 512, st6=True),
 }
+GEMMA_PROMPTS = {"query": "task: search result | query: ", "document": "title: none | text: ",
+                 "Retrieval": "task: search result | query: ", "Clustering": "task: clustering | query: ",
+                 "STS": "task: sentence similarity | query: ", "CodeRetrieval": "task: code retrieval | query: "}
+IDENTITY, TANH = "torch.nn.modules.linear.Identity", "torch.nn.modules.activation.Tanh"
+GEMMA_SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+DENSE_REPLICAS: dict[str, Replica] = {
+    "embeddinggemma": Replica(
+        "gemma3_text", "gemma", "mean", True, GEMMA_PROMPTS, 2048,
+        {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+         "unk_token": "<unk>", "padding_side": "left", "model_max_length": 1000000000000000019884624838656},
+        _template(["<bos>", "$A", "<eos>"], {"<bos>": 2, "<eos>": 1}),
+        dense=((96, False, IDENTITY), (32, False, IDENTITY)),
+        model_config={"use_bidirectional_attention": True, "sliding_window": 4, "pad_token_id": 0,
+                      "eos_token_id": 1, "bos_token_id": 2,
+                      "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "labse-like": Replica(
+        "bert", "bert", "cls", True, {}, 512,
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "cls_token": "[CLS]", "sep_token": "[SEP]",
+         "pad_token": "[PAD]", "mask_token": "[MASK]", "unk_token": "[UNK]", "model_max_length": 512},
+        _template(["[CLS]", "$A", "[SEP]"], {"[CLS]": 2, "[SEP]": 3}), dense=((24, True, TANH),),
+        dense_weights="pytorch_model.bin"),
+}
 VOCAB_SIZE = 512  # every replica tokenizer fits; the tiny models get this many embeddings
 
 
 def _training_text() -> list[str]:
-    prompts = [p for r in REPLICAS.values() for p in r.prompts.values()]
+    prompts = [p for r in {**REPLICAS, **DENSE_REPLICAS}.values() for p in r.prompts.values()]
     texts = [" ".join(WORDS)] + [f"{d['title']} {d['text']}" for d in TINY_CORPUS] + [q["text"] for q in TINY_QUERIES]
     return (texts + prompts) * 5
 
@@ -120,10 +155,11 @@ def _trained_backend(kind: str):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(QWEN_SPECIALS), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    elif kind == "mistral":
+    elif kind in ("mistral", "gemma"):
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+        specials = ["<unk>", "<s>", "</s>"] if kind == "mistral" else list(GEMMA_SPECIALS)
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
     else:  # bert
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -177,12 +213,12 @@ def _write_st_files(folder: Path, r: Replica, dim: int) -> None:
     if r.st6:
         _save_with_sentence_transformers(folder, r, dim)
         return
-    types = {name: LEGACY + name for name in ("Transformer", "Pooling", "Normalize")}
-    modules = [{"idx": 0, "name": "0", "path": "", "type": types["Transformer"]},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": types["Pooling"]}]
-    if r.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": types["Normalize"]})
+    types = {name: LEGACY + name for name in ("Transformer", "Pooling", "Dense", "Normalize")}
+    kinds = ["Transformer", "Pooling"] + ["Dense"] * len(r.dense) + ["Normalize"] * r.normalize
+    modules = [{"idx": i, "name": str(i), "path": f"{i}_{kind}" if i else "", "type": types[kind]}
+               for i, kind in enumerate(kinds)]
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    _write_dense(folder, r, dim)
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(_legacy_pooling_config(r, dim), indent=2))
     st_config = {"__version__": {"sentence_transformers": "3.0.1"}, "prompts": r.prompts, "default_prompt_name": None,
@@ -192,14 +228,36 @@ def _write_st_files(folder: Path, r: Replica, dim: int) -> None:
     (folder / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2))
 
 
+def _write_dense(folder: Path, r: Replica, dim: int) -> None:
+    """Each Dense module's folder as sentence-transformers saves it: config.json and linear.weight / linear.bias."""
+    import torch
+    from safetensors.torch import save_file
+
+    for i, (out, bias, activation) in enumerate(r.dense, start=2):
+        where = folder / f"{i}_Dense"
+        where.mkdir()
+        config = {"in_features": dim, "out_features": out, "bias": bias, "activation_function": activation}
+        (where / "config.json").write_text(json.dumps(config, indent=4))
+        state = {"linear.weight": torch.randn(out, dim) / dim ** 0.5}
+        if bias:
+            state["linear.bias"] = torch.randn(out) * 0.1
+        if r.dense_weights == "model.safetensors":
+            save_file(state, str(where / "model.safetensors"))
+        else:
+            torch.save(state, where / "pytorch_model.bin")
+        dim = out
+
+
 def build_replica(name: str, folder: Path, st_files: bool = True) -> Path:
     """Write replica ``name`` into ``folder`` (random weights, seed 0); ``st_files=False`` leaves a plain HF folder."""
     import torch
     from transformers import AutoModel
 
-    r = REPLICAS[name]
+    r = REPLICAS.get(name) or DENSE_REPLICAS[name]
     config = tiny_config(r.model_type)
     config.vocab_size = VOCAB_SIZE
+    for key, value in r.model_config.items():
+        setattr(config, key, value)
     if r.tokenizer == "qwen":  # Qwen's pad / eos ids are its special tokens
         config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, None, 0
     torch.manual_seed(0)
@@ -223,3 +281,37 @@ def run_without_effir(script: str, tmp_path: Path, job) -> dict:
                           timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp_path / "out.json").read_text())
+
+
+# Embeds each job's folder with sentence-transformers (run it with :func:`run_without_effir`): encode_query /
+# encode_document, the prompts, pooling, modules and truncate_dim it loaded, and, for compressed folders, whether it
+# refuses them without trust_remote_code.
+ST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["effir"] = None  # effir is pip-installed (editable) in this venv: make any import of it fail
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    def refusal(load):
+        try:
+            load()
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        return None
+
+    results = {}
+    for job in json.load(open(sys.argv[1])):
+        model = SentenceTransformer(job["dir"], device="cpu", trust_remote_code=job["remote"],
+                                    truncate_dim=job.get("truncate_dim"))
+        kw = {"prompt_name": job["prompt_name"]} if job["prompt_name"] else {}
+        out = {"query": model.encode_query(job["texts"], convert_to_tensor=True, **kw).tolist(),
+               "document": model.encode_document(job["texts"], convert_to_tensor=True).tolist(),
+               "prompts": {k: v for k, v in model.prompts.items() if v},
+               "pooling": model[1].pooling_mode, "normalize": type(model[-1]).__name__ == "Normalize",
+               "modules": [type(m).__name__ for m in model], "truncate_dim": model.truncate_dim}
+        if job["remote"]:
+            out["refusals"] = [refusal(lambda: SentenceTransformer(job["dir"], device="cpu")),
+                               refusal(lambda: AutoModel.from_pretrained(job["dir"]))]
+        results[job["name"]] = out
+    json.dump(results, open(sys.argv[2], "w"))
+""")

@@ -6,11 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from st_replicas import QWEN_SPECIALS, REPLICAS, WEB_SEARCH, build_replica, run_without_effir
+from st_replicas import QWEN_SPECIALS, REPLICAS, ST_SCRIPT, WEB_SEARCH, build_replica, run_without_effir
 
 import effir
 from effir import cli
@@ -90,8 +89,8 @@ def test_task_prompts_without_a_query_prompt_say_so_and_prompt_name_picks_one(re
 
 @pytest.mark.parametrize("edit, match", [
     (lambda f: _patch(f / "modules.json", lambda m: m + [{"idx": 3, "name": "3", "path": "3_Dense",
-                                                           "type": "sentence_transformers.models.Dense"}]),
-     r"module\(s\) \['Dense'\] that effir cannot reproduce"),
+                                                           "type": "sentence_transformers.models.LayerNorm"}]),
+     r"module\(s\) \['LayerNorm'\] that effir cannot reproduce"),
     (lambda f: _patch(f / "1_Pooling" / "config.json", lambda c: {**c, "pooling_mode_mean_tokens": False,
                                                                   "pooling_mode_max_tokens": True}),
      r"pools with \['max'\]"),
@@ -117,35 +116,6 @@ def test_uncased_folder_with_a_cased_tokenizer_is_refused(tmp_path):
 
 def _patch(path, change):
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
-
-
-ST_SCRIPT = textwrap.dedent("""
-    import json, sys
-    sys.modules["effir"] = None  # effir is pip-installed (editable) in this venv: make any import of it fail
-    from sentence_transformers import SentenceTransformer
-    from transformers import AutoModel
-
-    def refusal(load):
-        try:
-            load()
-        except Exception as e:
-            return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-        return None
-
-    results = {}
-    for job in json.load(open(sys.argv[1])):
-        model = SentenceTransformer(job["dir"], device="cpu", trust_remote_code=job["remote"])
-        kw = {"prompt_name": job["prompt_name"]} if job["prompt_name"] else {}
-        out = {"query": model.encode_query(job["texts"], convert_to_tensor=True, **kw).tolist(),
-               "document": model.encode_document(job["texts"], convert_to_tensor=True).tolist(),
-               "prompts": {k: v for k, v in model.prompts.items() if v},
-               "pooling": model[1].pooling_mode, "normalize": type(model[-1]).__name__ == "Normalize"}
-        if job["remote"]:
-            out["refusals"] = [refusal(lambda: SentenceTransformer(job["dir"], device="cpu")),
-                               refusal(lambda: AutoModel.from_pretrained(job["dir"]))]
-        results[job["name"]] = out
-    json.dump(results, open(sys.argv[2], "w"))
-""")
 
 
 def _run_st(tmp_path, jobs: list[dict]) -> dict:

@@ -29,6 +29,7 @@ from .encoder import (
 )
 from .export import write_sentence_transformers_files
 from .files import atomic_path
+from .head import head_digest_items, load_head, save_head
 from .model_files import (
     add_remote_code,
     base_config,
@@ -90,7 +91,7 @@ def _local_errors(folder: Path):
 def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = "auto", pooling: str | None = None,
          query_prompt: str | None = None, document_prompt: str | None = None, task: str | None = None,
          query_max_length: int | None = None, document_max_length: int | None = None,
-         padding_side: str | None = None, prompt_name: str | None = None) -> Encoder:
+         padding_side: str | None = None, prompt_name: str | None = None, truncate_dim: int | None = None) -> Encoder:
     """Load a model reference as an :class:`Encoder` ready to ``encode_queries`` / ``encode_documents``.
 
     Args:
@@ -104,9 +105,12 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
         padding_side: ``right`` or ``left`` (default: the tokenizer's); embeddings are the same either way.
         prompt_name: the named prompt of a sentence-transformers folder (``web_search_query``, ...) to use as the
             query prompt; ``query_prompt`` still wins. Kept in folders effir writes, so it works on those too.
+        truncate_dim: keep the first ``truncate_dim`` embedding dimensions (Matryoshka), as sentence-transformers'
+            ``truncate_dim`` does (default: the folder's, else all); retrieval then scores by cosine.
 
     A folder without ``effir.json`` that is a sentence-transformers folder embeds as sentence-transformers does:
-    pooling, normalisation, prompts and lengths come from its files (:mod:`effir.stfolder`); notices about what was
+    pooling, the Dense head (:mod:`effir.head`), normalisation, truncation, prompts and lengths come from its files
+    (:mod:`effir.stfolder`); notices about what was
     chosen for it (a capped length, a missing query prompt) go to stderr.
 
     Raises:
@@ -130,9 +134,13 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
     model.to(dev).eval()
     settings, meta = _settings(meta, adapter, where if kind == "dir" else None, config, tokenizer, prompt_name)
     settings = _override(settings, pooling, query_prompt, document_prompt, task, query_max_length, document_max_length)
+    settings = _truncated(settings, truncate_dim)
+    head = load_head(where, settings.head, config.hidden_size)
+    _check_truncate_dim(settings, head, config.hidden_size)
     meta = {**meta, "reference": str(ref), "path": str(where), "dtype": dtype_name(torch_dtype),
             "stored_dtype": dtype_name(stored)}
-    return Encoder(model, tokenizer, settings, adapter, meta=meta, padding_side=padding_side or tokenizer.padding_side)
+    return Encoder(model, tokenizer, settings, adapter, meta=meta, padding_side=padding_side or tokenizer.padding_side,
+                   head=head)
 
 
 def stored_dtype(config, folder: Path | None) -> torch.dtype:
@@ -195,6 +203,21 @@ def _override(s: EmbeddingSettings, pooling, query_prompt, document_prompt, task
     return EmbeddingSettings.from_dict(data)
 
 
+def _truncated(s: EmbeddingSettings, truncate_dim: int | None) -> EmbeddingSettings:
+    """``s`` truncated to ``truncate_dim`` dimensions (``None``: as it is). Truncated unit vectors are no longer
+    unit vectors, so they score by cosine, as sentence-transformers scores the folders effir writes."""
+    if truncate_dim is None:
+        return s
+    return EmbeddingSettings.from_dict({**s.to_dict(), "truncate_dim": truncate_dim,
+                                        "similarity": "cosine" if s.normalize else s.similarity})
+
+
+def _check_truncate_dim(s: EmbeddingSettings, head, hidden_size: int) -> None:
+    full = head.out_features if head is not None else hidden_size
+    if s.truncate_dim is not None and s.truncate_dim > full:
+        raise EffirError(f"truncate_dim {s.truncate_dim} is more than the {full} dimensions the model embeds in")
+
+
 def _with_task(template: str, task: str) -> str:
     """A filled query ``template`` of a preset with a ``{task}`` slot (``effir``, ``e5``), its task replaced by
     ``task``: ``--task`` alone keeps the prompt the model was saved with.
@@ -211,6 +234,9 @@ def _with_task(template: str, task: str) -> str:
 
 
 QUERY_ONLY_SETTINGS = ("query_template", "query_max_length")
+# settings that enter a fingerprint only when set, so models without a head or truncation keep the identity (and
+# the cached corpus embeddings) they had before these settings existed
+UNSET_SETTINGS = {"head": [], "truncate_dim": None}
 
 
 def fingerprint(encoder: Encoder | AsymmetricEncoder, documents_only: bool = False) -> str:
@@ -233,10 +259,10 @@ def fingerprint(encoder: Encoder | AsymmetricEncoder, documents_only: bool = Fal
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(json.dumps(encoder.meta.get("structure"), sort_keys=True).encode())
     settings = {k: v for k, v in encoder.settings.to_dict().items()
-                if not (documents_only and k in QUERY_ONLY_SETTINGS)}
+                if not (documents_only and k in QUERY_ONLY_SETTINGS) and UNSET_SETTINGS.get(k, ...) != v}
     h.update(json.dumps(settings, sort_keys=True).encode())
     with torch.no_grad():
-        for name, tensor in sorted(encoder.model.state_dict().items()):
+        for name, tensor in sorted(encoder.model.state_dict().items()) + head_digest_items(encoder.head):
             flat = tensor.detach().reshape(-1)
             sample = torch.cat([flat[:8], flat[-8:], flat[:: max(1, flat.numel() // 4096)]])
             sample = sample.to(torch.bfloat16).float().cpu() if sample.is_floating_point() else sample.float().cpu()
@@ -276,6 +302,8 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
         tmp.mkdir()
         encoder.model.save_pretrained(tmp)
         encoder.tokenizer.save_pretrained(tmp)
+        if encoder.head is not None:  # the Dense modules ride along unchanged: stages never touch them
+            save_head(encoder.head, tmp)
         if structure:
             add_remote_code(tmp, encoder.adapter, structure)
         st_export = write_sentence_transformers_files(tmp, encoder)  # SentenceTransformer(out) embeds as effir does

@@ -7,12 +7,13 @@ The embedding recipe (pooling, prompts, max lengths, EOS) is a small dataclass, 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
 
 from .arch import ArchAdapter
+from .head import Head, check_paths
 from .utils import EffirError
 
 DEFAULT_TASK = "Given a query, retrieve relevant passages that answer the query."
@@ -50,6 +51,13 @@ class EmbeddingSettings:
     """Token budget for queries (prompt included)."""
     document_max_length: int = 512
     """Token budget for documents; the paper uses 512."""
+    head: list[str] = field(default_factory=list)
+    """Folders of the sentence-transformers ``Dense`` modules applied after pooling, before normalisation, in
+    order (``["2_Dense", "3_Dense"]``; see :mod:`effir.head`); empty for none. Their weights live in those
+    folders, next to the model's, and the :class:`Encoder` holds them as ``head``."""
+    truncate_dim: int | None = None
+    """Keep the first ``truncate_dim`` dimensions (Matryoshka), after normalisation and without renormalising, as
+    sentence-transformers' ``truncate_dim`` does; ``None`` keeps them all."""
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -61,6 +69,9 @@ class EmbeddingSettings:
                 raise EffirError(f"{name} {getattr(self, name)!r} has no {{text}} slot")
         if self.query_max_length < 2 or self.document_max_length < 2:
             raise EffirError("query_max_length and document_max_length must be at least 2")
+        if self.truncate_dim is not None and (not isinstance(self.truncate_dim, int) or self.truncate_dim < 1):
+            raise EffirError(f"truncate_dim must be a positive integer, not {self.truncate_dim!r}")
+        check_paths(self.head)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,11 +159,17 @@ class Encoder:
         settings: the :class:`EmbeddingSettings`.
         adapter: the :class:`~effir.arch.ArchAdapter` of ``model``.
         meta: the model's ``effir.json`` content (or ``{}``), and ``reference``/``path`` of where it came from.
+        head: the sentence-transformers Dense modules after pooling (:class:`~effir.head.Head`), or ``None``.
     """
 
     def __init__(self, model, tokenizer, settings: EmbeddingSettings, adapter: ArchAdapter, meta: dict | None = None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", head: Head | None = None):
+        # the settings name the head's folders; an encoder built without its head would embed in another space
+        if list(settings.head) != (head.paths if head is not None else []):
+            raise EffirError(f"the embedding settings name Dense modules {settings.head} but the encoder was given "
+                             f"{head.paths if head is not None else 'none'}")
         self.model = model
+        self.head = head
         self.tokenizer = tokenizer
         self.settings = settings
         self.adapter = adapter
@@ -181,7 +198,8 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        full = self.head.out_features if self.head is not None else self.model.config.hidden_size
+        return min(full, self.settings.truncate_dim or full)
 
     # -- tokenisation -------------------------------------------------------------------------------------------
     def format(self, texts: Sequence, side: str) -> list[str]:
@@ -229,8 +247,12 @@ class Encoder:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling)
+        if self.head is not None:  # sentence-transformers' order: Pooling -> Dense... -> Normalize -> truncation
+            emb = self.head(emb)
         if self.settings.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        if self.settings.truncate_dim:
+            emb = emb[..., :self.settings.truncate_dim]  # (B, truncate_dim)
         return emb
 
     @torch.inference_mode()

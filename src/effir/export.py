@@ -3,14 +3,15 @@
 :func:`write_sentence_transformers_files` runs inside :func:`effir.checkpoint.save`, on the folder being written,
 after the weights and the tokenizer. It adds what sentence-transformers (ST) 6 itself writes for an equivalent model:
 
-- ``modules.json``: Transformer (the folder root) -> Pooling (``1_Pooling``) -> Normalize (``2_Normalize``, only
-  when effir normalises);
+- ``modules.json``: Transformer (the folder root) -> Pooling (``1_Pooling``) -> the Dense modules of a
+  sentence-transformers source (``2_Dense``, ...: :func:`effir.checkpoint.save` writes their folders unchanged) ->
+  Normalize (``2_Normalize``, numbered after the Dense modules, only when effir normalises);
 - ``sentence_bert_config.json``: the token budgets. ST truncates ``encode_query`` to ``query_length`` and
   ``encode_document`` to ``document_length`` (keys of ST >= 6.0; ST 5.x raises a TypeError on them, so these folders
   need ST 6). A plain ``encode`` call names no side, so ``max_seq_length`` is the *document* budget there;
 - ``config_sentence_transformers.json``: ``prompts`` {"query", "document"} = effir's templates up to ``{text}``, next to
   the other named prompts of a sentence-transformers source (``web_search_query``, ...) and its
-  ``default_prompt_name``, so a compressed folder offers what its source offered;
+  ``default_prompt_name``, so a compressed folder offers what its source offered; ``truncate_dim`` when set;
 - ``1_Pooling/config.json``: effir's pooling with ``include_prompt: true`` (effir pools over prompt tokens too);
 - in ``tokenizer_config.json``: a pad token (EOS, as effir falls back to) when there is none, and right padding.
 
@@ -174,13 +175,13 @@ def _tidy_tokenizer_config(folder: Path, tokenizer) -> None:
 # -- sentence-transformers config files ------------------------------------------------------------------------------
 def _write_st_config(folder: Path, encoder, prompts: dict) -> None:
     s = encoder.settings
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"}]
+    modules = [("", "sentence_transformers.base.modules.transformer.Transformer"),
+               ("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling")]
+    modules += [(path, "sentence_transformers.base.modules.dense.Dense") for path in s.head]
     if s.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.base.modules.normalize.Normalize"})
-    _dump(folder / "modules.json", modules)
+        modules.append((f"{len(modules)}_Normalize", "sentence_transformers.base.modules.normalize.Normalize"))
+    _dump(folder / "modules.json", [{"idx": i, "name": str(i), "path": path, "type": kind}
+                                    for i, (path, kind) in enumerate(modules)])
     _dump(folder / "sentence_bert_config.json", {
         "transformer_task": "feature-extraction",
         "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
@@ -201,14 +202,15 @@ def _write_st_config(folder: Path, encoder, prompts: dict) -> None:
         "prompts": named,
         "default_prompt_name": default_name if default_name in named else None,
         "similarity_fn_name": "cosine" if s.normalize or s.similarity == "cosine" else "dot",
+        **({"truncate_dim": s.truncate_dim} if s.truncate_dim else {}),
     })
     _dump(folder / "1_Pooling" / "config.json", {
-        "embedding_dimension": encoder.dim,
+        "embedding_dimension": encoder.model.config.hidden_size,  # what pooling gives, before any Dense module
         "pooling_mode": ST_POOLING[s.pooling],
         "include_prompt": True,  # effir pools over the prompt tokens too
     })
     if s.normalize:
-        _dump(folder / "2_Normalize" / "config.json",
+        _dump(folder / modules[-1][0] / "config.json",
               {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
 
 

@@ -3,8 +3,9 @@
 A retriever usually arrives as a sentence-transformers (ST) folder. Without an ``effir.json``, effir embeds it as
 ``SentenceTransformer(folder).encode_query`` / ``encode_document`` do (ST 6), reading:
 
-- ``modules.json``: a Pooling module, and whether a Normalize module follows it. Any other module (Dense, ...)
-  changes the embedding in a way effir cannot reproduce: an error, never a silently different embedding;
+- ``modules.json``: Transformer -> Pooling -> ``Dense`` modules (the head, :mod:`effir.head`; none or several) ->
+  Normalize (optional), in that order. Any other module (LayerNorm, Router, ...) or order changes the embedding in
+  a way effir cannot reproduce: an error, never a silently different embedding;
 - ``1_Pooling/config.json``: ``pooling_mode`` (ST 6, a string or a one-element list) or the legacy
   ``pooling_mode_*`` booleans (none set means mean, as ST reads them); ``lasttoken`` / ``mean`` / ``cls``;
 - ``config_sentence_transformers.json`` ``prompts``: the ``query`` prompt for queries; for documents the
@@ -16,6 +17,7 @@ A retriever usually arrives as a sentence-transformers (ST) folder. Without an `
   tokenizer's ``model_max_length``, as ST reads it), capped at
   :data:`MAX_LENGTH_CAP` and at the model's ``max_position_embeddings`` (ST caps there too), with a notice when
   capped; ``do_lower_case`` is accepted where the tokenizer lowercases by itself;
+- ``config_sentence_transformers.json`` ``truncate_dim`` (Matryoshka): kept, applied after Normalize as ST does;
 - ``similarity_fn_name`` (cosine when absent, as ST reads it): how retrieval scores, which matters for folders
   without Normalize;
 - EOS: never appended by effir (``append_eos`` off): the folder's tokenizer decides, as in ST, whether an end
@@ -38,7 +40,7 @@ ST_TO_EFFIR_POOLING = {"lasttoken": "last", "mean": "mean", "cls": "cls"}
 _LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                    "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+_KNOWN_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 
 
 @dataclass
@@ -64,7 +66,7 @@ def read_st_folder(folder: Path, config, tokenizer, prompt_name: str | None = No
             ``prompt_name`` is not one of its prompts.
     """
     folder = Path(folder)
-    pooling, normalize = _modules(folder)
+    pooling, normalize, head = _modules(folder)
     st_config = _json(folder / "config_sentence_transformers.json") or {}
     prompts = {k: v for k, v in (st_config.get("prompts") or {}).items() if isinstance(v, str)}
     notes: list[str] = []
@@ -73,7 +75,8 @@ def read_st_folder(folder: Path, config, tokenizer, prompt_name: str | None = No
     similarity = _similarity(folder, st_config.get("similarity_fn_name"), normalize)
     settings = EmbeddingSettings(pooling=pooling, append_eos=False, normalize=normalize, similarity=similarity,
                                  query_template=query + "{text}", document_template=document + "{text}",
-                                 query_max_length=qlen, document_max_length=dlen)
+                                 query_max_length=qlen, document_max_length=dlen, head=head,
+                                 truncate_dim=st_config.get("truncate_dim"))
     return FolderSettings(settings, prompts, st_config.get("default_prompt_name"), notes)
 
 
@@ -86,19 +89,24 @@ def _json(path: Path):
         raise EffirError(f"{path} is not valid JSON ({e}); the sentence-transformers folder is damaged") from None
 
 
-def _modules(folder: Path) -> tuple[str, bool]:
-    """``(pooling, normalize)`` from ``modules.json`` and the Pooling module's config."""
+def _modules(folder: Path) -> tuple[str, bool, list[str]]:
+    """``(pooling, normalize, Dense module paths)`` from ``modules.json`` and the Pooling module's config."""
     modules = _json(folder / "modules.json")
-    if not isinstance(modules, list):
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise EffirError(f"{folder / 'modules.json'} is not a list of modules; the folder is damaged")
-    kinds = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
-    unknown = [t for t in kinds if t not in _KNOWN_MODULES]
+    types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    unknown = sorted({t for t in types if t not in _KNOWN_MODULES})
     if unknown:
         raise EffirError(f"{folder} has sentence-transformers module(s) {unknown} that effir cannot reproduce "
                          f"(it embeds with {', '.join(_KNOWN_MODULES)} only); effir would embed differently")
-    if "Pooling" not in kinds:
+    if "Pooling" not in types:
         raise EffirError(f"{folder / 'modules.json'} has no Pooling module; effir needs one to know how to pool")
-    cfg = _json(folder / kinds["Pooling"].get("path", "") / "config.json") or {}
+    dense = types.count("Dense")
+    expected = ["Transformer", "Pooling"] + ["Dense"] * dense + ["Normalize"] * ("Normalize" in types)
+    if types != expected:
+        raise EffirError(f"{folder / 'modules.json'} chains {types}; effir reproduces Transformer, Pooling, Dense "
+                         "(any number), Normalize (optional) in that order only")
+    cfg = _json(folder / modules[1].get("path", "") / "config.json") or {}
     mode = cfg.get("pooling_mode")
     if mode is None:  # the legacy booleans; none set means mean, as sentence-transformers reads them
         mode = [m for key, m in _LEGACY_POOLING.items() if cfg.get(key)] or ["mean"]
@@ -110,7 +118,7 @@ def _modules(folder: Path) -> tuple[str, bool]:
     if cfg.get("include_prompt") is False and pooling != "last":
         raise EffirError(f"{folder} pools {modes[0]} without the prompt tokens (include_prompt: false); effir pools "
                          "over the whole input and would embed differently")
-    return pooling, "Normalize" in kinds
+    return pooling, "Normalize" in types, [m.get("path", "") for m in modules[2:2 + dense]]
 
 
 def _similarity(folder: Path, name: str | None, normalize: bool) -> str:

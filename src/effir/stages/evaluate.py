@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: its 'query' prompt)")
     p.add_argument("--query-max-length", type=int, default=None, help="query token budget (default: the model's)")
     p.add_argument("--document-max-length", type=int, default=None, help="document token budget (default: the model's)")
+    p.add_argument("--truncate-dim", type=int, default=None,
+                   help="keep the first N embedding dimensions (Matryoshka), as sentence-transformers' truncate_dim "
+                        "(default: the model's, else all)")
     p.add_argument("--top-k", type=int, default=100, help="documents retrieved per query, >= 100 (default: 100)")
     p.add_argument("--chunk-size", type=int, default=50_000, help="documents encoded and searched per step")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the corpus-embedding cache")
@@ -110,7 +113,7 @@ def _run(args, device: torch.device) -> int:
     encoder = load(args.model, device=str(device), dtype=args.dtype, pooling=args.pooling,
                    query_prompt=args.query_prompt, prompt_name=args.prompt_name, task=args.task,
                    query_max_length=args.query_max_length,
-                   document_max_length=args.document_max_length,
+                   document_max_length=args.document_max_length, truncate_dim=args.truncate_dim,
                    padding_side="right" if args.backend != "torch" else None)
     model_id, documents_id = fingerprint(encoder), fingerprint(encoder, documents_only=True)  # of the source model
     variant = serving.variant_name(args.backend, args.quantize)

@@ -10,8 +10,9 @@ DIR is a complete effir model folder (weights, tokenizer, ``effir.json``, senten
 - ``openvino/openvino_model.xml`` and, with --int8, ``openvino/openvino_model_qint8_quantized.xml`` (NNCF static
   quantisation, calibrated on --calibration text encoded as queries and documents).
 
-Every graph maps ``input_ids`` / ``attention_mask`` to ``last_hidden_state``; pooling, normalisation, prompts and
-EOS stay in the folder's modules, so ``effir eval DIR --backend onnx [--quantize int8]`` and ``effir bench DIR
+Every graph maps ``input_ids`` / ``attention_mask`` to ``last_hidden_state``; pooling, a sentence-transformers
+Dense head (``2_Dense/``, ...: not in the graph, effir applies it), normalisation, prompts and EOS stay in the
+folder's modules, so ``effir eval DIR --backend onnx [--quantize int8]`` and ``effir bench DIR
 --backend onnx --baseline MODEL`` embed exactly as the torch model does. The export checks itself: probe queries and
 documents are embedded by the torch model and by every written graph, and ``DIR/export.json`` (written last)
 records the largest absolute difference and the cosine between them. Compressed models (``model_type: "effir"``)
@@ -151,7 +152,7 @@ def _parity(encoder, out: Path, rel: str) -> dict:
     backend = "onnx" if rel.startswith("onnx/") else "openvino"
     runner = serving.OnnxRunner(out / rel) if backend == "onnx" else serving.OpenVinoRunner(out / rel)
     served = Encoder(serving.ServedModel(runner, encoder.model.config), encoder.tokenizer, encoder.settings,
-                     encoder.adapter, padding_side="right")
+                     encoder.adapter, padding_side="right", head=encoder.head)
     diffs, cosines = [], []
     for side, texts in (("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS)):
         batch = encoder.tokenize(texts, side)

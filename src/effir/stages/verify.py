@@ -198,7 +198,7 @@ def _check_transformers(folder: Path, meta: dict, encoder: Encoder, want: torch.
     except Exception as e:  # any failure of the remote-code path is a failed check, reported in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return "FAIL", "transformers", f"AutoModel.from_pretrained(trust_remote_code=True) failed: {first}"
-    plain = Encoder(model, encoder.tokenizer, encoder.settings, encoder.adapter)
+    plain = Encoder(model, encoder.tokenizer, encoder.settings, encoder.adapter, head=encoder.head)
     diff = (_embeddings(plain) - want).abs().max().item()
     status = "PASS" if diff <= args.atol else "FAIL"
     return status, "transformers", (f"AutoModel.from_pretrained(DIR, trust_remote_code=True) -> "
