@@ -24,6 +24,10 @@ on --calibration text (effir.redundancy.neuron_importance): one forward pass ove
 --method magnitude cuts the same fraction of every layer by weight magnitude (Minitron-style), for comparison.
 All three keep the few "super neurons" that write the model's massive activations (attention sinks), found on the
 built-in prose in one forward pass (effir.probes.super_neurons; --super-neuron-factor 0 turns this off).
+After the cut, whatever the method, --compensate lstsq (the default) refits every cut MLP's down projection by ridge
+least squares so that its kept neurons reproduce the full MLP's output on --compensate-samples blocks of
+--calibration text, layer by layer through the layers already compensated (effir.compensation); --compensate none
+keeps the kept weights as they were.
 
 Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
 hardware runs fast (see benchmarks/width_multiple.py). Writes DIR/model (compressed-model format with per-layer
@@ -90,8 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "magnitude: the same fraction of every layer by weight norm (baseline)")
     p.add_argument("--calibration", default="wiki", metavar="SOURCE",
                    help="text for --method activation, for the gates' prior (--gate-prior), for gates learned "
-                        "without --train and for --compensate lstsq, as for effir analyze: wiki (built-in prose), FILE.txt, "
-                        "FILE.jsonl or beir:DIR (default: wiki)")
+                        "without --train and for --compensate lstsq, as for effir analyze: wiki (built-in prose), "
+                        "FILE.txt, FILE.jsonl or beir:DIR (default: wiki)")
     p.add_argument("--calibration-samples", type=int, default=64,
                    help="blocks of --seq-len tokens scored by --method activation and --gate-prior activation "
                         "(default: 64)")
@@ -100,12 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"round every kept width to a multiple of this (default {DEFAULT_WIDTH_MULTIPLE}): matmuls "
                         "run faster on such widths (benchmarks/width_multiple.py; figures in "
                         "docs/results/figures-behind-defaults.md)")
-    p.add_argument("--compensate", choices=COMPENSATIONS, default="none",
-                   help="after the cut, none: keep the kept neurons' weights as they are; lstsq: refit each MLP's down "
-                        "projection (and bias) by ridge least squares so its kept neurons reproduce the full MLP on "
-                        "--calibration text, layer by layer on the already compensated layers before it "
-                        "(effir.compensation; no training, any --method; figures in "
-                        "docs/results/minilm-compensation-cpu.md). Default: none")
+    p.add_argument("--compensate", choices=COMPENSATIONS, default="lstsq",
+                   help="after the cut, lstsq (default): refit each MLP's down projection (and bias) by ridge least "
+                        "squares so its kept neurons reproduce the full MLP on --calibration text, layer by layer on "
+                        "the already compensated layers before it (effir.compensation; no training, any --method; "
+                        "the default because it retained more than none at both ratios measured in "
+                        "docs/results/minilm-compensation-cpu.md); none: keep the kept neurons' weights as they are")
     p.add_argument("--compensate-samples", type=int, default=COMPENSATE_SAMPLES,
                    help="blocks of --seq-len tokens of --calibration text that --compensate lstsq fits on (default: "
                         f"{COMPENSATE_SAMPLES}; more tokens than an MLP has neurons, with room to spare)")
