@@ -230,13 +230,10 @@ def _slice(args, encoder, keeps: dict[int, torch.Tensor], texts: list[str] | Non
           f"{args.calibration}")
     stats = slice_and_refit(encoder.model, encoder.adapter, keeps, block_batches(blocks, 4, encoder.pad_id),
                             progress=not args.no_progress)
-    print(f"  output error of the cut MLPs (relative, on that text): {_mean(stats['error_unrepaired']):.4f} -> "
-          f"{_mean(stats['error_refit']):.4f} after the refit ({stats['seconds']:.1f} s)")
+    before, after = (sum(stats[k]) / len(stats[k]) for k in ("error_unrepaired", "error_refit"))
+    print(f"  output error of the cut MLPs (relative, on that text): {before:.4f} -> {after:.4f} after the refit "
+          f"({stats['seconds']:.1f} s)")
     return stats
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z, gate_info: dict,
