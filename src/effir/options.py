@@ -124,6 +124,8 @@ NOT_RUN_KEYS = {
     "gradient_checkpointing": "memory against time: the same gradients (tests: accumulation_and_checkpointing_do_not_"
                               "change_the_losses, gradient_checkpointing_does_not_change_gate_training)",
     "prepare_only": "stops before training, so it never writes or resumes a checkpoint",
+    "compensate": "slim's refit runs on the final masks, after the last step that writes a checkpoint",
+    "compensate_samples": "the calibration size of that refit, after the last checkpoint as well",
     "encode_batch_size": "batch of passes whose output is stored and keyed by content: finetune's train_data.jsonl "
                          "(its sha256 is in the key), distill's parent embeddings (cached by parent and texts)",
 }

@@ -1,5 +1,6 @@
-"""Calibration probes: forward passes over calibration batches with hooks on the MLP down projections, and the
-super neurons they reveal.
+"""Calibration probes: forward passes over calibration batches with hooks on the MLP down projections, the super
+neurons they reveal, and :func:`layer_pass`, the one-layer-at-a-time pass of layer-wise calibration (pruning,
+compensation).
 
 Super neurons. A handful of MLP neurons write the massive activations that attention uses as a sink (see
 :mod:`effir.redundancy`); pruning one breaks the whole model, and nothing in an InfoNCE-trained gate protects it.
@@ -80,3 +81,76 @@ def neuron_peak_hook(store: dict, key, state: dict):
 def neuron_contribution(peak: torch.Tensor, down: nn.Module) -> torch.Tensor:
     """Each neuron's peak ``|activation|`` times the largest ``|weight|`` of its down-projection column: ``(d_ff,)``."""
     return peak.float().cpu() * down.weight.detach().float().abs().amax(dim=0).cpu()
+
+
+# -- one layer at a time, through the layers already edited -------------------------------------------------------
+class _Stop(Exception):
+    """Raised right after the layer being calibrated: nothing after it is needed in this pass."""
+
+
+def layer_pass(model: nn.Module, layers, target: int, batches: list, state: dict, *, start: int = 0,
+               inputs: list | None = None) -> list:
+    """Run ``model`` over ``batches`` for the hooks a caller has registered inside ``layers[target]``, as layer-wise
+    calibration (SparseGPT, Wanda) needs: ``layers[target]`` sees what the layers before it, as edited so far, give
+    it, and nothing is computed twice across passes.
+
+    Layers ``0 .. start-1`` hand their input straight on (their forward is switched off for the pass), ``layers[start]``
+    runs on ``inputs[b]`` (what entered it in an earlier pass, per batch; ``None``: the embeddings), the layers from
+    it to ``target`` run as they are now, and the forward stops right after ``layers[target]``. During each forward
+    ``state["batch"]`` is the batch index and ``state["mask"]`` its ``(B, T)`` attention mask as floats.
+
+    Returns:
+        What entered ``layers[target]``, per batch: the ``inputs`` of a later pass with ``start=target``.
+    """
+    entered: list = [None] * len(batches)
+
+    def replay(_layer, args, kwargs):  # run on the recorded input, not on the passed-through embeddings
+        return _with_hidden(args, kwargs, inputs[state["batch"]])
+
+    def record(_layer, args, kwargs):
+        entered[state["batch"]] = _hidden(args, kwargs)
+
+    def stop(*_):
+        raise _Stop
+
+    skipped = [(layer, layer.__dict__.get("forward")) for layer in layers[:start]] if inputs is not None else []
+    handles = [layers[target].register_forward_pre_hook(record, with_kwargs=True),
+               layers[target].register_forward_hook(stop)]
+    if inputs is not None:
+        handles.append(layers[start].register_forward_pre_hook(replay, with_kwargs=True))
+    try:
+        for layer, _ in skipped:
+            layer.forward = _pass_through
+        device = next(model.parameters()).device
+        for b, batch in enumerate(batches):
+            mask = batch["attention_mask"].to(device)
+            state.update(batch=b, mask=mask.float())
+            try:
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, forward in skipped:
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
+    return entered
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a layer is called with (first positional argument, or ``hidden_states=``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _pass_through(*args, **kwargs) -> torch.Tensor:
+    """A layer's forward for the pass of a later layer: its input, unchanged (that layer's input is replayed)."""
+    return _hidden(args, kwargs)

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchAdapter, layer_list
+from .probes import layer_pass
 from .sparsity import Pattern, layer_projections
 from .utils import EffirError
 
@@ -66,10 +67,6 @@ def kernel(method: str):
         logger.add(sys.stderr, level="WARNING", filter="llmcompressor",
                    format="effir prune: llmcompressor {level}: {message}")
     return module
-
-
-class _Stop(Exception):
-    """Raised right after the layer being calibrated: nothing after it is needed in this pass."""
 
 
 @torch.no_grad()
@@ -112,67 +109,22 @@ def prune_layers(model: nn.Module, adapter: ArchAdapter, batches: Iterable[Mappi
 
 
 def _calibrate(model, layers, i: int, batches: list, inputs: list, stats: dict, module, method: str) -> list:
-    """One pass for layer ``i``: its projections' statistics accumulate in ``stats``; returns what entered layer
-    ``i`` for each batch (the inputs of the next pass)."""
+    """One pass for layer ``i`` (:func:`effir.probes.layer_pass`): its projections' statistics accumulate in
+    ``stats``; returns what entered layer ``i`` for each batch (the inputs of the next pass)."""
     state: dict = {"batch": 0, "mask": None}
-    entered: list = [None] * len(batches)
     accumulate = module.accumulate_hessian if method == "sparsegpt" else module.accumulate_row_scalars
-
-    def replay(_layer, args, kwargs):  # layer i-1 runs on its recorded input, not on the passed-through embeddings
-        return _with_hidden(args, kwargs, inputs[state["batch"]])
-
-    def record(_layer, args, kwargs):
-        entered[state["batch"]] = _hidden(args, kwargs)
-
-    def stop(*_):
-        raise _Stop
 
     def take(proj, args):
         x = args[0] * state["mask"][..., None].to(args[0].dtype)  # pad tokens add nothing
         s = stats[proj]
         s[0], s[1] = accumulate(x, proj, s[0], s[1])
 
-    skipped = [(layer, layer.__dict__.get("forward")) for layer in layers[:max(i - 1, 0)]]
-    handles = [layers[i].register_forward_pre_hook(record, with_kwargs=True), layers[i].register_forward_hook(stop)]
-    handles += [proj.register_forward_pre_hook(take) for proj in stats]
-    if i > 0:
-        handles.append(layers[i - 1].register_forward_pre_hook(replay, with_kwargs=True))
+    handles = [proj.register_forward_pre_hook(take) for proj in stats]
     try:
-        for layer, _ in skipped:
-            layer.forward = _pass_through
-        device = next(model.parameters()).device
-        for b, batch in enumerate(batches):
-            mask = batch["attention_mask"].to(device)
-            state.update(batch=b, mask=mask)
-            try:
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
-            except _Stop:
-                pass
+        return layer_pass(model, layers, i, batches, state, start=max(i - 1, 0), inputs=inputs if i > 0 else None)
     finally:
         for h in handles:
             h.remove()
-        for layer, forward in skipped:
-            del layer.forward
-            if forward is not None:
-                layer.forward = forward
-    return entered
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a layer is called with (first positional argument, or ``hidden_states=``)."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _pass_through(*args, **kwargs) -> torch.Tensor:
-    """A layer's forward for the pass of a later layer: its input, unchanged (that layer's input is replayed)."""
-    return _hidden(args, kwargs)
 
 
 def _sparsify(proj: nn.Linear, stats: dict, module, method: str, pattern: Pattern, block_size: int,

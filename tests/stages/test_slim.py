@@ -83,6 +83,40 @@ def test_activation_method_cuts_dead_neurons_first_and_ranks_globally(tiny_model
     assert torch.isfinite(sliced.encode_queries(["what is the capital of france"])).all()
 
 
+def test_compensated_slim_reloads_equal_and_passes_verify(tiny_model_dir, tmp_path, capsys):
+    """--compensate lstsq (every family): the folder holds the down projections effir.compensation refits on the
+    --calibration blocks, reloads to exactly them, records the refit in effir.json and passes effir verify; the refit
+    lowered every MLP's output error on that text."""
+    from effir.arch import get_path, layer_list
+    from effir.calibration import block_batches, calibration_blocks, load_texts
+    from effir.compensation import slice_and_refit
+    from effir.gates import uniform_magnitude_masks
+
+    out = tmp_path / "comp"
+    rc = main(_args(tiny_model_dir, out, "--method", "magnitude", "--ratio", "0.25", "--compensate", "lstsq",
+                    "--compensate-samples", "8", "--seq-len", "32", "--super-neuron-factor", "0"))
+    assert rc == 0
+    summary = json.loads((out / "slim.json").read_text())
+    stats = summary["compensation"]
+    assert all(a < b for a, b in zip(stats["error_refit"], stats["error_unrepaired"], strict=True)), stats
+    history = json.loads((out / "model" / "effir.json").read_text())["history"][-1]
+    assert history["compensate"] == "lstsq" and history["compensate_samples"] == 8 and history["calibration"] == "wiki"
+
+    parent = effir.load(tiny_model_dir, device="cpu", dtype="fp32")  # the same cut and refit, here
+    layers = list(range(4))
+    masks = uniform_magnitude_masks(parent.model, parent.adapter, layers, 0.25, 8, [torch.zeros(64, dtype=bool)] * 4)
+    blocks = calibration_blocks(parent, load_texts("wiki").documents, 8, 32, seed=42, source="wiki", verb="slim")
+    slice_and_refit(parent.model, parent.adapter, {i: torch.nonzero(m).flatten() for i, m in zip(layers, masks, strict=True)},
+                    block_batches(blocks, 4, parent.pad_id), progress=False)
+    reloaded = effir.load(out / "model", device="cpu", dtype="fp32")
+    for i in layers:
+        ours, theirs = (get_path(layer_list(e.model, e.adapter)[i], e.adapter.down_proj) for e in (reloaded, parent))
+        assert torch.equal(ours.weight, theirs.weight), i
+        assert ours.bias is None or torch.equal(ours.bias, theirs.bias), i
+    capsys.readouterr()
+    assert main(["verify", str(out / "model"), "--skip", "sentence-transformers"]) == 0, capsys.readouterr().out
+
+
 def test_recovery_after_activation_ranking_trains_the_masked_model(tiny_llama_dir, train_beir, tmp_path):
     common = ["--method", "activation", "--ratio", "0.25", "--calibration-samples", "4", "--seq-len", "16"]
     plain, recovered = tmp_path / "plain", tmp_path / "rec"
@@ -198,6 +232,9 @@ def test_gradient_checkpointing_does_not_change_gate_training(tiny_llama_dir, tr
     (["--gate-loss", "infonce"], "needs --train"),
     (["--method", "activation", "--recover-steps", "3"], "--recover-steps trains the masked model and needs --train"),
     (["--train", "unused", "--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--method", "magnitude", "--compensate", "lstsq", "--compensate-samples", "0"],
+     "--compensate-samples must be >= 1"),
+    (["--method", "magnitude", "--compensate", "lstsq", "--calibration", "nope.txt"], "does not exist"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_llama_dir, tmp_path, capsys, extra, message):
     args = ["slim", str(tiny_llama_dir), "--output", str(tmp_path / "o"), "--device", "cpu", "--no-progress", *extra]

@@ -24,6 +24,10 @@ on --calibration text (effir.redundancy.neuron_importance): one forward pass ove
 --method magnitude cuts the same fraction of every layer by weight magnitude (Minitron-style), for comparison.
 All three keep the few "super neurons" that write the model's massive activations (attention sinks), found on the
 built-in prose in one forward pass (effir.probes.super_neurons; --super-neuron-factor 0 turns this off).
+After the cut, whatever the method, --compensate lstsq (the default) refits every cut MLP's down projection by ridge
+least squares so that its kept neurons reproduce the full MLP's output on --compensate-samples blocks of
+--calibration text, layer by layer through the layers already compensated (effir.compensation); --compensate none
+keeps the kept weights as they were.
 
 Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
 hardware runs fast (see benchmarks/width_multiple.py). Writes DIR/model (compressed-model format with per-layer
@@ -48,8 +52,10 @@ from pathlib import Path
 import torch
 
 from .. import gate_training, options, training
-from ..calibration import block_batches, load_texts, token_blocks
+from ..calibration import block_batches, calibration_blocks, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
+from ..compensation import METHODS as COMPENSATIONS
+from ..compensation import slice_and_refit
 from ..files import write_json
 from ..gate_training import PAPER_GATE_LR, TARGET_GATE_LR
 from ..gates import MlpGates, check_reachable, global_keep_masks, prior_offsets, uniform_magnitude_masks
@@ -69,6 +75,7 @@ from ..utils import (
     seed_everything,
 )
 
+COMPENSATE_SAMPLES = 128
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
 GATE_PRIOR_SPREAD = 2.0
 """Width, in units of z, of the activation ranking's offsets (--gate-prior): gates start at 1 and move about one
@@ -86,9 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "contribution to the residual stream on --calibration text, ranked globally (no training); "
                         "magnitude: the same fraction of every layer by weight norm (baseline)")
     p.add_argument("--calibration", default="wiki", metavar="SOURCE",
-                   help="text for --method activation, for the gates' prior (--gate-prior) and for gates learned "
-                        "without --train, as for effir analyze: wiki (built-in prose), FILE.txt, "
-                        "FILE.jsonl or beir:DIR (default: wiki)")
+                   help="text for --method activation, for the gates' prior (--gate-prior), for gates learned "
+                        "without --train and for --compensate lstsq, as for effir analyze: wiki (built-in prose), "
+                        "FILE.txt, FILE.jsonl or beir:DIR (default: wiki)")
     p.add_argument("--calibration-samples", type=int, default=64,
                    help="blocks of --seq-len tokens scored by --method activation and --gate-prior activation "
                         "(default: 64)")
@@ -97,6 +104,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"round every kept width to a multiple of this (default {DEFAULT_WIDTH_MULTIPLE}): matmuls "
                         "run faster on such widths (benchmarks/width_multiple.py; figures in "
                         "docs/results/figures-behind-defaults.md)")
+    p.add_argument("--compensate", choices=COMPENSATIONS, default="lstsq",
+                   help="after the cut, lstsq (default): refit each MLP's down projection (and bias) by ridge least "
+                        "squares so its kept neurons reproduce the full MLP on --calibration text, layer by layer on "
+                        "the already compensated layers before it (effir.compensation; no training, any --method; "
+                        "the default because it retained more than none at both ratios measured in "
+                        "docs/results/minilm-compensation-cpu.md); none: keep the kept neurons' weights as they are")
+    p.add_argument("--compensate-samples", type=int, default=COMPENSATE_SAMPLES,
+                   help="blocks of --seq-len tokens of --calibration text that --compensate lstsq fits on (default: "
+                        f"{COMPENSATE_SAMPLES}; more tokens than an MLP has neurons, with room to spare)")
     p.add_argument("--super-neuron-factor", type=finite_float, default=SUPER_NEURON_FACTOR,
                    help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
                         f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
@@ -150,7 +166,8 @@ def _training_arguments(g) -> None:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
-    learns_from_text = _ranks_by_activation(args) or (args.method == "learned" and _gate_loss(args) == "distill")
+    learns_from_text = (_ranks_by_activation(args) or (args.method == "learned" and _gate_loss(args) == "distill")
+                        or args.compensate == "lstsq")
     texts = load_texts(args.calibration).documents if learns_from_text else None
     return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
@@ -188,18 +205,39 @@ def _run(args, acc, texts: list[str] | None) -> int:
                                GATE_PRIOR_SPREAD)
     if trains:
         masks, z, gate_info = _trained_masks(args, acc, encoder, layers, out, protect, masks, offset)
-    for i, mask in zip(layers, masks, strict=True):
-        slice_mlp(encoder.model, adapter, i, torch.nonzero(mask).flatten())
+    keeps = {i: torch.nonzero(mask).flatten() for i, mask in zip(layers, masks, strict=True)}
+    compensation = _slice(args, encoder, keeps, texts, acc.is_main_process)
     encoder.model.eval()
     for p in encoder.model.parameters():
         p.requires_grad_(False)
     encoder.meta["structure"] = structure_of(encoder.model, adapter)
     if acc.is_main_process:
-        _finish(args, encoder, out, layers, widths_before, before, protect, z, gate_info, time.perf_counter() - t0)
+        _finish(args, encoder, out, layers, widths_before, before, protect, z, gate_info, compensation,
+                time.perf_counter() - t0)
     return 0
 
 
-def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z, gate_info: dict, wall: float) -> None:
+def _slice(args, encoder, keeps: dict[int, torch.Tensor], texts: list[str] | None, main: bool) -> dict | None:
+    """Cut every MLP to its ``keeps``; with --compensate lstsq, refit the down projections on the way
+    (effir.compensation) and return what the refit did. Other processes only slice: they save nothing."""
+    if args.compensate == "none" or not main:
+        for i, keep in keeps.items():
+            slice_mlp(encoder.model, encoder.adapter, i, keep)
+        return None
+    blocks = calibration_blocks(encoder, texts, args.compensate_samples, args.seq_len, seed=args.seed,
+                                source=args.calibration, verb="slim")
+    print(f"effir slim: refitting the down projections on {len(blocks)} block(s) of up to {args.seq_len} tokens of "
+          f"{args.calibration}")
+    stats = slice_and_refit(encoder.model, encoder.adapter, keeps, block_batches(blocks, 4, encoder.pad_id),
+                            progress=not args.no_progress)
+    before, after = (sum(stats[k]) / len(stats[k]) for k in ("error_unrepaired", "error_refit"))
+    print(f"  output error of the cut MLPs (relative, on that text): {before:.4f} -> {after:.4f} after the refit "
+          f"({stats['seconds']:.1f} s)")
+    return stats
+
+
+def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z, gate_info: dict,
+            compensation: dict | None, wall: float) -> None:
     after = count_parameters(encoder.model, encoder.adapter)
     widths_after = [encoder.meta["structure"]["mlp_widths"][i] for i in layers]
     stage = {"stage": "slim", "method": args.method, "ratio": args.ratio, "width_multiple": args.width_multiple,
@@ -209,6 +247,9 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
         stage.update(gate_prior=_gate_prior(args))
     if _ranks_by_activation(args):
         stage.update(calibration=args.calibration, calibration_samples=args.calibration_samples, seq_len=args.seq_len)
+    stage.update(compensate=args.compensate)
+    if args.compensate == "lstsq":
+        stage.update(calibration=args.calibration, compensate_samples=args.compensate_samples, seq_len=args.seq_len)
     save(encoder, out / "model", stage=stage, overwrite=True)
     width_plot(layers, widths_before, widths_after, out / "widths.png",
                title=f"MLP widths after slimming ({args.method}, ratio {args.ratio})")
@@ -219,6 +260,8 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
                "super_neurons": {str(i): torch.nonzero(m).flatten().tolist() for i, m in zip(layers, protect, strict=True)
                                  if m.any()},
                "wall_s": round(wall, 1)}
+    if compensation is not None:
+        summary["compensation"] = compensation
     if z is not None:
         summary.update(gate_info, objective="paper" if args.lam is not None else "target")
         summary["gate_stats"] = [{"layer": i, "mean_relu_z": round(float(torch.relu(v).mean()), 4)}
@@ -239,6 +282,8 @@ def _check(args) -> None:
         raise EffirError(f"--width-multiple must be >= 1, got {args.width_multiple}")
     if _ranks_by_activation(args) and (args.calibration_samples < 1 or args.seq_len < 2):
         raise EffirError("--calibration-samples must be >= 1 and --seq-len >= 2")
+    if args.compensate == "lstsq" and (args.compensate_samples < 1 or args.seq_len < 2):
+        raise EffirError("--compensate-samples must be >= 1 and --seq-len >= 2")
     if args.recover_steps < 0:
         raise EffirError(f"--recover-steps must be >= 0, got {args.recover_steps}")
     if args.method == "learned" and not args.train and args.gate_loss == "infonce":

@@ -1,0 +1,157 @@
+"""Least-squares compensation after an MLP width cut (effir.compensation), checked against torch.linalg.lstsq and a
+whole forward through the compensated model, on every architecture of the table."""
+
+import copy
+
+import pytest
+import torch
+from conftest import WORDS
+
+from effir.arch import get_adapter, get_path, layer_list
+from effir.calibration import block_batches, token_blocks
+from effir.compensation import DAMPENING, down_gram, refit_down, slice_and_refit
+from effir.surgery import slice_mlp
+from effir.utils import EffirError
+
+
+def _calibration(tokenizer) -> list[dict]:
+    """8 blocks of 24 tokens (about 190 tokens: more than the 64 neurons of a tiny MLP), the last one shorter."""
+    texts = [" ".join(WORDS[(5 * i + 11 * j) % len(WORDS)] for j in range(40)) for i in range(10)]
+    blocks = token_blocks(tokenizer, texts, 8, 24)
+    blocks[-1] = blocks[-1][:13]  # padding must not count
+    return list(block_batches(blocks, 3, 0))
+
+
+def _keeps(model, seed: int = 0, fraction: float = 0.5) -> dict[int, torch.Tensor]:
+    """A random ``fraction`` of every layer's neurons."""
+    adapter = get_adapter(model.config)
+    width = get_path(layer_list(model, adapter)[0], adapter.down_proj).in_features
+    g = torch.Generator().manual_seed(seed)
+    return {i: torch.randperm(width, generator=g)[:int(fraction * width)].sort().values
+            for i in range(len(layer_list(model, adapter)))}
+
+
+def _run(model, batches) -> torch.Tensor:
+    mask = torch.cat([b["attention_mask"] for b in batches])
+    with torch.no_grad():
+        out = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state for b in batches]
+    return torch.cat(out)[mask.bool()]
+
+
+@torch.no_grad()
+def _down_inputs(model, layer: int, batches) -> torch.Tensor:
+    """What layer ``layer``'s down projection receives over ``batches`` in a whole forward, non-pad tokens only:
+    ``(N, d_ff)``."""
+    adapter = get_adapter(model.config)
+    down = get_path(layer_list(model, adapter)[layer], adapter.down_proj)
+    seen = []
+    handle = down.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+    for b in batches:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+              position_ids=(b["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    handle.remove()
+    return torch.cat([h[b["attention_mask"].bool()] for h, b in zip(seen, batches, strict=True)])
+
+
+def test_every_neuron_kept_reproduces_the_model_exactly(tiny_model, tiny_tokenizer):
+    """With nothing removed the refit has nothing to make up for: every down projection (and bias) and so the
+    model's output stay exactly what they were, whatever the ridge."""
+    adapter = get_adapter(tiny_model.config)
+    batches = _calibration(tiny_tokenizer)
+    before = _run(tiny_model, batches)
+    stats = slice_and_refit(tiny_model, adapter, _keeps(tiny_model, fraction=1.0), batches, progress=False)
+    assert torch.equal(_run(tiny_model, batches), before)
+    assert stats["error_refit"] == stats["error_unrepaired"] == [0.0] * len(layer_list(tiny_model, adapter))
+
+
+def test_the_textbook_formula_with_every_neuron_kept_gives_back_w(tiny_model, tiny_tokenizer):
+    """``W H Hk^T (Hk Hk^T)^-1 = W`` when ``Hk = H``: refit_down (lam = 0) is that formula, to fp32 rounding."""
+    adapter = get_adapter(tiny_model.config)
+    down = get_path(layer_list(tiny_model, adapter)[0], adapter.down_proj)
+    gram, _ = down_gram(tiny_model, layer_list(tiny_model, adapter), 0, down, _calibration(tiny_tokenizer))
+    every = torch.arange(down.in_features)
+    weight, bias = refit_down(down.weight, down.bias, gram, every, dampening=0.0)
+    torch.testing.assert_close(weight, down.weight, rtol=0, atol=1e-6)
+    if down.bias is not None:
+        torch.testing.assert_close(bias, down.bias, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dampening", [0.0, DAMPENING])
+def test_refit_is_the_ridge_least_squares_optimum(tiny_model, tiny_tokenizer, dampening):
+    """Half of the first MLP's neurons cut: the refit weight (and bias) is what torch.linalg.lstsq finds on the same
+    activations (the ridge as extra rows ``sqrt(lam) I`` pulling the correction to 0), and its output error on them
+    is below the plain cut's, as the returned statistics say."""
+    adapter = get_adapter(tiny_model.config)
+    batches = _calibration(tiny_tokenizer)
+    down = get_path(layer_list(tiny_model, adapter)[0], adapter.down_proj)
+    w, b = down.weight.detach().double().clone(), None if down.bias is None else down.bias.detach().double().clone()
+    h = _down_inputs(tiny_model, 0, batches).double()  # (N, d_ff)
+    keep = _keeps(tiny_model)[0]
+    target = h @ w.T + (0 if b is None else b)  # (N, d)
+    hk, wk = h[:, keep], w[:, keep]
+    if b is not None:
+        hk, wk = torch.cat([hk, torch.ones(len(h), 1, dtype=h.dtype)], 1), torch.cat([wk, b[:, None]], 1)
+    lam = dampening * float((h[:, keep] ** 2).sum(0).mean())
+    a = torch.cat([hk, lam ** 0.5 * torch.eye(hk.shape[1], dtype=h.dtype)])
+    rhs = torch.cat([target - hk @ wk.T, torch.zeros(hk.shape[1], len(w), dtype=h.dtype)])
+    best = wk + torch.linalg.lstsq(a, rhs).solution.T  # (d, k [+1])
+
+    stats = slice_and_refit(tiny_model, adapter, {0: keep}, batches, dampening=dampening, progress=False)
+    new = get_path(layer_list(tiny_model, adapter)[0], adapter.down_proj)
+    ours = (new.weight if b is None else torch.cat([new.weight, new.bias[:, None]], 1)).detach().double()
+    torch.testing.assert_close(ours, best, rtol=1e-4, atol=1e-5)
+    error = {"refit": (target - hk @ ours.T).square().sum(), "unrepaired": (target - hk @ wk.T).square().sum()}
+    assert error["refit"] < 0.9 * error["unrepaired"], error
+    for key in error:
+        assert stats[f"error_{key}"][0] == pytest.approx(float(error[key] / target.square().sum()), rel=1e-3)
+
+
+def test_every_layer_is_refit_on_the_compensated_layers_before_it(tiny_model, tiny_tokenizer):
+    """The replayed passes give every MLP the inputs a whole forward through the already sliced and refit layers
+    gives it: the same weights as compensating one whole forward at a time. Statistics taken on the uncompressed
+    model instead would give other weights from the second layer on."""
+    adapter = get_adapter(tiny_model.config)
+    batches = _calibration(tiny_tokenizer)
+    keeps = _keeps(tiny_model)
+    reference, parallel = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    grams_of_full_model = {i: _gram(parallel, i, batches) for i in keeps}
+    for i, keep in keeps.items():
+        _refit_one(reference, i, keep, _gram(reference, i, batches))  # a whole forward through the layers so far
+        _refit_one(parallel, i, keep, grams_of_full_model[i])
+    slice_and_refit(tiny_model, adapter, keeps, batches, progress=False)
+    for i in keeps:
+        ours, theirs, wrong = (get_path(layer_list(m, adapter)[i], adapter.down_proj).weight.detach()
+                               for m in (tiny_model, reference, parallel))
+        gap = {"reference": (ours - theirs).abs().max(), "full-model statistics": (ours - wrong).abs().max()}
+        assert gap["reference"] < 5e-6, (i, gap)  # float32 Grams per batch against float64 ones
+        assert i == 0 or gap["full-model statistics"] > 20 * gap["reference"], (i, gap)
+
+
+def _gram(model, i: int, batches) -> torch.Tensor:
+    """``H H^T`` (with the ones row where the down projection has a bias) from a whole forward, float64."""
+    adapter = get_adapter(model.config)
+    h = _down_inputs(model, i, batches).double()
+    if get_path(layer_list(model, adapter)[i], adapter.down_proj).bias is not None:
+        h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+    return h.T @ h
+
+
+def _refit_one(model, i: int, keep: torch.Tensor, gram: torch.Tensor) -> None:
+    adapter = get_adapter(model.config)
+    old = get_path(layer_list(model, adapter)[i], adapter.down_proj)
+    weight, bias = refit_down(old.weight, old.bias, gram, keep)
+    slice_mlp(model, adapter, i, keep)
+    new = get_path(layer_list(model, adapter)[i], adapter.down_proj)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+
+
+def test_bad_input_is_an_effir_error(tiny_model, tiny_tokenizer):
+    adapter = get_adapter(tiny_model.config)
+    batches = _calibration(tiny_tokenizer)
+    with pytest.raises(EffirError, match="dampening"):
+        slice_and_refit(tiny_model, adapter, _keeps(tiny_model), batches, dampening=-1.0, progress=False)
+    with pytest.raises(EffirError, match="subset"):
+        slice_and_refit(tiny_model, adapter, {0: torch.tensor([0, 10_000])}, batches, progress=False)
