@@ -74,6 +74,18 @@ def test_the_hidden_loss_trains_every_architecture(tiny_model_dir, texts_dir, tm
     assert "embedding" not in _log(out)[0]  # the block outputs alone: a loss of its own, not an add-on
 
 
+def test_activation_checkpointing_does_not_change_the_hidden_loss(tiny_llama_dir, texts_dir, tmp_path):
+    # the block outputs are taken by hooks that are gone before the backward pass recomputes the blocks
+    student = _damaged(tiny_llama_dir, tmp_path / "student")
+    runs = {"plain": [], "checkpointed": ["--gradient-checkpointing"]}
+    for name, extra in runs.items():
+        assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / name, "--max-steps", 3,
+                          "--hidden-weight", 1, *extra)) == 0
+    plain, checkpointed = _log(tmp_path / "plain"), _log(tmp_path / "checkpointed")
+    assert [r["hidden"] for r in checkpointed] == pytest.approx([r["hidden"] for r in plain], abs=1e-6)
+    assert plain[-1]["hidden"] != plain[0]["hidden"]  # the steps trained: the later losses compare trained weights
+
+
 def test_the_parent_encodes_each_text_once(tiny_llama_dir, texts_dir, tmp_path, encoded):
     student = _dropped(tiny_llama_dir, tmp_path / "student")
     texts = read_texts([f"beir:{texts_dir}"], 200, None, 42)
