@@ -13,8 +13,8 @@ space, from text alone. Each step takes --batch-size query-side and --batch-size
     each block, before any final norm) on the same tokens, per non-pad token, averaged over tokens and blocks
     (--hidden-loss nmse: |s - t|^2 / |t|^2; cosine: 1 - cos); off by default. effir's cuts keep every block and the
     residual width, so block i of the student has block i of the parent as its counterpart; the parent must have
-    the student's depth, width and tokenizer, and runs (frozen, no gradients) on every micro-batch beside it. With a parent of another embedding size, train on it alone
-    (--embedding-weight 0 --kl-weight 1).
+    the student's depth, width and tokenizer, and runs (frozen, no gradients) on every micro-batch beside it.
+With a parent of another embedding size, train on the similarity KL alone (--embedding-weight 0 --kl-weight 1).
 The parent's embeddings of every text are computed once and cached as effir eval caches a corpus (row count,
 dimension and sha256 checked), so a step costs only the student's passes, and a second run on the same texts none.
 
@@ -24,9 +24,10 @@ sentences. Query-side texts are the sources' queries; a source without queries (
 one sentence of each of its passages instead.
 
 --query-side compresses the query encoder only: the student learns the parent's query embeddings (and, with
---kl-weight, each query's similarities over the parent's document embeddings) and never embeds a document, and
-DIR/model becomes a query-side folder (effir.asymmetric): queries through the student, documents through the parent
-unchanged, so an index the parent built stays valid and `effir eval` reuses the parent's cached corpus embeddings.
+--kl-weight, each query's similarities over the parent's document embeddings; with --hidden-weight, its block outputs
+on the queries) and never embeds a document, and DIR/model becomes a query-side folder (effir.asymmetric): queries
+through the student, documents through the parent unchanged, so an index the parent built stays valid and `effir
+eval` reuses the parent's cached corpus embeddings.
 
 LoRA by default (--full: every weight), resumable after a kill (--save-every; run the same command again), several
 processes under torchrun / accelerate launch as effir finetune (documents are gathered across processes for the
