@@ -98,3 +98,41 @@ def test_similarity_kl_by_hand_and_without_self_pairs():
     keep = torch.tensor([[True, False, True], [True, True, False]])
     want = kl_distill(s[keep].view(2, 2), t[keep].view(2, 2), 0.5, 0.1)
     torch.testing.assert_close(similarity_kl(a, b, ta, tb, 0.5, 0.1, self_offset=1), want)
+
+
+def test_hidden_match_is_zero_for_equal_states_and_leaves_pads_out():
+    from effir.losses import hidden_match
+
+    s = [torch.randn(2, 3, 8) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert hidden_match(s, [x.clone() for x in s], mask).item() == 0.0
+    moved = [x.clone() for x in s]
+    moved[1][0, 2] += 5.0  # a pad position: not compared
+    assert hidden_match(moved, s, mask).item() == 0.0
+    assert hidden_match(moved, s, torch.ones(2, 3, dtype=torch.long)).item() > 0
+
+
+def test_hidden_match_by_hand():
+    from effir.losses import hidden_match
+
+    t = [torch.tensor([[[3.0, 4.0]]]), torch.tensor([[[1.0, 0.0]]])]  # 2 blocks, 1 text, 1 token
+    s = [torch.tensor([[[3.0, 0.0]]]), torch.tensor([[[0.0, 2.0]]])]
+    mask = torch.ones(1, 1, dtype=torch.long)
+    # nmse per block: 16 / 25 and 5 / 1; cosine: 1 - 9 / 15 and 1 - 0
+    assert hidden_match(s, t, mask).item() == pytest.approx((16 / 25 + 5) / 2)
+    assert hidden_match(s, t, mask, "cosine").item() == pytest.approx((1 - 0.6 + 1) / 2)
+    # scale: a block of parent norm 100 weighs as much as one of norm 1
+    big = [100 * x for x in t]
+    assert hidden_match([100 * x for x in s], big, mask).item() == pytest.approx(hidden_match(s, t, mask).item())
+
+
+def test_hidden_match_trains_the_student_only_and_refuses_unpaired_blocks():
+    from effir.losses import hidden_match
+
+    s, t = torch.randn(1, 2, 4, requires_grad=True), torch.randn(1, 2, 4, requires_grad=True)
+    hidden_match([s], [t], torch.ones(1, 2)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+    with pytest.raises(ValueError, match="block outputs"):
+        hidden_match([s, s], [t], torch.ones(1, 2))
+    with pytest.raises(ValueError, match="unknown"):
+        hidden_match([s], [t], torch.ones(1, 2), "l1")

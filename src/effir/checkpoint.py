@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -141,6 +141,43 @@ def load(ref: str | os.PathLike, device: str | None = None, dtype: str | None = 
             "stored_dtype": dtype_name(stored)}
     return Encoder(model, tokenizer, settings, adapter, meta=meta, padding_side=padding_side or tokenizer.padding_side,
                    head=head)
+
+
+@dataclass(frozen=True)
+class Outline:
+    """What a model is made of, read without its weights: enough to tell whether two models' blocks and tokens
+    correspond one to one."""
+
+    blocks: int
+    width: int
+    tokens: str
+    """A digest of the tokenizer: its vocabulary and the ids it gives a probe text (special tokens aside)."""
+
+
+TOKENIZER_PROBE = "The naïve café's 1990s menu: rock-n-roll, CO2 and über-fast Wi-Fi!"
+"""Text whose token ids enter :attr:`Outline.tokens`: two tokenizers with one vocabulary may still merge differently."""
+
+
+def outline(ref: str | os.PathLike) -> Outline:
+    """The :class:`Outline` of a model reference: its config and tokenizer only (a ``.gguf`` is converted once, as
+    :func:`load` would).
+
+    Raises:
+        EffirError: the reference cannot be found or read.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    quiet_transformers()
+    kind, where = resolve(ref)
+    if kind == "gguf":
+        where, kind = gguf_to_folder(where), "dir"
+    with _local_errors(where) if kind == "dir" else _hub_errors(str(ref)):
+        config = base_config(where) if kind == "dir" else AutoConfig.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where, config=config)
+    # without special tokens: folders effir saves append EOS in the tokenizer itself, and the student's own
+    # special tokens are what both models are given anyway
+    vocab = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]])
+    return Outline(config.num_hidden_layers, config.hidden_size, hashlib.sha256(vocab.encode()).hexdigest()[:16])
 
 
 def stored_dtype(config, folder: Path | None) -> torch.dtype:

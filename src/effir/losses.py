@@ -1,6 +1,6 @@
 """Retrieval losses as pure functions of tensors: InfoNCE over grouped candidates (+ in-batch negatives), KL
-distillation towards a teacher's candidate scores, embedding matching and in-batch similarity KL towards a parent
-model (label-free distillation), and the cross-process gather that keeps gradients.
+distillation towards a teacher's candidate scores, embedding matching, block-output matching and in-batch similarity KL
+towards a parent model (label-free distillation), and the cross-process gather that keeps gradients.
 
 Inputs (the layout every function here expects):
     queries ``q``: ``(B, H)`` embeddings, one row per query.
@@ -11,6 +11,8 @@ Inputs (the layout every function here expects):
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,42 @@ def embedding_match(student: torch.Tensor, teacher: torch.Tensor, kind: str = "c
     if kind == "mse":
         return F.mse_loss(student.float(), teacher.float().detach())
     raise ValueError(f"unknown embedding loss {kind!r}; use one of {EMBEDDING_LOSSES}")
+
+
+HIDDEN_LOSSES = ("nmse", "cosine")
+"""The kinds :func:`hidden_match` computes."""
+
+
+def hidden_match(student: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], mask: torch.Tensor,
+                 kind: str = "nmse") -> torch.Tensor:
+    """How far the student's block outputs are from the parent's on the same tokens: the mean over blocks of the
+    mean over non-pad tokens of ``nmse`` = ``|s - t|^2 / |t|^2`` or ``cosine`` = ``1 - cos(s, t)``, per token.
+    0 exactly when they are equal.
+
+    Each token is measured against the parent's own norm there because residual norms differ by orders of magnitude
+    between blocks and between tokens (the first token's massive activations), and a plain MSE would train on
+    those alone.
+
+    Args:
+        student: ``L`` tensors ``(B, T, H)``, the residual stream after each block of the student.
+        parent: the parent's ``L`` tensors ``(B, T, H)`` on the same tokens (no gradient flows into them).
+        mask: ``(B, T)`` attention mask; pad positions (0) are left out.
+        kind: one of :data:`HIDDEN_LOSSES`.
+    """
+    if len(student) != len(parent) or not student:
+        raise ValueError(f"the student has {len(student)} block outputs and the parent {len(parent)}")
+    if kind not in HIDDEN_LOSSES:
+        raise ValueError(f"unknown hidden-state loss {kind!r}; use one of {HIDDEN_LOSSES}")
+    keep = mask.bool()
+    per_block = []
+    for s, t in zip(student, parent, strict=True):
+        s, t = s[keep].float(), t[keep].float().detach()  # (N, H): the non-pad tokens of the batch
+        if kind == "nmse":
+            d = (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)
+        else:
+            d = 1 - F.cosine_similarity(s, t, dim=-1)
+        per_block.append(d.mean())
+    return torch.stack(per_block).mean()
 
 
 def similarity_kl(student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor,

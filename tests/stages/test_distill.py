@@ -1,5 +1,5 @@
-"""`effir distill` end to end on tiny models: zero loss against itself, the parent encoded once, resume after a
-kill, the saved student, and one-line errors on bad input."""
+"""`effir distill` end to end on tiny models: zero loss against itself (embeddings and block outputs), the parent
+encoded once, resume after a kill, the saved student, and one-line errors on bad input."""
 
 import json
 from pathlib import Path
@@ -52,6 +52,40 @@ def test_a_student_equal_to_its_parent_has_zero_loss(tiny_llama_dir, texts_dir, 
     assert first["embedding"] == pytest.approx(0.0, abs=1e-6) and first["kl_qd"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("mode", [[], ["--query-side"]], ids=["both-sides", "query-side"])
+def test_a_student_equal_to_its_parent_has_zero_hidden_loss(tiny_llama_dir, texts_dir, tmp_path, mode):
+    out = tmp_path / "same"
+    assert main(_args(tiny_llama_dir, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 2, "--hidden-weight",
+                      0.5, *mode)) == 0
+    first = _log(out)[0]  # LoRA starts as the identity: every block's output is the parent's, token for token
+    assert first["hidden"] == 0.0 and first["hidden_weight"] == 0.5 and first["hidden_loss"] == "nmse"
+    assert json.loads((out / "distill.json").read_text())["args"]["hidden_weight"] == 0.5
+    meta = json.loads((out / "model" / "effir.json").read_text())
+    assert meta["history"][-1]["hidden_weight"] == 0.5 and meta["history"][-1]["hidden_loss"] == "nmse"
+
+
+def test_the_hidden_loss_trains_every_architecture(tiny_model_dir, texts_dir, tmp_path):
+    student = _damaged(tiny_model_dir, tmp_path / "student")
+    out = tmp_path / "run"
+    assert main(_args(student, tiny_model_dir, f"beir:{texts_dir}", out, "--max-steps", 8, "--schedule", "constant",
+                      "--hidden-weight", 1, "--embedding-weight", 0)) == 0
+    hidden = [r["hidden"] for r in _log(out)]
+    assert hidden[0] > 0 and max(hidden[-2:]) < 0.8 * hidden[0]
+    assert "embedding" not in _log(out)[0]  # the block outputs alone: a loss of its own, not an add-on
+
+
+def test_activation_checkpointing_does_not_change_the_hidden_loss(tiny_llama_dir, texts_dir, tmp_path):
+    # the block outputs are taken by hooks that are gone before the backward pass recomputes the blocks
+    student = _damaged(tiny_llama_dir, tmp_path / "student")
+    runs = {"plain": [], "checkpointed": ["--gradient-checkpointing"]}
+    for name, extra in runs.items():
+        assert main(_args(student, tiny_llama_dir, f"beir:{texts_dir}", tmp_path / name, "--max-steps", 3,
+                          "--hidden-weight", 1, *extra)) == 0
+    plain, checkpointed = _log(tmp_path / "plain"), _log(tmp_path / "checkpointed")
+    assert [r["hidden"] for r in checkpointed] == pytest.approx([r["hidden"] for r in plain], abs=1e-6)
+    assert plain[-1]["hidden"] != plain[0]["hidden"]  # the steps trained: the later losses compare trained weights
+
+
 def test_the_parent_encodes_each_text_once(tiny_llama_dir, texts_dir, tmp_path, encoded):
     student = _dropped(tiny_llama_dir, tmp_path / "student")
     texts = read_texts([f"beir:{texts_dir}"], 200, None, 42)
@@ -92,7 +126,8 @@ def test_distillation_moves_the_student_towards_its_parent(tiny_llama_dir, texts
     assert summary["steps"] == 12 and summary["teacher"] == str(tiny_llama_dir)
 
 
-@pytest.mark.parametrize("mode", [[], ["--query-side"]], ids=["both-sides", "query-side"])
+@pytest.mark.parametrize("mode", [[], ["--query-side"], ["--hidden-weight", 1]],
+                         ids=["both-sides", "query-side", "hidden"])
 @pytest.mark.both_cpu_paths
 def test_kill_9_then_the_same_command_resumes_exactly(tiny_llama_dir, texts_dir, tmp_path, mode):
     student = _dropped(tiny_llama_dir, tmp_path / "student")
@@ -132,12 +167,47 @@ def _other_width_model(tmp_path, tokenizer_dir):
     return other
 
 
-@pytest.mark.parametrize("case", ["teacher-size", "empty-text", "missing-text", "bad-weights"])
+def _other_depth_model(tmp_path, tokenizer_dir):
+    from transformers import AutoConfig, AutoModel
+
+    other = tmp_path / "deep"
+    AutoModel.from_config(AutoConfig.for_model("llama", **{**TINY, "num_hidden_layers": 5})).save_pretrained(other)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (other / f).write_bytes((tokenizer_dir / f).read_bytes())
+    return other
+
+
+def _other_tokenizer_model(tmp_path, model_dir):
+    """The same weights with a tokenizer whose ids mean other words: the same shapes, other tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    other = tmp_path / "retokenized"
+    other.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix in (".json", ".safetensors") and not f.name.startswith("tokenizer"):
+            (other / f.name).write_bytes(f.read_bytes())
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, **{w: i + 4 for i, w in enumerate(reversed(WORDS[:60]))}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                            unk_token="[UNK]").save_pretrained(other)
+    return other
+
+
+HIDDEN_REFUSALS = {"hidden-depth": (_other_depth_model, "5 blocks of width 32"),
+                   "hidden-width": (_other_width_model, "4 blocks of width 48"),
+                   "hidden-tokenizer": (_other_tokenizer_model, "another tokenizer")}
+
+
+@pytest.mark.parametrize("case", ["teacher-size", "empty-text", "missing-text", "bad-weights", *HIDDEN_REFUSALS])
 def test_bad_input_is_one_line(tiny_llama_dir, texts_dir, tmp_path, capsys, case):
     texts, extra = f"beir:{texts_dir}", []
     teacher = tiny_llama_dir
     if case == "teacher-size":
         teacher = _other_width_model(tmp_path, tiny_llama_dir)
+    elif case in HIDDEN_REFUSALS:
+        teacher, extra = HIDDEN_REFUSALS[case][0](tmp_path, tiny_llama_dir), ["--hidden-weight", "1"]
     elif case == "empty-text":
         texts = tmp_path / "empty.txt"
         texts.write_text("\n")
@@ -154,6 +224,8 @@ def test_bad_input_is_one_line(tiny_llama_dir, texts_dir, tmp_path, capsys, case
     assert not (out / "distill.json").exists() and not (out / "model").exists()
     if case == "teacher-size":
         assert "48 dimensions" in lines[0] and "--embedding-weight 0" in lines[0]
+    if case in HIDDEN_REFUSALS:  # refused from configs and tokenizers, before the output folder is made
+        assert HIDDEN_REFUSALS[case][1] in lines[0] and "--hidden-weight 0" in lines[0] and not out.exists()
 
 
 def test_a_parent_of_another_size_trains_on_similarities_alone(tiny_llama_dir, texts_dir, tmp_path):

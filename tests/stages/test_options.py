@@ -17,7 +17,8 @@ from effir.utils import PRECISIONS, SCHEDULES, EffirError
 TRAINING_VERBS = ("finetune", "distill", "slim")
 
 CHANGE_TRAINING = {"finetune": {"model", "save_dtype", "precision", "device", "seed"},
-                   "distill": {"model", "teacher", "texts", "save_dtype", "teacher_dtype", "device"},
+                   "distill": {"model", "teacher", "texts", "save_dtype", "teacher_dtype", "device", "hidden_weight",
+                               "hidden_loss"},
                    "slim": {"model", "dtype", "width_multiple", "super_neuron_factor", "device"}}
 """Options that change what trains; width_multiple, super_neuron_factor and dtype (slim) and save_dtype (LoRA's base
 dtype) were in no hand-kept key list."""

@@ -8,8 +8,13 @@ space, from text alone. Each step takes --batch-size query-side and --batch-size
     (--embedding-loss cosine: 1 - cos; mse: squared difference per element, as sentence-transformers' MSELoss), plus
   --kl-weight x KL(parent || student) between in-batch similarity distributions: each query over the batch's
     documents, and each document over the other documents (--temperature for the student, --teacher-temperature
-    for the parent); off by default. With a parent of another embedding size, train on it alone
-    (--embedding-weight 0 --kl-weight 1).
+    for the parent); off by default, plus
+  --hidden-weight x the distance between the student's and the parent's block outputs (the residual stream after
+    each block, before any final norm) on the same tokens, per non-pad token, averaged over tokens and blocks
+    (--hidden-loss nmse: |s - t|^2 / |t|^2; cosine: 1 - cos); off by default. effir's cuts keep every block and the
+    residual width, so block i of the student has block i of the parent as its counterpart; the parent must have
+    the student's depth, width and tokenizer, and runs (frozen, no gradients) on every micro-batch beside it.
+With a parent of another embedding size, train on the similarity KL alone (--embedding-weight 0 --kl-weight 1).
 The parent's embeddings of every text are computed once and cached as effir eval caches a corpus (row count,
 dimension and sha256 checked), so a step costs only the student's passes, and a second run on the same texts none.
 
@@ -19,9 +24,10 @@ sentences. Query-side texts are the sources' queries; a source without queries (
 one sentence of each of its passages instead.
 
 --query-side compresses the query encoder only: the student learns the parent's query embeddings (and, with
---kl-weight, each query's similarities over the parent's document embeddings) and never embeds a document, and
-DIR/model becomes a query-side folder (effir.asymmetric): queries through the student, documents through the parent
-unchanged, so an index the parent built stays valid and `effir eval` reuses the parent's cached corpus embeddings.
+--kl-weight, each query's similarities over the parent's document embeddings; with --hidden-weight, its block outputs
+on the queries) and never embeds a document, and DIR/model becomes a query-side folder (effir.asymmetric): queries
+through the student, documents through the parent unchanged, so an index the parent built stays valid and `effir
+eval` reuses the parent's cached corpus embeddings.
 
 LoRA by default (--full: every weight), resumable after a kill (--save-every; run the same command again), several
 processes under torchrun / accelerate launch as effir finetune (documents are gathered across processes for the
@@ -38,11 +44,11 @@ import torch
 
 from .. import asymmetric, embedding_cache, options, sparsity, train_checkpoints, training
 from ..calibration import SOURCE_HELP
-from ..checkpoint import fingerprint, load, save
+from ..checkpoint import fingerprint, load, outline, save
 from ..distillation import Loss, Texts, micro_batches, read_texts
 from ..encoder import Encoder
 from ..files import cache_dir, write_json
-from ..losses import EMBEDDING_LOSSES
+from ..losses import EMBEDDING_LOSSES, HIDDEN_LOSSES
 from ..refs import check_refs
 from ..utils import (
     DTYPE_CHOICES,
@@ -80,6 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kl-weight", type=finite_float, default=0.0,
                    help="weight of the in-batch similarity KL (default 0: at 1 it recovered less than the embedding "
                         "distance alone, docs/results/minilm-distill-cpu.md)")
+    g.add_argument("--hidden-weight", type=finite_float, default=0.0,
+                   help="weight of the block-output distance: each block's output of the student against the "
+                        "parent's on the same tokens (needs the parent's depth, width and tokenizer; the parent then "
+                        "runs beside the student every step; default 0: off, docs/results/hidden-distill-cpu.md)")
+    g.add_argument("--hidden-loss", choices=HIDDEN_LOSSES, default="nmse",
+                   help="block-output distance per token: nmse = |s - t|^2 / |t|^2 (relative to the parent's norm "
+                        "there), or cosine = 1 - cos (default: nmse)")
     g.add_argument("--temperature", type=finite_float, default=0.05, help="student temperature of the similarity KL")
     g.add_argument("--teacher-temperature", type=finite_float, default=None,
                    help="parent temperature (default: --temperature)")
@@ -111,7 +124,8 @@ def _run(args, acc, texts: Texts) -> int:
     student, saved_settings, save_dtype = training.load_for_training(
         args.model, acc.device, full=args.full, save_dtype=args.save_dtype,
         query_max_length=args.query_max_length, document_max_length=args.document_max_length)
-    targets, teacher_id = _teacher_embeddings(args, acc, texts, student)
+    parent = _parent(args, acc, student) if args.hidden_weight else None
+    targets, teacher_id = _teacher_embeddings(args, acc, texts, student, parent)
     sides = (("query", texts.queries),) if args.query_side and not args.kl_weight else (
         ("query", texts.queries), ("document", texts.documents))
     per_epoch = {side: training.steps_per_epoch(len(items), args.batch_size, acc.num_processes, args.grad_accum,
@@ -130,10 +144,10 @@ def _run(args, acc, texts: Texts) -> int:
     model, optimizer = acc.prepare(student.model, optimizer)
     student.model = model
     loss = Loss(args.embedding_loss, args.embedding_weight, args.kl_weight, args.temperature,
-                args.teacher_temperature or args.temperature)
+                args.teacher_temperature or args.temperature, args.hidden_weight, args.hidden_loss)
     micro_batch = micro_batches(acc, student, texts, targets, loss, batch_size=args.batch_size,
                                 grad_accum=args.grad_accum, per_epoch=per_epoch, seed=args.seed,
-                                query_side=args.query_side)
+                                query_side=args.query_side, parent=parent)
 
     def save_checkpoint(step: int) -> None:
         train_checkpoints.save_checkpoint(out / "checkpoints", acc, model, optimizer, scheduler, step, key,
@@ -141,7 +155,8 @@ def _run(args, acc, texts: Texts) -> int:
 
     stats = training.train_steps(acc, model, optimizer, scheduler, micro_batch, start=start, total=total,
                                  grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
-                                 log_path=out / "distill_log.jsonl", save=save_checkpoint, save_every=args.save_every,
+                                 log_path=out / "distill_log.jsonl", log_fields=_logged_weights(args),
+                                 save=save_checkpoint, save_every=args.save_every,
                                  desc="distill", progress=not args.no_progress)
     student.model, student.settings = acc.unwrap_model(model), saved_settings
     if acc.is_main_process:
@@ -168,28 +183,57 @@ def _check_args(args) -> None:
         raise EffirError(f"--max-texts must be >= 2, got {args.max_texts}")
     if not args.lr > 0 or not args.temperature > 0 or not (args.teacher_temperature or 1.0) > 0:
         raise EffirError("--lr, --temperature and --teacher-temperature must be > 0")
-    if args.embedding_weight < 0 or args.kl_weight < 0 or args.embedding_weight + args.kl_weight <= 0:
-        raise EffirError("--embedding-weight and --kl-weight must be >= 0, and not both 0")
+    weights = (args.embedding_weight, args.kl_weight, args.hidden_weight)
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise EffirError("--embedding-weight, --kl-weight and --hidden-weight must be >= 0, and not all 0")
+    if args.hidden_weight:
+        _check_blocks_correspond(args.model, args.teacher)
 
 
-# -- the parent's embeddings ----------------------------------------------------------------------------------------
-def _teacher_embeddings(args, acc, texts: Texts, student: Encoder) -> tuple[dict[str, torch.Tensor], str]:
+def _check_blocks_correspond(student: str, teacher: str) -> None:
+    """The block-output loss compares block i of the student with block i of the parent, token by token: refuse a
+    parent of another depth, residual width or tokenizer before any work (configs and tokenizers only)."""
+    mine, theirs = outline(student), outline(teacher)
+    if (mine.blocks, mine.width) != (theirs.blocks, theirs.width):
+        raise EffirError(f"--hidden-weight: teacher {teacher} has {theirs.blocks} blocks of width {theirs.width} and "
+                         f"the student {mine.blocks} of width {mine.width}; block outputs can only be compared between "
+                         "models of the same depth and width: pass --hidden-weight 0")
+    if mine.tokens != theirs.tokens:
+        raise EffirError(f"--hidden-weight: teacher {teacher} has another tokenizer than the student; block outputs "
+                         "are compared token by token, so both must tokenize alike: pass --hidden-weight 0")
+
+
+def _logged_weights(args) -> dict:
+    """Written into every log line beside the loss terms they weigh: the block-output term's weight and kind."""
+    return {"hidden_weight": args.hidden_weight, "hidden_loss": args.hidden_loss} if args.hidden_weight else {}
+
+
+# -- the parent -----------------------------------------------------------------------------------------------------
+def _parent(args, acc, student: Encoder) -> Encoder:
+    """The parent on every process for the block-output loss: frozen, in eval mode, in --teacher-dtype, at the
+    student's training lengths."""
+    parent = load(args.teacher, device=str(acc.device), dtype=args.teacher_dtype,
+                  query_max_length=student.settings.query_max_length,
+                  document_max_length=student.settings.document_max_length)
+    parent.model.requires_grad_(False)
+    return parent
+
+
+def _teacher_embeddings(args, acc, texts: Texts, student: Encoder,
+                        parent: Encoder | None) -> tuple[dict[str, torch.Tensor], str]:
     """The parent's embeddings of every text (``{"query": (Nq, H), "document": (Nd, H)}``) at the student's training
     lengths, computed once on the main process into effir's embedding cache and read from there by every process;
-    and the parent's identity."""
+    and the parent's identity. ``parent``: the parent already loaded, else it is loaded here."""
     found = None
     if acc.is_main_process:
-        found = _cache_teacher(args, texts, student, str(acc.device))
+        found = _cache_teacher(args, texts, student, parent or _parent(args, acc, student))
     paths, teacher_id = from_main_process(found)
     acc.wait_for_everyone()
     return {side: torch.from_numpy(embedding_cache.read(path, n, dim).copy())
             for side, (path, n, dim) in paths.items()}, teacher_id
 
 
-def _cache_teacher(args, texts: Texts, student: Encoder, device: str) -> tuple[dict, str]:
-    teacher = load(args.teacher, device=device, dtype=args.teacher_dtype,
-                   query_max_length=student.settings.query_max_length,
-                   document_max_length=student.settings.document_max_length)
+def _cache_teacher(args, texts: Texts, student: Encoder, teacher: Encoder) -> tuple[dict, str]:
     if args.query_side and teacher.dim != student.dim:
         raise EffirError(f"--query-side: teacher {args.teacher} embeds in {teacher.dim} dimensions and the student in "
                          f"{student.dim}; the student's queries are searched against the parent's document "
@@ -219,6 +263,7 @@ def _finish(args, student: Encoder, save_dtype: torch.dtype, texts: Texts, out: 
     stage = {"stage": "distill", "teacher": str(args.teacher), "texts": list(args.texts), "steps": total,
              "method": "full" if args.full else f"lora(r={args.lora_r},alpha={args.lora_alpha})", "lr": args.lr,
              "query_texts": len(texts.queries), "document_texts": len(texts.documents),
+             "hidden_weight": args.hidden_weight, **({"hidden_loss": args.hidden_loss} if args.hidden_weight else {}),
              **sparsity.kept(student, zeros)}
     if args.query_side:  # the parent as it embeds documents: as stored, with its own settings
         parent = load(args.teacher, device="cpu", dtype="source")
