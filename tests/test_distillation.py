@@ -1,7 +1,6 @@
 """The block-output term of label-free distillation on every architecture of the table: which states it compares,
 zero for a student equal to its parent (LoRA at its start), and gradients into the student only."""
 
-import pytest
 import torch
 
 import effir
@@ -34,10 +33,9 @@ def test_a_student_equal_to_its_parent_has_zero_hidden_loss(tiny_model_dir):
     student = effir.load(tiny_model_dir, device="cpu", dtype="fp32")
     training.add_lora(student, r=4, alpha=8)
     student.model.eval()  # BERT's dropout would make the two passes differ
-    emb, hidden = student_pass(acc, student, parent, "nmse")(_batch(student))
-    assert hidden.item() == 0.0 and torch.equal(emb, parent.embed(**_batch(parent)))
-    _, cosine = student_pass(acc, student, parent, "cosine")(_batch(student))
-    assert cosine.item() == pytest.approx(0.0, abs=1e-6)
+    for kind in ("cosine", "nmse"):
+        emb, hidden = student_pass(acc, student, parent, kind)(_batch(student))
+        assert hidden.item() == 0.0 and torch.equal(emb, parent.embed(**_batch(parent)))
 
 
 def test_the_hidden_loss_trains_the_student_and_never_the_parent(tiny_model_dir):
@@ -48,7 +46,7 @@ def test_the_hidden_loss_trains_the_student_and_never_the_parent(tiny_model_dir)
         for p in student.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     student.model.eval()
-    _, hidden = student_pass(acc, student, parent, "nmse")(_batch(student))
+    _, hidden = student_pass(acc, student, parent, "cosine")(_batch(student))
     hidden.backward()
     assert hidden.item() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.model.parameters())

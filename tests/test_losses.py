@@ -105,11 +105,12 @@ def test_hidden_match_is_zero_for_equal_states_and_leaves_pads_out():
 
     s = [torch.randn(2, 3, 8) for _ in range(2)]
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    assert hidden_match(s, [x.clone() for x in s], mask).item() == 0.0
     moved = [x.clone() for x in s]
     moved[1][0, 2] += 5.0  # a pad position: not compared
-    assert hidden_match(moved, s, mask).item() == 0.0
-    assert hidden_match(moved, s, torch.ones(2, 3, dtype=torch.long)).item() > 0
+    for kind in ("cosine", "nmse"):
+        assert hidden_match(s, [x.clone() for x in s], mask, kind).item() == 0.0
+        assert hidden_match(moved, s, mask, kind).item() == 0.0
+        assert hidden_match(moved, s, torch.ones(2, 3, dtype=torch.long), kind).item() > 0
 
 
 def test_hidden_match_by_hand():
@@ -119,11 +120,12 @@ def test_hidden_match_by_hand():
     s = [torch.tensor([[[3.0, 0.0]]]), torch.tensor([[[0.0, 2.0]]])]
     mask = torch.ones(1, 1, dtype=torch.long)
     # nmse per block: 16 / 25 and 5 / 1; cosine: 1 - 9 / 15 and 1 - 0
-    assert hidden_match(s, t, mask).item() == pytest.approx((16 / 25 + 5) / 2)
+    assert hidden_match(s, t, mask, "nmse").item() == pytest.approx((16 / 25 + 5) / 2)
     assert hidden_match(s, t, mask, "cosine").item() == pytest.approx((1 - 0.6 + 1) / 2)
     # scale: a block of parent norm 100 weighs as much as one of norm 1
-    big = [100 * x for x in t]
-    assert hidden_match([100 * x for x in s], big, mask).item() == pytest.approx(hidden_match(s, t, mask).item())
+    big, bigger = [100 * x for x in s], [100 * x for x in t]
+    for kind in ("cosine", "nmse"):
+        assert hidden_match(big, bigger, mask, kind).item() == pytest.approx(hidden_match(s, t, mask, kind).item())
 
 
 def test_hidden_match_trains_the_student_only_and_refuses_unpaired_blocks():

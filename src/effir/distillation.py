@@ -52,7 +52,7 @@ class Loss:
     temperature: float
     teacher_temperature: float
     hidden_weight: float = 0.0
-    hidden: str = "nmse"
+    hidden: str = "cosine"
 
 
 def read_texts(sources: list[str], passage_words: int, max_texts: int | None, seed: int) -> Texts:

@@ -95,19 +95,19 @@ def embedding_match(student: torch.Tensor, teacher: torch.Tensor, kind: str = "c
     raise ValueError(f"unknown embedding loss {kind!r}; use one of {EMBEDDING_LOSSES}")
 
 
-HIDDEN_LOSSES = ("nmse", "cosine")
+HIDDEN_LOSSES = ("cosine", "nmse")
 """The kinds :func:`hidden_match` computes."""
 
 
 def hidden_match(student: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], mask: torch.Tensor,
-                 kind: str = "nmse") -> torch.Tensor:
+                 kind: str = "cosine") -> torch.Tensor:
     """How far the student's block outputs are from the parent's on the same tokens: the mean over blocks of the
-    mean over non-pad tokens of ``nmse`` = ``|s - t|^2 / |t|^2`` or ``cosine`` = ``1 - cos(s, t)``, per token.
+    mean over non-pad tokens of ``cosine`` = ``1 - cos(s, t)`` or ``nmse`` = ``|s - t|^2 / |t|^2``, per token.
     0 exactly when they are equal.
 
-    Each token is measured against the parent's own norm there because residual norms differ by orders of magnitude
-    between blocks and between tokens (the first token's massive activations), and a plain MSE would train on
-    those alone.
+    Both are scale-free per token because residual norms differ by orders of magnitude between blocks and between
+    tokens (the first token's massive activations), and a plain MSE would train on those alone; ``nmse`` also
+    counts a difference of norm, ``cosine`` direction only.
 
     Args:
         student: ``L`` tensors ``(B, T, H)``, the residual stream after each block of the student.
@@ -125,8 +125,8 @@ def hidden_match(student: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
         s, t = s[keep].float(), t[keep].float().detach()  # (N, H): the non-pad tokens of the batch
         if kind == "nmse":
             d = (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)
-        else:
-            d = 1 - F.cosine_similarity(s, t, dim=-1)
+        else:  # 1 - cos as half the squared distance of the unit vectors: exactly 0 for equal states
+            d = 0.5 * (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(-1)
         per_block.append(d.mean())
     return torch.stack(per_block).mean()
 

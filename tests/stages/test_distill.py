@@ -52,16 +52,17 @@ def test_a_student_equal_to_its_parent_has_zero_loss(tiny_llama_dir, texts_dir, 
     assert first["embedding"] == pytest.approx(0.0, abs=1e-6) and first["kl_qd"] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("mode", [[], ["--query-side"]], ids=["both-sides", "query-side"])
-def test_a_student_equal_to_its_parent_has_zero_hidden_loss(tiny_llama_dir, texts_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode, kind", [([], "cosine"), (["--query-side", "--hidden-loss", "nmse"], "nmse")],
+                         ids=["both-sides", "query-side"])
+def test_a_student_equal_to_its_parent_has_zero_hidden_loss(tiny_llama_dir, texts_dir, tmp_path, mode, kind):
     out = tmp_path / "same"
     assert main(_args(tiny_llama_dir, tiny_llama_dir, f"beir:{texts_dir}", out, "--max-steps", 2, "--hidden-weight",
                       0.5, *mode)) == 0
     first = _log(out)[0]  # LoRA starts as the identity: every block's output is the parent's, token for token
-    assert first["hidden"] == 0.0 and first["hidden_weight"] == 0.5 and first["hidden_loss"] == "nmse"
+    assert first["hidden"] == 0.0 and first["hidden_weight"] == 0.5 and first["hidden_loss"] == kind
     assert json.loads((out / "distill.json").read_text())["args"]["hidden_weight"] == 0.5
     meta = json.loads((out / "model" / "effir.json").read_text())
-    assert meta["history"][-1]["hidden_weight"] == 0.5 and meta["history"][-1]["hidden_loss"] == "nmse"
+    assert meta["history"][-1]["hidden_weight"] == 0.5 and meta["history"][-1]["hidden_loss"] == kind
 
 
 def test_the_hidden_loss_trains_every_architecture(tiny_model_dir, texts_dir, tmp_path):

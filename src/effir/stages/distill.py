@@ -11,7 +11,7 @@ space, from text alone. Each step takes --batch-size query-side and --batch-size
     for the parent); off by default, plus
   --hidden-weight x the distance between the student's and the parent's block outputs (the residual stream after
     each block, before any final norm) on the same tokens, per non-pad token, averaged over tokens and blocks
-    (--hidden-loss nmse: |s - t|^2 / |t|^2; cosine: 1 - cos); off by default. effir's cuts keep every block and the
+    (--hidden-loss cosine: 1 - cos; nmse: |s - t|^2 / |t|^2); off by default. effir's cuts keep every block and the
     residual width, so block i of the student has block i of the parent as its counterpart; the parent must have
     the student's depth, width and tokenizer, and runs (frozen, no gradients) on every micro-batch beside it.
 With a parent of another embedding size, train on the similarity KL alone (--embedding-weight 0 --kl-weight 1).
@@ -90,9 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the block-output distance: each block's output of the student against the "
                         "parent's on the same tokens (needs the parent's depth, width and tokenizer; the parent then "
                         "runs beside the student every step; default 0: off, docs/results/hidden-distill-cpu.md)")
-    g.add_argument("--hidden-loss", choices=HIDDEN_LOSSES, default="nmse",
-                   help="block-output distance per token: nmse = |s - t|^2 / |t|^2 (relative to the parent's norm "
-                        "there), or cosine = 1 - cos (default: nmse)")
+    g.add_argument("--hidden-loss", choices=HIDDEN_LOSSES, default="cosine",
+                   help="block-output distance per token: cosine = 1 - cos, or nmse = |s - t|^2 / |t|^2 (relative to "
+                        "the parent's norm there) (default: cosine, docs/results/hidden-distill-cpu.md)")
     g.add_argument("--temperature", type=finite_float, default=0.05, help="student temperature of the similarity KL")
     g.add_argument("--teacher-temperature", type=finite_float, default=None,
                    help="parent temperature (default: --temperature)")
