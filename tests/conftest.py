@@ -110,9 +110,11 @@ def cpu_bf16(request, monkeypatch) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _own_effir_cache(tmp_path, monkeypatch):
-    """Each test caches into its own folder: never the user's cache, never another test's (or xdist worker's)."""
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "effir-cache"))
+def _isolated(tmp_path, monkeypatch):
+    """Each test caches into its own folder (never the user's cache, never another test's or xdist worker's), and an
+    accidental BEIR download goes to a closed local port, never the internet. A test may set either again."""
+    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EFFIR_BEIR_URL", "http://127.0.0.1:9")
 
 
 def pytest_configure(config):

@@ -18,11 +18,6 @@ from effir.encoder import AsymmetricEncoder
 TEXTS = ["what is the capital of france", "fish", "the river in the city is blue water and a fish is in it"]
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-
-
 def _slimmed(src, out):
     assert main(["slim", str(src), "--method", "magnitude", "--ratio", "0.5", "--width-multiple", "8",
                  "--no-progress", "--output", str(out), "--device", "cpu", "--dtype", "fp32"]) == 0

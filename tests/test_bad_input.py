@@ -258,12 +258,6 @@ def _check(argv: list[str], out: Path, leftovers: list[str], words: str, capsys)
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _offline_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("EFFIR_BEIR_URL", "http://127.0.0.1:9")
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the --device cuda cases need a machine without a GPU")
 @pytest.mark.parametrize("name, command, leftovers, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_command_line(name, command, leftovers, words, world, tmp_path, capsys):

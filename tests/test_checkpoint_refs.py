@@ -8,11 +8,6 @@ import effir
 from effir.utils import EffirError
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-
-
 def _one_line_error(ref, match):
     with pytest.raises(EffirError, match=match) as info:
         effir.load(ref, device="cpu", dtype="fp32")

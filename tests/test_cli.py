@@ -11,12 +11,6 @@ from test_checkpoint_refs import gpt2_dir
 from effir.cli import COMMANDS, main
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("EFFIR_BEIR_URL", "http://127.0.0.1:9")
-
-
 def test_help_lists_every_verb(capsys):
     with pytest.raises(SystemExit) as info:
         main(["-h"])

@@ -12,13 +12,6 @@ from effir.data import corpus_hash, load_beir, load_corpus, load_qrels, load_que
 from effir.utils import EffirError
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Cache in tmp; any accidental fetch goes to a closed local port, never the internet."""
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("EFFIR_BEIR_URL", "http://127.0.0.1:9")
-
-
 def test_load_folder(tiny_beir):
     data = load_beir(tiny_beir)
     assert data.name == "tiny-beir" and data.split == "test" and data.path == tiny_beir

@@ -22,11 +22,6 @@ def texts_dir(tmp_path):
     return write_beir(tmp_path / "beir", corpus=TINY_CORPUS + EXTRA, queries=QUERIES, qrels=[])
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-
-
 def _args(student, teacher, texts, out, *extra):
     return ["distill", str(student), "--teacher", str(teacher), "--texts", str(texts), "--output", str(out),
             "--device", "cpu", "--no-progress", "--batch-size", "4", "--lr", "5e-3", "--precision", "fp32",

@@ -17,12 +17,6 @@ from effir.metrics import evaluate
 USER_CACHE = os.environ.get("EFFIR_CACHE")
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("EFFIR_BEIR_URL", "http://127.0.0.1:9")
-
-
 def _needs_package(name):
     """Weights ship inside packages installed with --no-deps: look for them without importing them."""
     if importlib.util.find_spec(name) is None:

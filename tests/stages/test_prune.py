@@ -92,9 +92,7 @@ def test_full_finetuning_never_moves_a_zero(tiny_llama_dir, train_dir, calib, tm
     assert not torch.equal(before["layers.0.mlp.down_proj.weight"], after["layers.0.mlp.down_proj.weight"])
 
 
-def test_distill_keeps_the_zeros_drop_keeps_the_record_slim_breaks_it(tiny_llama_dir, calib, tmp_path, capsys,
-                                                                      monkeypatch):
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
+def test_distill_keeps_the_zeros_drop_keeps_the_record_slim_breaks_it(tiny_llama_dir, calib, tmp_path, capsys):
     pruned = tmp_path / "p" / "model"
     assert prune(tiny_llama_dir, tmp_path / "p", calib, "--method", "sparsegpt") == 0
     assert main(["distill", str(pruned), "--teacher", str(tiny_llama_dir), "--texts", str(calib), "--output",

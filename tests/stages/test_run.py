@@ -26,12 +26,6 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Runs cache corpus embeddings: in the test's own folder, never the user's cache."""
-    monkeypatch.setenv("EFFIR_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def data(tmp_path):
     folder = write_beir(tmp_path / "beir", split="train")

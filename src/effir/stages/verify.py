@@ -46,7 +46,7 @@ SKIPPABLE = ("reference", "transformers", "sentence-transformers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="DIR", help="model folder written by an effir stage (e.g. effir drop)")
+    p.add_argument("model_dir", metavar="DIR", help="model folder written by an effir stage (e.g. DIR/model of effir drop)")
     p.add_argument("--reference", default=None,
                    help="model to rebuild and compare against (default: the source model in DIR's history)")
     p.add_argument("--atol", type=finite_float, default=1e-5, help="max |embedding difference| allowed (default: 1e-5)")
