@@ -1,5 +1,6 @@
-"""Least-squares compensation after an MLP width cut (effir.compensation), checked against torch.linalg.lstsq and a
-whole forward through the compensated model, on every architecture of the table."""
+"""Closed-form compensation (effir.compensation): the least-squares refit after an MLP width cut and the fitted
+replacement of a dropped MLP, checked against torch.linalg.lstsq, hand-computed means and a whole forward through
+the compensated model, on every architecture of the table."""
 
 import copy
 
@@ -9,8 +10,8 @@ from conftest import WORDS
 
 from effir.arch import get_adapter, get_path, layer_list
 from effir.calibration import block_batches, token_blocks
-from effir.compensation import DAMPENING, down_gram, refit_down, slice_and_refit
-from effir.surgery import slice_mlp
+from effir.compensation import DAMPENING, down_gram, fit_map, map_error, refit_down, replace_and_fit, slice_and_refit
+from effir.surgery import MappedBranch, apply_structure, drop_sublayers, slice_mlp, structure_of
 from effir.utils import EffirError
 
 
@@ -148,9 +149,140 @@ def _refit_one(model, i: int, keep: torch.Tensor, gram: torch.Tensor) -> None:
             new.bias.copy_(bias)
 
 
+@torch.no_grad()
+def _branch_io(model, i: int, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """What layer ``i``'s MLP reads (its normalised input) and adds to the residual stream (after its output norm;
+    BERT: before its residual add and LayerNorm), over the non-pad tokens of a whole forward: ``(N, d)`` each."""
+    adapter = get_adapter(model.config)
+    layer = layer_list(model, adapter)[i]
+    last = get_path(layer, adapter.down_proj if adapter.post_norm else adapter.mlp_out_norm or adapter.mlp[-1])
+    xs, ys = [], []
+    handles = [get_path(layer, adapter.mlp[0]).register_forward_pre_hook(lambda _m, a: xs.append(a[0])),
+               last.register_forward_hook(lambda _m, _a, out: ys.append(out))]
+    for b in batches:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+              position_ids=(b["attention_mask"].cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    for h in handles:
+        h.remove()
+    masks = [b["attention_mask"].bool() for b in batches]
+    return (torch.cat([x[m] for x, m in zip(xs, masks, strict=True)]).double(),
+            torch.cat([y[m] for y, m in zip(ys, masks, strict=True)]).double())
+
+
+def test_a_bias_replacement_adds_exactly_the_calibration_mean(tiny_model, tiny_tokenizer):
+    """--compensate bias: the dropped MLP's stand-in adds its mean output over the calibration tokens, nothing else:
+    the layer computes what the plainly dropped layer computes, plus that mean."""
+    adapter = get_adapter(tiny_model.config)
+    batches = _calibration(tiny_tokenizer)
+    _, y = _branch_io(tiny_model, 1, batches)
+    plain = copy.deepcopy(tiny_model)
+    drop_sublayers(plain, adapter, mlp=[1])
+    stats = replace_and_fit(tiny_model, adapter, {1: 0}, batches, progress=False)
+    branch = get_path(layer_list(tiny_model, adapter)[1], adapter.mlp[-1])
+    assert isinstance(branch, MappedBranch) and branch.rank == 0 and len(list(branch.parameters())) == 1 + (
+        adapter.post_norm and 2)  # the bias (+ BERT's LayerNorm, kept)
+    torch.testing.assert_close(branch.bias.double(), y.mean(0), rtol=0, atol=1e-6)
+    assert stats["error_refit"][0] == pytest.approx(float((y - y.mean(0)).square().sum() / y.square().sum()), rel=1e-4)
+    if adapter.post_norm:
+        return  # the mean enters before BERT's LayerNorm: no plain difference to read off the output
+    outs = [_layer_output(m, 1, batches) for m in (tiny_model, plain)]
+    torch.testing.assert_close(outs[0] - outs[1], branch.bias.detach().expand_as(outs[0]), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def _layer_output(model, i: int, batches) -> torch.Tensor:
+    adapter = get_adapter(model.config)
+    seen = []
+    handle = layer_list(model, adapter)[i].register_forward_hook(
+        lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    for b in batches:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    handle.remove()
+    return torch.cat([o[b["attention_mask"].bool()] for o, b in zip(seen, batches, strict=True)])
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+def test_a_map_replacement_is_the_ridge_least_squares_fit_on_the_replaced_layers_before_it(tiny_model,
+                                                                                          tiny_tokenizer, rank):
+    """--compensate lstsq: each dropped MLP's map (full rank, or the best rank-5 one) and bias fit what the MLP adds
+    from what it reads, as a whole forward through the layers already replaced gives them, by least squares; the
+    replaced model saves and rebuilds exactly."""
+    adapter = get_adapter(tiny_model.config)
+    batches = _calibration(tiny_tokenizer)
+    d = tiny_model.config.hidden_size
+    rank = rank or d
+    reference, original = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    # a whisper of ridge: LayerNorm outputs (BERT) sum to a constant, so the plain normal equations are singular
+    stats = replace_and_fit(tiny_model, adapter, {1: rank, 2: rank}, batches, dampening=1e-7, progress=False)
+    for i in (1, 2):
+        x, y = _branch_io(reference, i, batches)  # layer 1 already replaced in `reference` when layer 2 is read
+        ones = torch.ones(len(x), 1, dtype=x.dtype)
+        best = torch.linalg.lstsq(torch.cat([x, ones], 1), y).solution  # (d + 1, d)
+        branch = get_path(layer_list(tiny_model, adapter)[i], adapter.mlp[-1])
+        w = (branch.proj.weight if rank == d else branch.down.weight @ branch.up.weight).detach().double()
+        fitted = x @ w.T + branch.bias.detach().double()
+        ours, optimum = ((y - f).square().sum() / y.square().sum() for f in (fitted, torch.cat([x, ones], 1) @ best))
+        if rank == d:  # the least-squares optimum, up to float32 activations (and a whisper of ridge)
+            assert ours <= optimum + 1e-4, (ours, optimum)
+        else:  # reduced-rank regression: the optimum's outputs on their top 5 principal directions
+            full = torch.cat([x, ones], 1) @ best
+            top = torch.linalg.svd(full - full.mean(0), full_matrices=False).Vh[:rank]  # (5, d)
+            best_rank = (full - full.mean(0)) @ top.T @ top + full.mean(0)
+            assert ours == pytest.approx(float((y - best_rank).square().sum() / y.square().sum()), abs=1e-4)
+        assert stats["error_refit"][stats["layers"].index(i)] == pytest.approx(
+            float((y - fitted).square().sum() / y.square().sum()), rel=1e-3, abs=1e-6)
+        _copy_replacement(reference, tiny_model, i)
+    structure = structure_of(tiny_model, adapter)
+    assert structure["mlp_maps"] == {"1": rank, "2": rank} and structure["dropped_mlp"] == [1, 2]
+    rebuilt = original  # a full-size model, as a skeleton
+    apply_structure(rebuilt, adapter, structure)
+    rebuilt.load_state_dict(tiny_model.state_dict(), strict=True)
+    torch.testing.assert_close(_run(rebuilt, batches), _run(tiny_model, batches), rtol=0, atol=0)
+
+
+def _copy_replacement(model, fitted, i: int) -> None:
+    """Give ``model`` layer ``i``'s replacement as ``fitted`` has it, so that the next layer reads what it reads."""
+    from effir.surgery import replace_mlp
+
+    adapter = get_adapter(model.config)
+    theirs = get_path(layer_list(fitted, adapter)[i], adapter.mlp[-1])
+    ours = replace_mlp(model, adapter, i, theirs.rank)
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_fit_map_recovers_an_exactly_linear_branch():
+    """y = A x + b (A of full rank, then of rank 3): the fit gives A and b back, at full rank and at rank 3, and its
+    error is 0."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 12, 400
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, d, dtype=torch.float64)
+    for rank, a in ((d, torch.randn(d, d, generator=g, dtype=torch.float64)),
+                    (3, torch.randn(d, 3, generator=g, dtype=torch.float64) @ torch.randn(3, d, generator=g,
+                                                                                          dtype=torch.float64))):
+        b = torch.randn(d, generator=g, dtype=torch.float64)
+        y = x @ a.T + b
+        stats = {"n": float(n), "x": x.sum(0), "y": y.sum(0), "xx": x.T @ x, "xy": x.T @ y,
+                 "yy": float(y.square().sum())}
+        bias, maps = fit_map(stats, rank, dampening=0.0)
+        w = maps["proj"] if rank == d else maps["down"] @ maps["up"]
+        torch.testing.assert_close(w, a, rtol=0, atol=1e-8)
+        torch.testing.assert_close(bias, b, rtol=0, atol=1e-8)
+        assert map_error(stats, bias, maps) < 1e-12
+        assert set(maps) == ({"proj"} if rank == d else {"up", "down"})
+        mean, none = fit_map(stats, 0)
+        assert not none and torch.allclose(mean, y.mean(0))
+
+
 def test_bad_input_is_an_effir_error(tiny_model, tiny_tokenizer):
     adapter = get_adapter(tiny_model.config)
     batches = _calibration(tiny_tokenizer)
+    with pytest.raises(EffirError, match="dampening"):
+        replace_and_fit(tiny_model, adapter, {0: 0}, batches, dampening=-1.0, progress=False)
+    with pytest.raises(EffirError, match="rank"):
+        replace_and_fit(tiny_model, adapter, {0: 10_000}, batches, progress=False)
+    drop_sublayers(tiny_model, adapter, mlp=[3])
+    with pytest.raises(EffirError, match="already dropped"):
+        replace_and_fit(tiny_model, adapter, {3: 2}, batches, progress=False)
     with pytest.raises(EffirError, match="dampening"):
         slice_and_refit(tiny_model, adapter, _keeps(tiny_model), batches, dampening=-1.0, progress=False)
     with pytest.raises(EffirError, match="subset"):

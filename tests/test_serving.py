@@ -1,7 +1,7 @@
 """Export for serving (ONNX / OpenVINO, fp32 and int8) and the runtimes behind eval / bench (effir.serving).
 
 Equivalence, not smoke: the exported fp32 graph of every architecture in the table, compressed (dropped attention
-and MLP sub-layers, a narrowed MLP), embeds queries and documents as the torch model does within 1e-4.
+and MLP sub-layers, an MLP replaced by a map, a narrowed MLP), embeds queries and documents as the torch model does within 1e-4.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from effir import serving
 from effir.checkpoint import load, save
 from effir.cli import main
-from effir.surgery import drop_sublayers, slice_mlp
+from effir.surgery import drop_sublayers, replace_mlp, slice_mlp
 
 needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
                                 reason="onnx, onnxruntime and onnxscript are not installed (pip install 'effir[serve]')")
@@ -29,8 +29,13 @@ DOCS = [{"title": "paris", "text": "paris is the capital of france and a city on
 
 
 def _compressed(folder, out):
+    """Attention 1 and MLP 0 dropped, MLP 2 replaced by a rank-4 map (effir drop --compensate), MLP 3 narrowed."""
     enc = load(folder, device="cpu", dtype="fp32")
-    drop_sublayers(enc.model, enc.adapter, attention=[1], mlp=[0, 2])
+    drop_sublayers(enc.model, enc.adapter, attention=[1], mlp=[0])
+    branch = replace_mlp(enc.model, enc.adapter, 2, 4)
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.normal_(0, 0.1)
     slice_mlp(enc.model, enc.adapter, 3, list(range(0, 60, 3)))
     return save(enc, out)
 

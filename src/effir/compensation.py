@@ -1,6 +1,12 @@
-"""Closed-form compensation after an MLP width cut: the kept neurons' down projection is refit so that they reproduce
-the full MLP's output on calibration text, by least squares, without a gradient step (the weight updates of
-SlimGPT / ZipLM, per MLP).
+"""Closed-form compensation after a cut, without a gradient step.
+
+Width (:func:`slice_and_refit`): the kept neurons' down projection is refit so that they reproduce the full MLP's
+output on calibration text, by least squares (the weight updates of SlimGPT / ZipLM, per MLP).
+
+Depth (:func:`replace_and_fit`): a dropped MLP is replaced by what reproduces it best for its cost
+(:class:`effir.surgery.MappedBranch`): its calibration mean as a bias (FLAP's bias compensation), or a linear map of
+its normalised input plus a bias fitted by ridge least squares (LLM-Streamline's light-weight replacement), full
+rank or reduced rank (the best rank-r map: the fitted outputs projected on their top-r principal directions).
 
 For one MLP with down projection ``W`` ``(d, d_ff)`` and intermediate activations ``H`` ``(d_ff, N)`` over the ``N``
 non-pad calibration tokens, keeping the neurons ``K`` and removing ``R``::
@@ -35,21 +41,27 @@ from tqdm.auto import tqdm
 
 from .arch import ArchAdapter, get_path, layer_list
 from .probes import layer_pass
-from .surgery import slice_mlp
+from .surgery import replace_mlp, slice_mlp
 from .utils import EffirError
 
-METHODS = ("none", "lstsq")
+METHODS = ("none", "bias", "lstsq")
+DEPTH_METHODS = ("none", "bias", "lstsq")
+COMPENSATE_SAMPLES = 128
+"""Calibration blocks (of a stage's --seq-len tokens) a compensation fits on: more tokens than an MLP has neurons,
+with room to spare."""
 DAMPENING = 0.01
 """Ridge ``lam`` as a fraction of the kept neurons' mean Gram diagonal."""
 
 
 @torch.no_grad()
 def slice_and_refit(model: nn.Module, adapter: ArchAdapter, keeps: Mapping[int, torch.Tensor],
-                    batches: Iterable[Mapping[str, torch.Tensor]], *, dampening: float = DAMPENING,
-                    progress: bool = True) -> dict:
+                    batches: Iterable[Mapping[str, torch.Tensor]], *, method: str = "lstsq",
+                    dampening: float = DAMPENING, progress: bool = True) -> dict:
     """Slice every MLP of ``keeps`` (layer index -> neuron indices to keep) and refit its down projection, layer by
     layer in order, each on the calibration ``batches`` (dicts with ``input_ids`` and ``attention_mask``) as they
-    come out of the layers before it, already compensated.
+    come out of the layers before it, already compensated. ``method`` lstsq: :func:`refit_down`; bias: the kept
+    weights stay and the removed neurons' mean contribution joins the bias (FLAP; a down projection without a bias,
+    as in LLaMA-style MLPs, has nowhere to put it).
 
     Returns:
         ``{"layers": [...], "tokens": n, "error_unrepaired": [...], "error_refit": [...], "seconds": s}``: per layer,
@@ -61,19 +73,23 @@ def slice_and_refit(model: nn.Module, adapter: ArchAdapter, keeps: Mapping[int, 
     """
     if dampening < 0:
         raise EffirError(f"compensation dampening must be >= 0, got {dampening}")
-    t0 = time.perf_counter()
     layers = layer_list(model, adapter)
+    if method == "bias" and any(get_path(layers[i], adapter.down_proj).bias is None for i in keeps):
+        raise EffirError(f"--compensate bias needs MLP down projections with a bias; {adapter.family}-style MLPs "
+                         "have none: use --compensate lstsq")
+    t0 = time.perf_counter()
     batches = list(batches)
     model.eval()
     out: dict = {"layers": [], "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
                  "error_unrepaired": [], "error_refit": []}
     inputs, start = None, 0
-    for i in tqdm(sorted(keeps), desc="compensate lstsq", unit="layer", disable=not progress, file=sys.stderr):
+    for i in tqdm(sorted(keeps), desc=f"compensate {method}", unit="layer", disable=not progress, file=sys.stderr):
         old = get_path(layers[i], adapter.down_proj)
         gram, inputs = down_gram(model, layers, i, old, batches, start=start, inputs=inputs)
         keep = torch.as_tensor(keeps[i], dtype=torch.long).unique(sorted=True)  # slice_mlp's order
         slice_mlp(model, adapter, i, keep)
-        weight, bias = refit_down(old.weight, old.bias, gram, keep, dampening)
+        refit = refit_down if method == "lstsq" else mean_bias
+        weight, bias = refit(old.weight, old.bias, gram, keep, dampening)
         new = get_path(layers[i], adapter.down_proj)
         new.weight.copy_(weight)
         if bias is not None:
@@ -142,6 +158,19 @@ def refit_down(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tens
     return new[:, :-1].contiguous(), new[:, -1].contiguous()
 
 
+def mean_bias(weight: torch.Tensor, bias: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor,
+              _dampening: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept neurons' weights unchanged, and ``bias + W_R mean(h_R)``: the removed neurons' mean contribution
+    over the tokens of ``gram`` (whose last row, the always-1 neuron's, sums each neuron's activations)."""
+    dev = gram.device
+    cut = torch.ones(weight.shape[1], dtype=torch.bool, device=dev)
+    cut[keep.to(dev)] = False
+    mean = gram[-1, :-1][cut] / gram[-1, -1].clamp(min=1)  # (|R|,)
+    shift = weight.detach().double().to(dev)[:, cut] @ mean
+    return (weight[:, keep.to(weight.device)].clone(),
+            (bias.detach().double().to(dev) + shift).to(bias.dtype).to(bias.device))
+
+
 def output_error(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, keep: torch.Tensor,
                  new_weight: torch.Tensor, new_bias: torch.Tensor | None) -> float:
     """``||W H + b - (W' H_K + b')||^2 / ||W H + b||^2`` over the tokens of ``gram`` (:func:`down_gram`): how far
@@ -155,3 +184,123 @@ def output_error(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Te
         cut = torch.cat([cut, new_bias.detach().double().to(dev)[:, None]], dim=1)
     err = full - cut
     return float((err @ gram * err).sum() / (full @ gram * full).sum().clamp(min=1e-30))
+
+
+@torch.no_grad()
+def replace_and_fit(model: nn.Module, adapter: ArchAdapter, ranks: Mapping[int, int],
+                    batches: Iterable[Mapping[str, torch.Tensor]], *, dampening: float = DAMPENING,
+                    progress: bool = True) -> dict:
+    """Replace the MLP of every layer of ``ranks`` (layer index -> rank of its map; 0: a bias alone) by a
+    :class:`~effir.surgery.MappedBranch` fitted to reproduce what that MLP added to the residual stream, layer by
+    layer in order, each on the calibration ``batches`` as they come out of the layers before it, already replaced.
+
+    Returns:
+        ``{"layers", "ranks", "tokens", "error_unrepaired", "error_refit", "seconds"}``: per layer, the squared error of
+        the branch's contribution relative to its energy, without a replacement (1) and with it.
+    """
+    if dampening < 0:
+        raise EffirError(f"compensation dampening must be >= 0, got {dampening}")
+    layers = layer_list(model, adapter)
+    hidden = model.config.hidden_size
+    for i, rank in ranks.items():
+        if get_path(layers[i], adapter.down_proj) is None:
+            raise EffirError(f"the MLP of layer {i} is already dropped; only a present MLP can be replaced by a map")
+        if not 0 <= rank <= hidden:
+            raise EffirError(f"a replacement map's rank must be in 0..{hidden} (the hidden size), got {rank}")
+    t0 = time.perf_counter()
+    batches = list(batches)
+    model.eval()
+    out: dict = {"layers": [], "ranks": [], "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+                 "error_unrepaired": [], "error_refit": []}
+    inputs, start = None, 0
+    for i in tqdm(sorted(ranks), desc="compensate drops", unit="layer", disable=not progress, file=sys.stderr):
+        stats, inputs = branch_stats(model, layers, adapter, i, batches, start=start, inputs=inputs)
+        bias, maps = fit_map(stats, ranks[i], dampening)
+        branch = replace_mlp(model, adapter, i, ranks[i])
+        branch.bias.copy_(bias)
+        for name, weight in maps.items():
+            getattr(branch, name).weight.copy_(weight)
+        out["layers"].append(i)
+        out["ranks"].append(ranks[i])
+        out["error_unrepaired"].append(1.0)
+        out["error_refit"].append(round(map_error(stats, bias, maps), 6))
+        start = i
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def branch_stats(model: nn.Module, layers, adapter: ArchAdapter, i: int, batches: list, *, start: int = 0,
+                 inputs: list | None = None) -> tuple[dict, list]:
+    """Sums over the non-pad tokens of ``batches`` of layer ``i``'s MLP input ``x`` (the normalised residual stream)
+    and of what the MLP adds to the residual stream ``y`` (after an output norm; BERT: before its residual add and
+    LayerNorm), in float64: ``{"n", "x", "y", "xx", "xy", "yy"}`` (``xx = sum x x^T``, ``xy = sum x y^T``, ``yy =
+    sum |y|^2``); plus what entered layer ``i`` per batch (:func:`effir.probes.layer_pass`)."""
+    layer, a = layers[i], adapter
+    first = get_path(layer, a.mlp[0])
+    if a.post_norm:
+        last = get_path(layer, a.down_proj)
+    else:
+        last = get_path(layer, a.mlp_out_norm) if a.mlp_out_norm else get_path(layer, a.mlp[-1])
+    d = model.config.hidden_size
+    dev = get_path(layer, a.down_proj).weight.device
+    stats = {"n": 0.0, "yy": 0.0, **{k: torch.zeros(shape, dtype=torch.float64, device=dev) for k, shape in
+                                     (("x", d), ("y", d), ("xx", (d, d)), ("xy", (d, d)))}}
+    state: dict = {}
+
+    def take_x(_module, args):
+        state["x"] = args[0].detach()
+
+    def take_y(_module, _args, output):
+        mask = state["mask"].reshape(-1).bool()
+        x = state["x"].float().reshape(mask.numel(), -1)[mask]
+        y = output.detach().float().reshape(mask.numel(), -1)[mask]
+        stats["n"] += float(mask.sum())
+        stats["yy"] += float((y.double() ** 2).sum())
+        stats["x"] += x.sum(0).double()
+        stats["y"] += y.sum(0).double()
+        stats["xx"] += (x.T @ x).double()
+        stats["xy"] += (x.T @ y).double()
+
+    handles = [first.register_forward_pre_hook(take_x), last.register_forward_hook(take_y)]
+    try:
+        entered = layer_pass(model, layers, i, batches, state, start=start, inputs=inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, entered
+
+
+def fit_map(stats: dict, rank: int, dampening: float = DAMPENING) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The bias and the weights of a rank-``rank`` :class:`~effir.surgery.MappedBranch` that best reproduce ``y``
+    from ``x`` (:func:`branch_stats`), float64: ``(bias (d,), {"proj": (d, d)} | {"up": (r, d), "down": (d, r)} | {})``.
+
+    Rank 0: the mean of ``y``. Otherwise the ridge least-squares map on centred statistics (``lam`` = ``dampening`` x
+    the mean variance of ``x``; towards 0), and for ``rank < d`` its outputs projected on their top-``rank``
+    principal directions, the best rank-``rank`` map for that fit; the bias is the mean of ``y`` minus the map of
+    the mean of ``x``.
+    """
+    n = max(stats["n"], 1.0)
+    mx, my = stats["x"] / n, stats["y"] / n
+    if rank == 0:
+        return my, {}
+    cxx = stats["xx"] / n - torch.outer(mx, mx)
+    cxy = stats["xy"] / n - torch.outer(mx, my)
+    d = cxx.shape[0]
+    scale = float(cxx.diagonal().mean())
+    lam = dampening * scale if scale > 0 else 1.0
+    w = torch.linalg.solve(cxx + lam * torch.eye(d, dtype=cxx.dtype, device=cxx.device), cxy).T  # (d_out, d_in)
+    if rank < d:
+        _, vecs = torch.linalg.eigh(w @ cxx @ w.T)  # covariance of the fitted outputs, eigenvalues ascending
+        v = vecs[:, d - rank:]  # (d, r)
+        up, down = v.T @ w, v
+        return my - down @ (up @ mx), {"up": up, "down": down}
+    return my - w @ mx, {"proj": w}
+
+
+def map_error(stats: dict, bias: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> float:
+    """``sum |y - (W x + b)|^2 / sum |y|^2`` over the tokens of ``stats`` (:func:`branch_stats`)."""
+    w = maps["proj"] if "proj" in maps else maps["down"] @ maps["up"] if maps else torch.zeros_like(stats["xx"])
+    n = stats["n"]
+    err = (stats["yy"] - 2 * float((w * stats["xy"].T).sum()) - 2 * float(bias @ stats["y"])
+           + float((w @ stats["xx"] * w).sum()) + 2 * float(bias @ (w @ stats["x"])) + n * float(bias @ bias))
+    return max(err, 0.0) / max(stats["yy"], 1e-30)

@@ -10,9 +10,13 @@ sub-layer's modules are replaced by parameter-free stand-ins that make the layer
 - post-norm layers (BERT, ``LN(x + F(x))`` computed *inside* the sub-layer's modules): the module returns its
   residual input, so the sub-layer, its residual add and its LayerNorm are all skipped at no cost.
 
+A dropped MLP may instead be replaced by a :class:`MappedBranch`, a bias or a cheap linear map fitted to reproduce it
+(:mod:`effir.compensation`); it counts as dropped everywhere (no width, never picked or sliced again).
+
 The structure of a model is ``{"num_layers": L, "dropped_attention": [...], "dropped_mlp": [...],
-"mlp_widths": [int | None per layer]}`` (``None`` for a dropped MLP); it is derived from the modules themselves
-by :func:`structure_of`, stored in ``effir.json`` and rebuilt by :func:`apply_structure`.
+"mlp_widths": [int | None per layer]}`` (``None`` for a dropped MLP), plus ``"mlp_maps": {"layer": rank}`` for the
+dropped MLPs replaced by a map; it is derived from the modules themselves by :func:`structure_of`, stored in
+``effir.json`` and rebuilt by :func:`apply_structure`.
 """
 
 from __future__ import annotations
@@ -61,7 +65,48 @@ class ResidualPassthrough(nn.Module):
         return f"dropped, returns argument {self.arg}"
 
 
-_STAND_INS = (DroppedBranch, ResidualPassthrough)
+class MappedBranch(nn.Module):
+    """Stand-in for a dropped MLP that still adds what reproduces it best for its cost (:mod:`effir.compensation`):
+    ``bias + up/down(x)``, a linear map of the MLP's (normalised) input ``x`` of rank ``rank`` plus a bias; rank 0
+    is the bias alone, the MLP's calibration mean. A full-rank map is one ``proj`` (hidden x hidden), a lower rank
+    the pair ``up`` (hidden -> rank), ``down`` (rank -> hidden).
+
+    Pre-norm layers call it as they called the MLP and add what it returns to the residual stream (a rank-0 bias
+    broadcasts over the tokens). Post-norm layers (BERT) call it as the MLP's last module, ``(h, residual)``, and
+    it applies the LayerNorm the MLP applied after its residual add, kept under the same name (``norm_name``).
+    """
+
+    def __init__(self, hidden: int, rank: int, like: torch.Tensor, *, residual_arg: int | None = None,
+                 norm: nn.Module | None = None, norm_name: str = "LayerNorm"):
+        super().__init__()
+        if not 0 <= rank <= hidden:
+            raise EffirError(f"a replacement map's rank must be in 0..{hidden}, got {rank}")
+        self.rank, self.residual_arg, self.norm_name = rank, residual_arg, norm_name
+        self.bias = nn.Parameter(torch.zeros(hidden, dtype=like.dtype, device=like.device),
+                                 requires_grad=like.requires_grad)
+        if rank == hidden:
+            self.proj = _empty_linear_from(like, hidden, hidden)
+        elif rank:
+            self.up, self.down = _empty_linear_from(like, hidden, rank), _empty_linear_from(like, rank, hidden)
+        if norm is not None:
+            setattr(self, norm_name, norm)
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        out = self.bias
+        if self.rank == self.bias.numel():
+            out = self.proj(x) + out
+        elif self.rank:
+            out = self.down(self.up(x)) + out
+        if self.residual_arg is None:
+            return out
+        return getattr(self, self.norm_name)(out + args[self.residual_arg])
+
+    def extra_repr(self) -> str:
+        return f"dropped, replaced by a rank-{self.rank} map + bias"
+
+
+_STAND_INS = (DroppedBranch, ResidualPassthrough, MappedBranch)
 
 
 # -- dropping ----------------------------------------------------------------------------------------------------
@@ -86,7 +131,29 @@ def drop_sublayers(model: nn.Module, adapter: ArchAdapter, attention: Iterable[i
     for i in attention:
         _drop_attention(layers[i], adapter)
     for i in mlp:
-        _drop_mlp(layers[i], adapter)
+        if not is_dropped(layers[i], adapter, "mlp"):  # keeps a replacement map in place
+            _drop_mlp(layers[i], adapter)
+
+
+def replace_mlp(model: nn.Module, adapter: ArchAdapter, layer_idx: int, rank: int) -> MappedBranch:
+    """Drop layer ``layer_idx``'s MLP and put a :class:`MappedBranch` of ``rank`` in its place,
+    with uninitialised weights (zero bias); returns it. A map of rank > 0 reads the MLP's normalised input, so the
+    MLP's input norm stays (pre-norm); a post-norm layer keeps the LayerNorm after its residual add."""
+    layer = layer_list(model, adapter)[layer_idx]
+    a = adapter
+    if is_dropped(layer, a, "mlp"):
+        raise EffirError(f"the MLP of layer {layer_idx} is already dropped; only a present MLP can be replaced by a map")
+    in_norm = get_path(layer, a.mlp_in_norm) if a.mlp_in_norm else None
+    like = get_path(layer, a.down_proj).weight
+    norm_name = a.mlp_out_norm.removeprefix(a.mlp[-1] + ".") if a.post_norm else "LayerNorm"
+    norm = get_path(layer, a.mlp_out_norm) if a.post_norm else None
+    _drop_mlp(layer, a)
+    branch = MappedBranch(model.config.hidden_size, rank, like,
+                          residual_arg=a.residual_args[1] if a.post_norm else None, norm=norm, norm_name=norm_name)
+    set_path(layer, a.mlp[-1], branch)
+    if rank and in_norm is not None and not isinstance(in_norm, nn.Identity):
+        set_path(layer, a.mlp_in_norm, in_norm)
+    return branch
 
 
 def _check_indices(indices: Iterable[int], n: int, what: str) -> list[int]:
@@ -188,6 +255,14 @@ def slice_mlp(model: nn.Module, adapter: ArchAdapter, layer_idx: int, keep: torc
     return int(keep.numel())
 
 
+def _empty_linear_from(w: torch.Tensor, in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free linear with uninitialised weights in ``w``'s dtype and device."""
+    new = nn.Linear(in_features, out_features, bias=False, device="meta", dtype=w.dtype)
+    new.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=w.dtype, device=w.device),
+                              requires_grad=w.requires_grad)
+    return new
+
+
 def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     w = like.weight
     new = nn.Linear(in_features, out_features, bias=like.bias is not None, device="meta", dtype=w.dtype)
@@ -203,17 +278,22 @@ def _empty_linear(like: nn.Linear, in_features: int, out_features: int) -> nn.Li
 def structure_of(model: nn.Module, adapter: ArchAdapter) -> dict:
     """The structure dict of ``model``, read from its modules (the source of truth)."""
     layers = layer_list(model, adapter)
-    return {
+    out = {
         "num_layers": len(layers),
         "dropped_attention": [i for i, layer in enumerate(layers) if is_dropped(layer, adapter, "attention")],
         "dropped_mlp": [i for i, layer in enumerate(layers) if is_dropped(layer, adapter, "mlp")],
         "mlp_widths": [mlp_width(layer, adapter) for layer in layers],
     }
+    maps = {str(i): branch.rank for i, layer in enumerate(layers)
+            for branch in [get_path(layer, adapter.mlp[-1])] if isinstance(branch, MappedBranch)}
+    if maps:  # absent when there are none: folders written before replacement maps existed keep their structure
+        out["mlp_maps"] = maps
+    return out
 
 
 def is_compressed(structure: dict, full_width: int) -> bool:
     """True when ``structure`` differs from the uncompressed model (something dropped or narrowed)."""
-    return bool(structure["dropped_attention"] or structure["dropped_mlp"]
+    return bool(structure["dropped_attention"] or structure["dropped_mlp"] or structure.get("mlp_maps")
                 or any(w is not None and w != full_width for w in structure["mlp_widths"]))
 
 
@@ -247,12 +327,22 @@ def check_structure(structure: dict, num_layers: int) -> dict:
         if (w is None) != (i in out["dropped_mlp"]) or (w is not None and (not isinstance(w, int) or w < 1)):
             raise bad(f"mlp_widths[{i}] = {w!r} (null exactly for dropped MLPs, else a positive int)")
     out["mlp_widths"] = list(widths)
+    maps = structure.get("mlp_maps")
+    if maps is not None:
+        if not isinstance(maps, dict) or not all(
+                isinstance(k, str) and k.isdigit() and int(k) in out["dropped_mlp"] and isinstance(r, int) and r >= 0
+                for k, r in maps.items()):
+            raise bad("mlp_maps must map dropped MLP layer indices to ranks >= 0")
+        if maps:
+            out["mlp_maps"] = {str(k): maps[str(k)] for k in sorted(map(int, maps))}
     return out
 
 
 def apply_structure(model: nn.Module, adapter: ArchAdapter, structure: dict) -> None:
     """Turn a full-size skeleton into ``structure``: drop sub-layers and resize narrowed MLPs (weights empty)."""
     structure = check_structure(structure, len(layer_list(model, adapter)))
+    for i, rank in structure.get("mlp_maps", {}).items():
+        replace_mlp(model, adapter, int(i), rank)
     drop_sublayers(model, adapter, structure["dropped_attention"], structure["dropped_mlp"])
     layers = layer_list(model, adapter)
     for i, width in enumerate(structure["mlp_widths"]):
@@ -263,10 +353,14 @@ def apply_structure(model: nn.Module, adapter: ArchAdapter, structure: dict) -> 
 def dropped_prefixes(adapter: ArchAdapter, structure: dict) -> list[str]:
     """State-dict key prefixes (``"layers.3.mlp."``) that must be absent from a model with ``structure``."""
     out = []
-    for group, roles in (("attention", (adapter.attention, adapter.attn_in_norm, adapter.attn_out_norm)),
-                         ("mlp", (*adapter.mlp, adapter.mlp_in_norm, adapter.mlp_out_norm))):
+    a, maps = adapter, structure.get("mlp_maps", {})
+    for group, roles in (("attention", (a.attention, a.attn_in_norm, a.attn_out_norm)),
+                         ("mlp", (*a.mlp, a.mlp_in_norm, a.mlp_out_norm))):
         for i in structure[f"dropped_{group}"]:
-            out += [f"{adapter.layers}.{i}.{role}." for role in roles if role]
+            if group == "mlp" and str(i) in maps:  # a map stands at the MLP's last module, with its input norm
+                kept = {a.mlp[-1], a.mlp_out_norm if a.post_norm else None, a.mlp_in_norm if maps[str(i)] else None}
+                roles = [r for r in roles if r not in kept]
+            out += [f"{a.layers}.{i}.{role}." for role in roles if role]
     return sorted(set(out))
 
 

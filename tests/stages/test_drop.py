@@ -8,6 +8,7 @@ import torch
 import effir
 from effir import cli
 from effir.checkpoint import fingerprint, read_effir_json
+from effir.arch import get_path, layer_list
 from effir.surgery import drop_sublayers
 
 TEXTS = ["what is the capital of france", "fish", "the river in the city is blue water"]
@@ -36,7 +37,8 @@ def _embeddings(enc):
 def test_importance_drops_the_lowest_of_each_group(tiny_model_dir, tmp_path, capsys):
     scores = write_scores(tmp_path / "scores.json", tiny_model_dir)
     out = tmp_path / "out"
-    assert drop(tiny_model_dir, "--scores", scores, "--mlp", 2, "--attention", 1, "--output", out) == 0
+    assert drop(tiny_model_dir, "--scores", scores, "--mlp", 2, "--attention", 1, "--output", out,
+                "--compensate", "none") == 0
     meta = read_effir_json(out / "model")
     assert meta["structure"]["dropped_mlp"] == [1, 3]  # scores 0.1 and 0.2
     assert meta["structure"]["dropped_attention"] == [2]  # score 0.01
@@ -91,12 +93,12 @@ def test_strategy_last_needs_no_scores(tiny_llama_dir, tmp_path):
 
 def test_dropping_from_a_compressed_model_composes(tiny_llama_dir, tmp_path):
     first = tmp_path / "first"
-    assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", first) == 0
+    assert drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", first, "--compensate", "none") == 0
     # scores of the compressed model: the dropped MLP 3 scores null (as `effir analyze` writes it)
     scores = {**SCORES, "mlp": [0.5, 0.1, 0.3, None]}
     path = write_scores(tmp_path / "scores2.json", first / "model", scores=scores)
     second = tmp_path / "second"
-    assert drop(first / "model", "--scores", path, "--mlp", 2, "--output", second) == 0
+    assert drop(first / "model", "--scores", path, "--mlp", 2, "--output", second, "--compensate", "none") == 0
     meta = read_effir_json(second / "model")
     assert meta["structure"]["dropped_mlp"] == [1, 2, 3]  # 2 more, by original index
     assert [h["dropped_mlp"] for h in meta["history"]] == [[3], [1, 2]]
@@ -208,3 +210,41 @@ def test_the_model_is_written_into_DIR_model_like_every_stage_writes_it(tiny_lla
     capsys.readouterr()
     _one_line_error(capsys, drop(out, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "o"),
                     f"pass {out / 'model'}")
+
+
+@pytest.mark.parametrize("compensate, rank", [("lstsq", None), ("lstsq", 4), ("bias", None)])
+def test_each_dropped_mlp_is_replaced_by_its_fitted_stand_in(tiny_model_dir, tmp_path, compensate, rank):
+    """--compensate (default lstsq): every dropped MLP becomes a map of rank --compensate-rank (default: the hidden
+    size) plus a bias, or a bias alone; counted in the parameters, recorded with its fit, and embedding otherwise
+    than the plain drop (reloading in effir, transformers and sentence-transformers: test_verify)."""
+    out = tmp_path / "out"
+    flags = ["--compensate", compensate, *(["--compensate-rank", rank] if rank else []), "--compensate-samples", 8,
+             "--seq-len", 32]
+    assert drop(tiny_model_dir, "--strategy", "last", "--mlp", 2, "--attention", 1, "--output", out, *flags) == 0
+    assert drop(tiny_model_dir, "--strategy", "last", "--mlp", 2, "--attention", 1, "--output", tmp_path / "plain",
+                "--compensate", "none") == 0
+    meta, plain = (read_effir_json(p / "model") for p in (out, tmp_path / "plain"))
+    hidden = effir.load(tiny_model_dir, device="cpu").model.config.hidden_size
+    want = 0 if compensate == "bias" else rank or hidden
+    assert meta["structure"]["mlp_maps"] == {"2": want, "3": want} and meta["structure"]["dropped_mlp"] == [2, 3]
+    assert "mlp_maps" not in plain["structure"]
+    src = effir.load(tiny_model_dir, device="cpu")
+    extra = {0: hidden, 4: hidden + 2 * 4 * hidden, hidden: hidden + hidden * hidden}[want]  # bias + map
+    a, layer = src.adapter, layer_list(src.model, src.adapter)[3]
+    kept_norm = a.mlp_out_norm if a.post_norm else a.mlp_in_norm if want else None  # what the map keeps
+    extra += sum(p.numel() for p in get_path(layer, kept_norm).parameters()) if kept_norm else 0
+    assert meta["parameters"]["total"] - plain["parameters"]["total"] == 2 * extra
+    step = meta["history"][-1]
+    assert step["compensate"] == compensate and step["compensate_rank"] == want and step["compensate_samples"] == 8
+    assert all(0 <= e < 1 for e in step["compensation"]["error_refit"]) and step["compensation"]["layers"] == [2, 3]
+    got, bare = (_embeddings(effir.load(p / "model", device="cpu", dtype="fp32")) for p in (out, tmp_path / "plain"))
+    assert (got - bare).abs().max() > 1e-3
+
+
+def test_bad_compensation_options_are_one_line_errors(tiny_llama_dir, tmp_path, capsys):
+    for flags, match in ((["--compensate-rank", 0], "--compensate-rank must be >= 1"),
+                         (["--compensate-samples", 0], "--compensate-samples must be >= 1"),
+                         (["--calibration", str(tmp_path / "none.txt")], "none.txt")):
+        code = drop(tiny_llama_dir, "--strategy", "last", "--mlp", 1, "--output", tmp_path / "o", *flags)
+        _one_line_error(capsys, code, match)
+        assert not (tmp_path / "o" / "model").exists()

@@ -14,7 +14,9 @@ from effir.surgery import drop_sublayers, slice_mlp
 
 
 def _dropped(src, out, *flags):
-    assert cli.main(["drop", str(src), "--strategy", "last", *map(str, flags), "--output", str(out),
+    """``effir drop --strategy last FLAGS``, plain (--compensate none) unless FLAGS say otherwise."""
+    compensate = [] if "--compensate" in flags else ["--compensate", "none"]
+    assert cli.main(["drop", str(src), "--strategy", "last", *map(str, flags), *compensate, "--output", str(out),
                      "--device", "cpu"]) == 0
     return out / "model"
 
@@ -39,6 +41,20 @@ def test_verify_passes_on_a_dropped_model(tiny_model_dir, tmp_path, capsys):
     assert _status(text) == {"integrity": "PASS", "reload": "PASS", "weights": "PASS", "parameters": "PASS",
                              "reference": "PASS", "transformers": "PASS", "sentence-transformers": "PASS"}, text
     assert "verify: PASS" in text
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_verify_passes_on_a_compensated_drop(tiny_model_dir, tmp_path, capsys, rank):
+    """MLPs replaced by fitted maps (full rank or rank 3) reload equal in effir, in plain transformers (remote code)
+    and in sentence-transformers; the reference cannot replay the fit and says so."""
+    out = _dropped(tiny_model_dir, tmp_path / "out", "--mlp", 2, "--attention", 1, "--compensate", "lstsq",
+                   *(["--compensate-rank", rank] if rank else []), "--compensate-samples", 4, "--seq-len", 32)
+    capsys.readouterr()
+    assert verify(out, st=True) == 0
+    text = capsys.readouterr().out
+    assert _status(text) == {"integrity": "PASS", "reload": "PASS", "weights": "PASS", "parameters": "PASS",
+                             "reference": "SKIP", "transformers": "PASS", "sentence-transformers": "PASS"}, text
+    assert "maps fitted on calibration text" in text
 
 
 def test_tampered_parameter_count_fails(tiny_llama_dir, tmp_path, capsys):

@@ -12,7 +12,8 @@ resized MLPs with random weights.
 
 A dropped sub-layer keeps its layer in place: in pre-norm layers its module returns a 0-dim zero and its norms
 become the identity (the layer computes ``x + 0``); in post-norm layers (BERT) its module returns its residual
-input. The weights of dropped sub-layers are not stored and not created.
+input. The weights of dropped sub-layers are not stored and not created. A dropped MLP listed in ``mlp_maps`` is
+replaced instead by a bias plus a linear map of its input (``MappedBranch``, mirroring ``effir/surgery.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,58 @@ class ResidualPassthrough(nn.Module):
         return (x, None) if self.pair else x
 
 
+class MappedBranch(nn.Module):
+    """Stand-in for a dropped MLP replaced by ``bias + map(x)`` of its input, a rank-``rank`` linear map (rank 0: the
+    bias alone); post-norm layers apply the LayerNorm after the residual add, kept under its own name."""
+
+    def __init__(self, hidden: int, rank: int, like: torch.Tensor, residual_arg=None, norm=None,
+                 norm_name: str = "LayerNorm"):
+        super().__init__()
+        self.rank, self.residual_arg, self.norm_name = rank, residual_arg, norm_name
+        self.bias = nn.Parameter(torch.zeros(hidden, dtype=like.dtype))
+        if rank == hidden:
+            self.proj = _bare_linear(hidden, hidden, like.dtype)
+        elif rank:
+            self.up, self.down = _bare_linear(hidden, rank, like.dtype), _bare_linear(rank, hidden, like.dtype)
+        if norm is not None:
+            setattr(self, norm_name, norm)
+
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        out = self.bias
+        if self.rank == self.bias.numel():
+            out = self.proj(x) + out
+        elif self.rank:
+            out = self.down(self.up(x)) + out
+        if self.residual_arg is None:
+            return out
+        return getattr(self, self.norm_name)(out + args[self.residual_arg])
+
+
+def _bare_linear(in_features: int, out_features: int, dtype) -> nn.Linear:
+    new = nn.Linear(in_features, out_features, bias=False, device="meta", dtype=dtype)
+    new.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=dtype))
+    return new
+
+
+def _replace_mlp(layer: nn.Module, r: dict, hidden: int, rank: int) -> None:
+    """A dropped MLP replaced by a :class:`MappedBranch`; it keeps its input norm when the map reads its input."""
+    like = _get(layer, r["down_proj"]).weight
+    norm_name, norm = "LayerNorm", None
+    if r["post_norm"]:
+        norm_name = r["mlp_out_norm"][len(r["mlp"][-1]) + 1:]
+        norm = _get(layer, r["mlp_out_norm"])
+    for name in r["mlp"][:-1]:
+        _set(layer, name, nn.Identity())
+    _set(layer, r["mlp"][-1], MappedBranch(hidden, rank, like, r["residual_args"][1] if r["post_norm"] else None,
+                                           norm, norm_name))
+    norms = (r["mlp_out_norm"],) if rank else (r["mlp_in_norm"], r["mlp_out_norm"])
+    if not r["post_norm"]:
+        for name in norms:
+            if name and _get(layer, name) is not None:
+                _set(layer, name, nn.Identity())
+
+
 def _get(root, path):
     for name in path.split("."):
         root = getattr(root, name, None)
@@ -86,6 +139,9 @@ def apply_structure(model: nn.Module, structure: dict) -> None:
     """Drop sub-layers and resize narrowed MLPs of a full-size skeleton (weights left empty)."""
     r = structure["roles"]
     layers = _get(model, r["layers"])
+    maps = structure.get("mlp_maps") or {}
+    for i, rank in maps.items():
+        _replace_mlp(layers[int(i)], r, model.config.hidden_size, rank)
     for i in structure["dropped_attention"]:
         layer = layers[i]
         if r["post_norm"]:
@@ -96,6 +152,8 @@ def apply_structure(model: nn.Module, structure: dict) -> None:
             if norm and _get(layer, norm) is not None:
                 _set(layer, norm, nn.Identity())
     for i in structure["dropped_mlp"]:
+        if str(i) in maps:
+            continue
         layer = layers[i]
         for name in r["mlp"][:-1]:
             _set(layer, name, nn.Identity())

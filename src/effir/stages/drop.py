@@ -11,6 +11,13 @@ whole blocks (attention + MLP of one layer) with the lowest block score. With --
 MLPs / attention sub-layers go, no scores needed. A dropped sub-layer takes its norm(s) with it and the residual
 stream passes through unchanged.
 
+A dropped MLP is then replaced by what reproduces it best for its cost, fitted on --calibration text with no
+training (effir.compensation), layer by layer through the layers already replaced: --compensate lstsq (default) a
+linear map of the MLP's normalised input plus a bias, by ridge least squares, of rank --compensate-rank (default: the
+hidden size; a hidden x hidden map has hidden^2 parameters, against 3 x hidden x MLP width for a gated MLP, and costs as
+much compute); --compensate bias: the MLP's mean output as a bias (no compute); --compensate none: nothing.
+Attention sub-layers and the MLPs of whole blocks (--blocks) are dropped without a replacement.
+
 Dropping from an already-compressed model composes: indices are the original layer indices, K counts the
 sub-layers this run drops, and sub-layers dropped before are never picked again. The scores must come from the
 same model (same fingerprint, which also needs the same --dtype as `effir analyze` used); --force overrides this.
@@ -25,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..calibration import block_batches, calibration_blocks, load_texts
 from ..checkpoint import fingerprint, load, save
+from ..compensation import COMPENSATE_SAMPLES, DEPTH_METHODS, replace_and_fit
 from ..redundancy import GROUPS, drop_order, with_blocks
 from ..surgery import count_parameters, drop_sublayers, structure_of
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir
@@ -44,6 +53,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-massive", action="store_true",
                    help="also drop sub-layers that create a massive activation (attention sink); by default "
                         "--strategy importance keeps them, because dropping one breaks every attention after it")
+    p.add_argument("--compensate", choices=DEPTH_METHODS, default="lstsq",
+                   help="what replaces each dropped MLP, fitted on --calibration text: lstsq (default): a linear map "
+                        "of its normalised input plus a bias; bias: its mean output; none: nothing")
+    p.add_argument("--compensate-rank", type=int, default=None, metavar="R",
+                   help="rank of the --compensate lstsq map (default: the hidden size, a full map; a lower rank "
+                        "costs 2 x hidden x R parameters and FLOPs per token instead of hidden^2)")
+    p.add_argument("--calibration", default="wiki", metavar="SOURCE",
+                   help="text the replacements are fitted on: wiki (built-in prose), FILE.txt, FILE.jsonl or "
+                        "beir:DIR (default: wiki)")
+    p.add_argument("--compensate-samples", type=int, default=COMPENSATE_SAMPLES,
+                   help=f"blocks of --seq-len tokens of --calibration text to fit on (default: {COMPENSATE_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--output", required=True, help="run folder: the compressed model goes into DIR/model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
     p.add_argument("--force", action="store_true", help="use scores computed on a different model (fingerprint)")
@@ -59,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     report = _read_scores(Path(args.scores)) if args.strategy == "importance" else None
     if args.scores and not report:
         print(f"effir drop: note: --strategy last ignores --scores {args.scores}", file=sys.stderr)
+    # before the model: a bad calibration source fails in a second
+    texts = load_texts(args.calibration).documents if args.compensate != "none" else None
     t0 = time.perf_counter()
     encoder = load(args.model, device=args.device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
@@ -70,13 +95,17 @@ def run(args: argparse.Namespace) -> int:
     keep = {} if args.drop_massive or not report else _massive(report)
     new = choose_drops(before, counts, scores, keep)
     params_before = count_parameters(encoder.model, adapter)
-    drop_sublayers(encoder.model, adapter, attention=new["attention"], mlp=new["mlp"])
-    encoder.meta["structure"] = after = structure_of(encoder.model, adapter)
-    params_after = count_parameters(encoder.model, adapter)
     stage = {"stage": "drop", "model": _reference(args.model), "fingerprint": fp,
              "strategy": args.strategy, "scores": str(Path(args.scores).resolve()) if report else None,
              "side": args.side or (report or {}).get("side"), "blocks": new["block"],
-             "dropped_attention": new["attention"], "dropped_mlp": new["mlp"]}
+             "dropped_attention": new["attention"], "dropped_mlp": new["mlp"], "compensate": args.compensate}
+    replaced = [i for i in new["mlp"] if i not in new["block"]] if args.compensate != "none" else []
+    # the rest first, so that the replacements are fitted on the inputs they will see
+    drop_sublayers(encoder.model, adapter, attention=new["attention"], mlp=set(new["mlp"]) - set(replaced))
+    if replaced:
+        stage.update(_replace(args, encoder, replaced, texts))
+    encoder.meta["structure"] = after = structure_of(encoder.model, adapter)
+    params_after = count_parameters(encoder.model, adapter)
     t1 = time.perf_counter()
     out = save(encoder, Path(args.output) / "model", stage, overwrite=args.overwrite)
     save_s = time.perf_counter() - t1
@@ -84,10 +113,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replace(args, encoder, layers: list[int], texts: list[str]) -> dict:
+    """Replace the MLPs of ``layers`` by fitted maps (or biases) before they are dropped; what goes into the
+    history."""
+    hidden = encoder.model.config.hidden_size
+    rank = 0 if args.compensate == "bias" else min(args.compensate_rank or hidden, hidden)
+    blocks = calibration_blocks(encoder, texts, args.compensate_samples, args.seq_len, seed=args.seed,
+                                source=args.calibration, verb="drop")
+    what = "its mean output" if rank == 0 else f"a rank-{rank} linear map of its input"
+    print(f"effir drop: replacing each dropped MLP by {what}, fitted on {len(blocks)} block(s) of up to "
+          f"{args.seq_len} tokens of {args.calibration}")
+    stats = replace_and_fit(encoder.model, encoder.adapter, dict.fromkeys(layers, rank),
+                            block_batches(blocks, 4, encoder.pad_id), progress=not args.no_progress)
+    error = sum(stats["error_refit"]) / len(stats["error_refit"])
+    print(f"  output error of the dropped MLPs (relative, on that text): 1 -> {error:.4f} ({stats['seconds']:.1f} s)")
+    return {"compensate_rank": rank, "calibration": args.calibration, "compensate_samples": args.compensate_samples,
+            "seq_len": args.seq_len, "seed": args.seed, "compensation": stats}
+
+
 def _check_args(args, counts: dict) -> None:
     for group, k in counts.items():
         if k < 0:
             raise EffirError(f"--{'blocks' if group == 'block' else group} must be >= 0, got {k}")
+    if args.compensate != "none" and (args.compensate_samples < 1 or args.seq_len < 2):
+        raise EffirError("--compensate-samples must be >= 1 and --seq-len >= 2")
+    if args.compensate_rank is not None and args.compensate_rank < 1:
+        raise EffirError(f"--compensate-rank must be >= 1, got {args.compensate_rank} (--compensate bias for rank 0)")
     if not any(counts.values()):
         raise EffirError("nothing to drop: pass --mlp K, --attention K and/or --blocks K")
     if args.strategy == "importance" and not args.scores:

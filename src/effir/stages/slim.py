@@ -55,7 +55,7 @@ from .. import gate_training, options, training
 from ..calibration import block_batches, calibration_blocks, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
 from ..compensation import METHODS as COMPENSATIONS
-from ..compensation import slice_and_refit
+from ..compensation import COMPENSATE_SAMPLES, slice_and_refit
 from ..files import write_json
 from ..gate_training import PAPER_GATE_LR, TARGET_GATE_LR
 from ..gates import MlpGates, check_reachable, global_keep_masks, prior_offsets, uniform_magnitude_masks
@@ -75,7 +75,6 @@ from ..utils import (
     seed_everything,
 )
 
-COMPENSATE_SAMPLES = 128
 DEFAULT_WIDTH_MULTIPLE = 32  # benchmarks/width_multiple.py on an H200 (bf16): see the --width-multiple help
 GATE_PRIOR_SPREAD = 2.0
 """Width, in units of z, of the activation ranking's offsets (--gate-prior): gates start at 1 and move about one
@@ -109,10 +108,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "squares so its kept neurons reproduce the full MLP on --calibration text, layer by layer on "
                         "the already compensated layers before it (effir.compensation; no training, any --method; "
                         "the default because it retained more than none at both ratios measured in "
-                        "docs/results/minilm-compensation-cpu.md); none: keep the kept neurons' weights as they are")
+                        "docs/results/minilm-compensation-cpu.md); bias: the removed neurons' mean contribution "
+                        "joins the down projection's bias (BERT-style MLPs only: LLaMA-style ones have no bias); "
+                        "none: keep the kept neurons' weights as they are")
     p.add_argument("--compensate-samples", type=int, default=COMPENSATE_SAMPLES,
-                   help="blocks of --seq-len tokens of --calibration text that --compensate lstsq fits on (default: "
-                        f"{COMPENSATE_SAMPLES}; more tokens than an MLP has neurons, with room to spare)")
+                   help="blocks of --seq-len tokens of --calibration text that --compensate fits on (default: "
+                        f"{COMPENSATE_SAMPLES})")
     p.add_argument("--super-neuron-factor", type=finite_float, default=SUPER_NEURON_FACTOR,
                    help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
                         f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     # before the output folder and the model: a bad calibration source fails in a second and leaves nothing behind
     learns_from_text = (_ranks_by_activation(args) or (args.method == "learned" and _gate_loss(args) == "distill")
-                        or args.compensate == "lstsq")
+                        or args.compensate != "none")
     texts = load_texts(args.calibration).documents if learns_from_text else None
     return training.run_with_accelerator(args.device, args.precision, lambda acc: _run(args, acc, texts))
 
@@ -187,6 +188,9 @@ def _run(args, acc, texts: list[str] | None) -> int:
     layers = [i for i, w in enumerate(structure["mlp_widths"]) if w is not None]
     if not layers:
         raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
+    if args.compensate == "bias" and not adapter.post_norm:
+        raise EffirError(f"--compensate bias needs MLP down projections with a bias; {adapter.family}-style MLPs "
+                         "have none: use --compensate lstsq")
     widths_before = [structure["mlp_widths"][i] for i in layers]
     protect = from_main_process(_super_neurons(args, encoder, layers, acc.is_main_process))
     check_reachable(args.ratio, widths_before, [int(m.sum()) for m in protect], args.width_multiple)
@@ -229,7 +233,7 @@ def _slice(args, encoder, keeps: dict[int, torch.Tensor], texts: list[str] | Non
     print(f"effir slim: refitting the down projections on {len(blocks)} block(s) of up to {args.seq_len} tokens of "
           f"{args.calibration}")
     stats = slice_and_refit(encoder.model, encoder.adapter, keeps, block_batches(blocks, 4, encoder.pad_id),
-                            progress=not args.no_progress)
+                            method=args.compensate, progress=not args.no_progress)
     before, after = (sum(stats[k]) / len(stats[k]) for k in ("error_unrepaired", "error_refit"))
     print(f"  output error of the cut MLPs (relative, on that text): {before:.4f} -> {after:.4f} after the refit "
           f"({stats['seconds']:.1f} s)")
@@ -248,7 +252,7 @@ def _finish(args, encoder, out: Path, layers, widths_before, before, protect, z,
     if _ranks_by_activation(args):
         stage.update(calibration=args.calibration, calibration_samples=args.calibration_samples, seq_len=args.seq_len)
     stage.update(compensate=args.compensate)
-    if args.compensate == "lstsq":
+    if args.compensate != "none":
         stage.update(calibration=args.calibration, compensate_samples=args.compensate_samples, seq_len=args.seq_len)
     save(encoder, out / "model", stage=stage, overwrite=True)
     width_plot(layers, widths_before, widths_after, out / "widths.png",
@@ -282,7 +286,7 @@ def _check(args) -> None:
         raise EffirError(f"--width-multiple must be >= 1, got {args.width_multiple}")
     if _ranks_by_activation(args) and (args.calibration_samples < 1 or args.seq_len < 2):
         raise EffirError("--calibration-samples must be >= 1 and --seq-len >= 2")
-    if args.compensate == "lstsq" and (args.compensate_samples < 1 or args.seq_len < 2):
+    if args.compensate != "none" and (args.compensate_samples < 1 or args.seq_len < 2):
         raise EffirError("--compensate-samples must be >= 1 and --seq-len >= 2")
     if args.recover_steps < 0:
         raise EffirError(f"--recover-steps must be >= 0, got {args.recover_steps}")

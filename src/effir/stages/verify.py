@@ -164,6 +164,9 @@ def _check_reference(args, meta: dict, encoder: Encoder, structure: dict, want: 
     extra = [(g, i) for g in ("attention", "mlp") for i in have[f"dropped_{g}"] if i not in structure[f"dropped_{g}"]]
     if have["num_layers"] != structure["num_layers"] or extra:
         return "FAIL", "reference", f"{ref} does not have the same base structure ({_describe(have)})"
+    if structure.get("mlp_maps"):
+        return "SKIP", "reference", ("its dropped MLPs are replaced by maps fitted on calibration text, which cannot "
+                                     f"be replayed from {ref}; pass --reference with a model of the same weights")
     drop_sublayers(reference.model, reference.adapter, structure["dropped_attention"], structure["dropped_mlp"])
     rebuilt = structure_of(reference.model, reference.adapter)
     if rebuilt["mlp_widths"] != structure["mlp_widths"]:
