@@ -7,8 +7,8 @@ import torch
 
 import effir
 from effir import cli
-from effir.checkpoint import fingerprint, read_effir_json
 from effir.arch import get_path, layer_list
+from effir.checkpoint import fingerprint, read_effir_json
 from effir.surgery import drop_sublayers
 
 TEXTS = ["what is the capital of france", "fish", "the river in the city is blue water"]

@@ -54,8 +54,8 @@ import torch
 from .. import gate_training, options, training
 from ..calibration import block_batches, calibration_blocks, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
-from ..compensation import METHODS as COMPENSATIONS
 from ..compensation import COMPENSATE_SAMPLES, slice_and_refit
+from ..compensation import METHODS as COMPENSATIONS
 from ..files import write_json
 from ..gate_training import PAPER_GATE_LR, TARGET_GATE_LR
 from ..gates import MlpGates, check_reachable, global_keep_masks, prior_offsets, uniform_magnitude_masks
