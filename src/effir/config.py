@@ -71,7 +71,9 @@ class RunConfig:
     parent: str = "original"
     """The retriever that stage ``distill`` and the query-side variant learn from, and whose document index the
     query-side variant keeps: ``original`` (``model``, when it already is a retriever) or ``full`` (the fine-tuned
-    full model of ``baselines.full``, when ``model`` is a base LLM)."""
+    full model of ``baselines.full``, when ``model`` is a base LLM). With stage ``distill``, EffiR compresses the
+    parent itself (analyze, drop and slim start from it) and distils the result from it; ``demo`` among
+    ``distill.texts`` is the built-in data set."""
     query_side: bool = False
     """Also build the query-side variant: the compressed model (after drop / slim) distilled on the parent's query
     embeddings, queries through it and documents through the parent (``effir distill --query-side``)."""

@@ -32,6 +32,12 @@ def _data_ref(ref: str, out: Path) -> str:
     return str(demo_folder(out)) if ref == "demo" else ref
 
 
+def _distill_options(cfg, out: Path) -> list[str]:
+    """Stage distill's options; ``demo`` among its texts is the built-in data set's corpus and queries."""
+    texts = [f"beir:{demo_folder(out)}" if t == "demo" else t for t in cfg.distill.get("texts") or []]
+    return stage_argv({**cfg.distill, **({"texts": texts} if texts else {})})
+
+
 def _dataset_name(ref: str) -> str:
     return Path(ref.rstrip("/")).stem or ref
 
@@ -91,10 +97,12 @@ def main_steps(cfg: RunConfig, out: Path, parent: tuple[str, list[Step]] | None 
     variant when asked for. ``parent``: the retriever distillation learns from, and the steps that make it."""
     parent = parent or (cfg.model, [])
     steps: list[Step] = []
-    model, prev = cfg.model, []
+    # with a parent to distil from, EffiR compresses that retriever itself (the fine-tuned full model under
+    # parent: full), not the base LLM: the student starts where its teacher is
+    model, prev = parent if "distill" in cfg.stages else (cfg.model, [])
     if "analyze" in cfg.stages:
-        steps.append(Step("analyze", "analyze", [cfg.model, "--output", str(out / "analyze"),
-                                                 *stage_argv(cfg.analyze)], out / "analyze"))
+        steps.append(Step("analyze", "analyze", [model, "--output", str(out / "analyze"),
+                                                 *stage_argv(cfg.analyze)], out / "analyze", upstream=prev))
         prev = [steps[-1]]
     if "drop" in cfg.stages:
         scores = ["--scores", str(out / "analyze" / "scores.json")] if "analyze" in cfg.stages else []
@@ -112,7 +120,7 @@ def _query_side_steps(cfg: RunConfig, out: Path, effir_steps: list[Step], parent
     compressed = [s for s in effir_steps if s.stage in ("drop", "slim")]
     model = str(compressed[-1].folder / "model") if compressed else cfg.model
     base = out / "query-side"
-    argv = [model, "--teacher", parent[0], "--query-side", "--output", str(base / "distill"), *stage_argv(cfg.distill)]
+    argv = [model, "--teacher", parent[0], "--query-side", "--output", str(base / "distill"), *_distill_options(cfg, out)]
     steps = [Step("distill", "distill", argv, base / "distill", "query_side", compressed[-1:] + parent[1])]
     steps += _evaluate_and_time(cfg, out, str(base / "distill" / "model"), steps[-1:], "query_side", base,
                                 baseline=False)
@@ -141,7 +149,7 @@ def _train_eval_bench(cfg: RunConfig, out: Path, model: str, prev: list[Step], v
     if "distill" in cfg.stages and variant not in ("original", "full"):  # the full baseline is fine-tuned
         teacher, made_by = parent or (cfg.model, [])
         steps.append(Step("distill", "distill", [model, "--teacher", teacher, "--output", str(base / "distill"),
-                                                 *stage_argv(cfg.distill)], base / "distill", variant,
+                                                 *_distill_options(cfg, out)], base / "distill", variant,
                           prev + made_by))
         model, prev = str(base / "distill" / "model"), [steps[-1]]
     return steps + _evaluate_and_time(cfg, out, model, prev, variant, base, baseline=variant != "original")

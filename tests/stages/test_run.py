@@ -352,3 +352,22 @@ def test_every_training_and_eval_stage_starts_under_the_launcher(tiny_llama_dir,
                           stages=["drop", "slim", "distill", "eval", "bench"])
     launched = {s.stage for s in steps if s.command(cfg)[:1] == ["torchrun"]}
     assert launched == {"slim", "distill", "eval"}  # bench times one process; drop has nothing to share out
+
+
+def test_with_parent_full_effir_compresses_the_fine_tuned_full_model(tiny_llama_dir, data, tmp_path, capsys):
+    """parent: full with stage distill: the full model is fine-tuned first and analyze, drop and slim start from it
+    (the retriever is compressed, then distilled from itself), not from the base model; `demo` among distill's
+    texts is the built-in data set."""
+    cfg = _config(tmp_path, tiny_llama_dir, data, train="demo", datasets=["demo"], parent="full",
+                  stages=["analyze", "drop", "slim", "distill", "eval"], drop={"mlp": 1},
+                  slim={"method": "activation"}, distill={"texts": ["wiki", "demo"]}, baselines={"full": True})
+    assert main(["run", str(cfg), "--dry-run"]) == 0
+    commands = {c.split(" effir ", 1)[1].split()[0]: c.split(" effir ", 1)[1].split()
+                for c in capsys.readouterr().out.splitlines()
+                if " effir " in c and "/baselines/" not in c.split("--output ", 1)[1].split()[0]}  # EffiR's steps
+    tuned = str(tmp_path / "run" / "baselines" / "full" / "finetune" / "model")
+    for verb in ("analyze", "drop"):
+        assert commands[verb][1] == tuned, commands[verb]
+    commands = {verb: " ".join(argv) for verb, argv in commands.items()}
+    assert f"--teacher {tuned}" in commands["distill"]
+    assert f"--texts wiki,beir:{tmp_path / 'run' / 'data' / 'demo'}" in commands["distill"]
