@@ -77,6 +77,26 @@ def test_counts_follow_dropped_and_narrowed_sublayers(tiny_model, T):
     assert structure_summary(edited) == {"layers": 4, "attention": 3, "mlp": 2, "mlp_width": NARROW + FF}
 
 
+@pytest.mark.parametrize("rank", [0, 5, H])
+def test_a_replacement_map_counts_its_parameters_and_flops(tiny_model, rank):
+    """A dropped MLP replaced by a rank-r map (effir drop --compensate) costs, beyond the plain drop, its bias, its
+    map (H^2 at full rank, 2 H r below) and the norm it keeps, and 2 x its weights in FLOPs per token."""
+    import copy
+
+    from effir.surgery import replace_mlp
+
+    adapter = get_adapter(tiny_model.config)
+    kept = adapter.mlp_out_norm if adapter.post_norm else adapter.mlp_in_norm if rank else None
+    norm = sum(p.numel() for p in get_path(layer_list(tiny_model, adapter)[2], kept).parameters()) if kept else 0
+    plain = edit(copy.deepcopy(tiny_model))  # MLP 2 dropped
+    drop_sublayers(tiny_model, adapter, attention=[3], mlp=[0])
+    slice_mlp(tiny_model, adapter, 1, list(range(NARROW)))
+    replace_mlp(tiny_model, adapter, 2, rank)  # MLP 2 replaced
+    weights = H * H if rank == H else 2 * H * rank
+    assert count_parameters(tiny_model)["total"] - count_parameters(plain)["total"] == H + weights + norm
+    assert flops_per_sequence(tiny_model, 7)["total"] - flops_per_sequence(plain, 7)["total"] == 7 * 2 * weights
+
+
 def test_flops_split_and_ratio(tiny_model):
     """Linear FLOPs grow with T, attention with T^2; a halved MLP stack predicts the ratio of the totals."""
     a, b = flops_per_sequence(tiny_model, 8), flops_per_sequence(tiny_model, 16)
