@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _replace(args, encoder, layers: list[int], texts: list[str]) -> dict:
-    """Replace the MLPs of ``layers`` by fitted maps (or biases) before they are dropped; what goes into the
+    """Drop the MLPs of ``layers`` and put fitted maps (or biases) in their place; returns what goes into the
     history."""
     hidden = encoder.model.config.hidden_size
     rank = 0 if args.compensate == "bias" else min(args.compensate_rank or hidden, hidden)
