@@ -125,7 +125,8 @@ def compress_to_budget(model: nn.Module, adapter: ArchAdapter, drops: Sequence[i
         out["refit"] = slice_and_refit(model, adapter, keeps, batches, method="lstsq", progress=progress)
     kept = sum(int(m.sum()) for m in masks)
     out.update(widths=structure_of(model, adapter)["mlp_widths"], ratio=round(1 - kept / sum(widths), 4),
-               cost=cost(model, adapter, budget, length))
+               cost=cost(model, adapter, budget, length),
+               parameters=count_parameters(model, adapter)["without_embeddings"])
     return out
 
 

@@ -270,6 +270,7 @@ def _candidate(args, parent, drops: list[int], batches, target: int, protect, he
     student.meta["structure"] = structure_of(student.model, student.adapter)
     score = _retention(student, held, ref, args.query_side)
     info.update(reachable=True, ratio=did["ratio"], widths=did["widths"], cost=did["cost"],
+                parameters=did["parameters"],
                 proxy=score["mean_cosine"], retention=score, seconds=round(time.perf_counter() - t0, 1))
     print(f"  k={info['k']} {info['dropped_mlp']}: MLP neurons cut {did['ratio']:.1%}, {args.budget} "
           f"{did['cost']:,}; mean cosine to the parent {info['proxy']:.4f} ({info['seconds']:.0f}s)")
