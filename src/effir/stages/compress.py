@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import io
 import json
 import os
@@ -97,7 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=finite_float, default=1e-4, help="AdamW lr (default: 1e-4)")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     g.add_argument("--max-length", type=int, default=128, help="tokens per text while distilling (default: 128)")
-    g.add_argument("--max-texts", type=int, default=None, help="at most this many distillation texts a side")
+    g.add_argument("--max-texts", type=int, default=None,
+                   help="distillation texts a side, a seeded sample (default: --steps x --batch-size, what the steps "
+                        "see once; the parent embeds each of them first)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out slice, calibration and training")
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     drops = _check_args(args)
     t0 = time.perf_counter()
     texts = read_texts([s for a in args.texts for s in a.split(",") if s], 200, None, args.seed)
-    held, train = _split(texts, args.holdout, args.max_texts, args.seed)
+    held, train = _split(texts, args.holdout, args.max_texts or args.steps * args.batch_size, args.seed)
     out = _prepare(args)
     seed_everything(args.seed)
     parent = load(args.model, device=args.device, dtype=args.dtype)
@@ -130,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         plan = _search(args, parent, train, held, ref, drops, out)
         _write_texts(out / "texts", train)
         write_json(plan_file, plan)  # last: the search is done
+    del parent  # distillation loads what it needs; the parent's held-out embeddings stay in ``ref``
+    gc.collect()
     times["search_s"] = plan["seconds"]
     t1 = time.perf_counter()
     _distill(args, out)
@@ -171,14 +176,15 @@ def _check_args(args) -> list[int] | None:
     return drops
 
 
-def _split(texts: Texts, holdout: int, max_texts: int | None, seed: int) -> tuple[Texts, Texts]:
-    """A held-out slice of each side (at most half of it) and the rest, for distillation (at most ``max_texts``)."""
+def _split(texts: Texts, holdout: int, max_texts: int, seed: int) -> tuple[Texts, Texts]:
+    """A held-out slice of each side (at most half of it) and, of the rest, at most ``max_texts`` for distillation
+    and calibration."""
     parts = {}
     for side, items in (("query", texts.queries), ("document", texts.documents)):
         n = min(holdout, len(items) // 2)
         held = set(random.Random(seed).sample(range(len(items)), n))
         rest = [t for i, t in enumerate(items) if i not in held]
-        parts[side] = ([items[i] for i in sorted(held)], sample_texts(rest, max_texts or len(rest), seed))
+        parts[side] = ([items[i] for i in sorted(held)], sample_texts(rest, max_texts, seed))
     return (Texts(parts["query"][0], parts["document"][0]), Texts(parts["query"][1], parts["document"][1]))
 
 
