@@ -12,7 +12,8 @@ forward FLOPs on one --flops-length-token sequence). The command
    ranked globally by their contribution to the residual stream (super neurons kept, widths in multiples of
    --width-multiple), to the most the budget allows, and refits the down projections (effir.compensation). No
    training: each candidate is scored by the mean cosine between its embeddings and the parent's on a held-out
-   slice of the texts (--holdout of each side; queries only with --query-side), and the best one is kept;
+   slice of the texts (64 of the --holdout texts of each side; queries only with --query-side), and the best one
+   is kept;
 2. distils it from the parent on the rest of the texts (effir distill: full fine-tuning for --steps steps;
    --query-side trains the query encoder alone and writes a query-side folder whose documents the parent embeds);
 3. verifies the folder (effir verify, without the reference check) and times it against the parent (effir bench,
@@ -54,6 +55,7 @@ from ..files import write_json, write_text
 from ..probes import SUPER_NEURON_FACTOR, super_neurons
 from ..redundancy import sublayer_importance
 from ..refs import check_refs
+from ..report import compress_headline, compress_report
 from ..surgery import structure_of
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir, finite_float, seed_everything
 from . import main_verb
@@ -64,6 +66,8 @@ WRITES = ("plan.json", "student", "texts", "distill", "model", "bench", "verify.
 NOT_KEYS = {"output", "overwrite", "no_progress", "no_bench", "skip_check", "verb"}
 """Options that do not change the result: every other one must match for a rerun to continue an earlier one."""
 ENCODE_BATCH = 32
+PROXY_TEXTS = 64
+"""Held-out texts a side that score each candidate; the chosen one's retention is then measured on all of them."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,9 +149,9 @@ def run(args: argparse.Namespace) -> int:
     bench = None if args.no_bench else _bench(args, out)
     times["total_s"] = round(time.perf_counter() - t0, 1)
     summary = _summary(args, plan, plan["chosen"]["retention"], after, verified, bench, times)
-    write_text(out / "report.md", _report(summary))
+    write_text(out / "report.md", compress_report(summary))
     write_json(out / "compress.json", summary)  # last: the run is complete
-    print(f"effir compress: {_headline(summary)}; {out / 'model'} (report: {out / 'report.md'})")
+    print(f"effir compress: {compress_headline(summary)}; {out / 'model'} (report: {out / 'report.md'})")
     return 0 if verified else 1
 
 
@@ -244,8 +248,10 @@ def _search(args, parent, train: Texts, held: Texts, ref: dict, drops: list[int]
     print(f"effir compress: {args.budget} {before:,} -> at most {target:,} ({args.keep:g}); candidates drop "
           f"{', '.join(map(str, ks))} MLP(s) (least important first: {order[:max(ks)]}; never {massive})")
     best, candidates = None, []
+    sample = Texts(held.queries[:PROXY_TEXTS], held.documents[:PROXY_TEXTS])  # the held-out slice is in random order
     for k in ks:
-        student, info = _candidate(args, parent, order[:k], batches, target, protect, held, ref)
+        student, info = _candidate(args, parent, order[:k], batches, target, protect, sample,
+                                   {side: e[:PROXY_TEXTS] for side, e in ref.items()})
         candidates.append(info)
         if student is not None and (best is None or info["proxy"] > best[1]["proxy"]):
             best = (student, info)
@@ -254,6 +260,7 @@ def _search(args, parent, train: Texts, held: Texts, ref: dict, drops: list[int]
                          f"and cutting every MLP to its super neurons and --width-multiple {args.width_multiple} "
                          "keeps more; raise --keep, or lower --width-multiple")
     student, chosen = best
+    chosen["retention"] = _retention(student, held, ref, args.query_side)  # on all of it, as after distillation
     save(student, out / "student" / "model", stage={"stage": "compress", **{k: chosen[k] for k in (
         "k", "dropped_mlp", "ratio")}, "keep": args.keep, "budget": args.budget, "target": target}, overwrite=True)
     return {"key": _key(args), "budget": args.budget, "keep": args.keep, "parent_cost": before, "target": target,
@@ -367,35 +374,3 @@ def _summary(args, plan: dict, before: dict, after: dict, verified: bool, bench:
                           "held_out": "texts of each side left out of distillation (query-side: queries of BEIR "
                                       "sources, one sentence of each passage of the others)"},
             "speedup": bench, "verified": verified, "steps": args.steps, "wall_s": times}
-
-
-def _headline(s: dict) -> str:
-    after = s["retention"]["after_distillation"]
-    speed = ", ".join(f"{side} x{v:.2f}" for side, v in (s["speedup"] or {}).items()) or "not measured"
-    return (f"retention (mean cosine to the parent, held out) {after['mean_cosine']:.4f}, top-10 overlap "
-            f"{after['top10_overlap']:.3f}; speed-up {speed}; {s['budget']} {s['kept_fraction']:.1%} of the parent")
-
-
-def _report(s: dict) -> str:
-    p, r = s["plan"], s["retention"]
-    lines = [f"# effir compress {s['model']} --keep {s['keep']:g}", "",
-             f"- **retention**: {_headline(s).split('; speed-up')[0]} "
-             f"(before distillation {r['before_distillation']['mean_cosine']:.4f})",
-             f"- **speed-up** against the parent: {_headline(s).split('speed-up ')[1].split(';')[0]}", "",
-             f"Chosen plan: drop {p['k']} MLP(s) {p['dropped_mlp']} (each replaced by a fitted linear map), cut "
-             f"{p['ratio']:.1%} of the other MLP neurons; {s['budget']} {s['cost']:,} of {s['parent_cost']:,} "
-             f"(target {s['target']:,}). It had the highest mean cosine to the parent on the held-out texts before "
-             "any training, among:", "",
-             "| MLPs dropped | neurons cut | " + s["budget"] + " | mean cosine (proxy) | seconds |",
-             "|---|---|---|---|---|"]
-    for c in s["candidates"]:
-        if c["reachable"]:
-            lines.append(f"| {c['k']} {c['dropped_mlp']} | {c['ratio']:.1%} | {c['cost']:,} | {c['proxy']:.4f} | "
-                         f"{c['seconds']} |")
-        else:
-            lines.append(f"| {c['k']} {c['dropped_mlp']} | unreachable | - | - | {c['seconds']} |")
-    lines += ["", f"Then {s['steps']} distillation steps from the parent"
-              + (" (query encoder only; documents stay the parent's)." if s["query_side"] else "."),
-              f"Verified: {'PASS' if s['verified'] else 'FAIL (see verify.txt)'}. Wall times (s): "
-              + ", ".join(f"{k[:-2]} {v}" for k, v in s["wall_s"].items()), ""]
-    return "\n".join(lines)
