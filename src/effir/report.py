@@ -175,9 +175,11 @@ def compress_report(s: dict) -> str:
     the chosen plan and every candidate."""
     p, r = s["plan"], s["retention"]
     lines = [f"# effir compress {s['model']} --keep {s['keep']:g}", "",
-             f"- **retention**: {compress_headline(s).split('; speed-up')[0]} "
-             f"(before distillation {r['before_distillation']['mean_cosine']:.4f})",
-             f"- **speed-up** against the parent: {compress_headline(s).split('speed-up ')[1].split(';')[0]}", "",
+             f"- **retention**: mean cosine to the parent {r['after_distillation']['mean_cosine']:.4f} (before "
+             f"distillation {r['before_distillation']['mean_cosine']:.4f}), top-10 overlap with the parent "
+             f"{r['after_distillation']['top10_overlap']:.3f}, on {r['held_out']}",
+             "- **speed-up** against the parent: " + (", ".join(f"{side} x{v:.2f}" for side, v in s["speedup"].items())
+                                                      if s["speedup"] else "not measured"), "",
              f"Chosen plan: drop {p['k']} MLP(s) {p['dropped_mlp']} (each replaced by a fitted linear map), cut "
              f"{p['ratio']:.1%} of the other MLP neurons; {s['budget']} {s['cost']:,} of {s['parent_cost']:,} "
              f"(target {s['target']:,}). It had the highest mean cosine to the parent on the held-out texts before "

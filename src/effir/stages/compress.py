@@ -298,6 +298,7 @@ def _retention(encoder, held: Texts, ref: dict, query_side: bool) -> dict:
     mine["document"] = ref["document"] if query_side else encoder.encode(held.documents, "document", ENCODE_BATCH)
     by_side = {s: round(planning.mean_cosine(mine[s], ref[s]), 4) for s in (("query",) if query_side else mine)}
     return {"mean_cosine": round(sum(by_side.values()) / len(by_side), 4), "by_side": by_side,
+            "texts": {"query": len(held.queries), "document": len(held.documents)},
             "top10_overlap": round(planning.top_k_overlap(mine["query"], mine["document"], ref["query"],
                                                           ref["document"]), 4)}
 
@@ -371,6 +372,7 @@ def _summary(args, plan: dict, before: dict, after: dict, verified: bool, bench:
             "plan": {k: chosen[k] for k in ("k", "dropped_mlp", "ratio", "widths")},
             "candidates": plan["candidates"], "massive_mlp": plan["massive_mlp"],
             "retention": {"before_distillation": before, "after_distillation": after,
-                          "held_out": "texts of each side left out of distillation (query-side: queries of BEIR "
-                                      "sources, one sentence of each passage of the others)"},
+                          "held_out": f"{after['texts']['query']} query-side and {after['texts']['document']} "
+                                      "document-side texts left out of distillation (query-side texts: the queries "
+                                      "of BEIR sources, one sentence of each passage of the others)"},
             "speedup": bench, "verified": verified, "steps": args.steps, "wall_s": times}
