@@ -1,5 +1,6 @@
 """The run report: one table over the EffiR model and every baseline (parameters, nDCG@10 per data set, retention,
-query/document speed-ups), plots, written as ``report.md`` + ``report.json`` in the run folder."""
+query/document speed-ups), plots, written as ``report.md`` + ``report.json`` in the run folder; and the shorter
+report of ``effir compress`` (:func:`compress_report`)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,41 @@ def _speed(s) -> str:
     if not s:
         return "-"
     return f"{s['speedup']:.2f}x (pred. {s['predicted_speedup']:.2f}x)"
+
+
+# -- effir compress ---------------------------------------------------------------------------------------------------
+def compress_headline(s: dict) -> str:
+    """One line of an ``effir compress`` summary (compress.json): retention, speed-up, size."""
+    after = s["retention"]["after_distillation"]
+    speed = ", ".join(f"{side} x{v:.2f}" for side, v in (s["speedup"] or {}).items()) or "not measured"
+    return (f"retention (mean cosine to the parent, held out) {after['mean_cosine']:.4f}, top-10 overlap "
+            f"{after['top10_overlap']:.3f}; speed-up {speed}; {s['budget']} {s['kept_fraction']:.1%} of the parent")
+
+
+def compress_report(s: dict) -> str:
+    """report.md of an ``effir compress`` run from its summary (compress.json): retention and speed-up first, then
+    the chosen plan and every candidate."""
+    p, r = s["plan"], s["retention"]
+    lines = [f"# effir compress {s['model']} --keep {s['keep']:g}", "",
+             f"- **retention**: mean cosine to the parent {r['after_distillation']['mean_cosine']:.4f} (before "
+             f"distillation {r['before_distillation']['mean_cosine']:.4f}), top-10 overlap with the parent "
+             f"{r['after_distillation']['top10_overlap']:.3f}, on {r['held_out']}",
+             "- **speed-up** against the parent: " + (", ".join(f"{side} x{v:.2f}" for side, v in s["speedup"].items())
+                                                      if s["speedup"] else "not measured"), "",
+             f"Chosen plan: drop {p['k']} MLP(s) {p['dropped_mlp']} (each replaced by a fitted linear map), cut "
+             f"{p['ratio']:.1%} of the other MLP neurons; {s['budget']} {s['cost']:,} of {s['parent_cost']:,} "
+             f"(target {s['target']:,}). It had the highest mean cosine to the parent on the held-out texts before "
+             "any training, among:", "",
+             "| MLPs dropped | neurons cut | " + s["budget"] + " | mean cosine (proxy) | seconds |",
+             "|---|---|---|---|---|"]
+    for c in s["candidates"]:
+        if c["reachable"]:
+            lines.append(f"| {c['k']} {c['dropped_mlp']} | {c['ratio']:.1%} | {c['cost']:,} | {c['proxy']:.4f} | "
+                         f"{c['seconds']} |")
+        else:
+            lines.append(f"| {c['k']} {c['dropped_mlp']} | unreachable | - | - | {c['seconds']} |")
+    lines += ["", f"Then {s['steps']} distillation steps from the parent"
+              + (" (query encoder only; documents stay the parent's)." if s["query_side"] else "."),
+              f"Verified: {'PASS' if s['verified'] else 'FAIL (see verify.txt)'}. Wall times (s): "
+              + ", ".join(f"{k[:-2]} {v}" for k, v in s["wall_s"].items()), ""]
+    return "\n".join(lines)

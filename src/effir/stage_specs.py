@@ -63,6 +63,8 @@ SPECS: dict[str, StageSpec] = {
                        "FLOPs-predicted speed-up", {"baseline": None, **OUTPUT}, alone=True),
     "export": StageSpec("effir.stages.export", "export a model for serving: ONNX or OpenVINO graph (fp32, + int8 with "
                         "--int8) beside its sentence-transformers files", {"format": "onnx", "int8": None, **OUTPUT}),
+    "compress": StageSpec("effir.stages.compress", "compress a retriever you own to a parameter budget in one command: "
+                          "plan, cut, distil from itself, verify, bench"),
     "run": StageSpec("effir.stages.run", "the whole pipeline from one YAML config, resumable, ending in a report"),
     "demo": StageSpec("effir.stages.run", "the whole pipeline on smollm2-135m and built-in Wikipedia data (= effir run "
                       "demo)"),
