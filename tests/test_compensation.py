@@ -149,6 +149,27 @@ def _refit_one(model, i: int, keep: torch.Tensor, gram: torch.Tensor) -> None:
             new.bias.copy_(bias)
 
 
+def test_bias_compensation_of_a_width_cut_adds_the_removed_neurons_mean(tiny_model, tiny_tokenizer):
+    """slim --compensate bias (FLAP): the kept weights stay, and the down projection's bias gains W_R mean(h_R) over
+    the calibration tokens; a down projection without a bias (LLaMA-style) is refused."""
+    adapter = get_adapter(tiny_model.config)
+    batches = _calibration(tiny_tokenizer)
+    keep = _keeps(tiny_model)[0]
+    old = copy.deepcopy(get_path(layer_list(tiny_model, adapter)[0], adapter.down_proj))
+    if old.bias is None:
+        with pytest.raises(EffirError, match="needs MLP down projections with a bias"):
+            slice_and_refit(tiny_model, adapter, {0: keep}, batches, method="bias", progress=False)
+        return
+    h = _down_inputs(tiny_model, 0, batches).double()
+    removed = torch.ones(h.shape[1], dtype=torch.bool)
+    removed[keep] = False
+    slice_and_refit(tiny_model, adapter, {0: keep}, batches, method="bias", progress=False)
+    new = get_path(layer_list(tiny_model, adapter)[0], adapter.down_proj)
+    assert torch.equal(new.weight, old.weight[:, keep])
+    want = old.bias.double() + old.weight.double()[:, removed] @ h[:, removed].mean(0)
+    torch.testing.assert_close(new.bias.double(), want, rtol=0, atol=1e-5)
+
+
 @torch.no_grad()
 def _branch_io(model, i: int, batches) -> tuple[torch.Tensor, torch.Tensor]:
     """What layer ``i``'s MLP reads (its normalised input) and adds to the residual stream (after its output norm;

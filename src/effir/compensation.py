@@ -74,9 +74,7 @@ def slice_and_refit(model: nn.Module, adapter: ArchAdapter, keeps: Mapping[int, 
     if dampening < 0:
         raise EffirError(f"compensation dampening must be >= 0, got {dampening}")
     layers = layer_list(model, adapter)
-    if method == "bias" and any(get_path(layers[i], adapter.down_proj).bias is None for i in keeps):
-        raise EffirError(f"--compensate bias needs MLP down projections with a bias; {adapter.family}-style MLPs "
-                         "have none: use --compensate lstsq")
+    check_width_method(model, adapter, method, keeps)
     t0 = time.perf_counter()
     batches = list(batches)
     model.eval()
@@ -101,6 +99,15 @@ def slice_and_refit(model: nn.Module, adapter: ArchAdapter, keeps: Mapping[int, 
         start = i
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def check_width_method(model: nn.Module, adapter: ArchAdapter, method: str, layers: Iterable[int]) -> None:
+    """Raises EffirError when ``method`` cannot compensate the MLPs of ``layers``: bias needs a down projection
+    bias to put the removed neurons' mean into."""
+    downs = [get_path(layer_list(model, adapter)[i], adapter.down_proj) for i in layers]
+    if method == "bias" and any(down.bias is None for down in downs):
+        raise EffirError(f"--compensate bias needs MLP down projections with a bias; {adapter.family}-style MLPs "
+                         "have none: use --compensate lstsq")
 
 
 def down_gram(model: nn.Module, layers, i: int, down: nn.Linear, batches: list, *, start: int = 0,
@@ -238,11 +245,11 @@ def branch_stats(model: nn.Module, layers, adapter: ArchAdapter, i: int, batches
     layer, a = layers[i], adapter
     first = get_path(layer, a.mlp[0])
     if a.post_norm:
-        last = get_path(layer, a.down_proj)
+        last = get_path(layer, adapter.down_proj)
     else:
         last = get_path(layer, a.mlp_out_norm) if a.mlp_out_norm else get_path(layer, a.mlp[-1])
     d = model.config.hidden_size
-    dev = get_path(layer, a.down_proj).weight.device
+    dev = get_path(layer, adapter.down_proj).weight.device
     stats = {"n": 0.0, "yy": 0.0, **{k: torch.zeros(shape, dtype=torch.float64, device=dev) for k, shape in
                                      (("x", d), ("y", d), ("xx", (d, d)), ("xy", (d, d)))}}
     state: dict = {}

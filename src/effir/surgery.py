@@ -144,7 +144,7 @@ def replace_mlp(model: nn.Module, adapter: ArchAdapter, layer_idx: int, rank: in
     if is_dropped(layer, a, "mlp"):
         raise EffirError(f"the MLP of layer {layer_idx} is already dropped; only a present MLP can be replaced by a map")
     in_norm = get_path(layer, a.mlp_in_norm) if a.mlp_in_norm else None
-    like = get_path(layer, a.down_proj).weight
+    like = get_path(layer, adapter.down_proj).weight
     norm_name = a.mlp_out_norm.removeprefix(a.mlp[-1] + ".") if a.post_norm else "LayerNorm"
     norm = get_path(layer, a.mlp_out_norm) if a.post_norm else None
     _drop_mlp(layer, a)

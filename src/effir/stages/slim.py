@@ -26,8 +26,8 @@ All three keep the few "super neurons" that write the model's massive activation
 built-in prose in one forward pass (effir.probes.super_neurons; --super-neuron-factor 0 turns this off).
 After the cut, whatever the method, --compensate lstsq (the default) refits every cut MLP's down projection by ridge
 least squares so that its kept neurons reproduce the full MLP's output on --compensate-samples blocks of
---calibration text, layer by layer through the layers already compensated (effir.compensation); --compensate none
-keeps the kept weights as they were.
+--calibration text, layer by layer through the layers already compensated (effir.compensation); --compensate bias
+adds the removed neurons' mean contribution to the down projection's bias (BERT-style MLPs); none keeps the weights.
 
 Each layer's kept width is rounded to a multiple of --width-multiple, so the sliced matmuls keep shapes the
 hardware runs fast (see benchmarks/width_multiple.py). Writes DIR/model (compressed-model format with per-layer
@@ -54,7 +54,7 @@ import torch
 from .. import gate_training, options, training
 from ..calibration import block_batches, calibration_blocks, load_texts, token_blocks
 from ..checkpoint import fingerprint, load, save
-from ..compensation import COMPENSATE_SAMPLES, slice_and_refit
+from ..compensation import COMPENSATE_SAMPLES, check_width_method, slice_and_refit
 from ..compensation import METHODS as COMPENSATIONS
 from ..files import write_json
 from ..gate_training import PAPER_GATE_LR, TARGET_GATE_LR
@@ -112,8 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "joins the down projection's bias (BERT-style MLPs only: LLaMA-style ones have no bias); "
                         "none: keep the kept neurons' weights as they are")
     p.add_argument("--compensate-samples", type=int, default=COMPENSATE_SAMPLES,
-                   help="blocks of --seq-len tokens of --calibration text that --compensate fits on (default: "
-                        f"{COMPENSATE_SAMPLES})")
+                   help=f"blocks of --seq-len tokens of --calibration text --compensate fits on ({COMPENSATE_SAMPLES})")
     p.add_argument("--super-neuron-factor", type=finite_float, default=SUPER_NEURON_FACTOR,
                    help="always keep neurons whose peak activation x largest down weight reaches this multiple of "
                         f"their layer's median (the attention-sink writers; default {SUPER_NEURON_FACTOR:g}, 0: off)")
@@ -188,9 +187,7 @@ def _run(args, acc, texts: list[str] | None) -> int:
     layers = [i for i, w in enumerate(structure["mlp_widths"]) if w is not None]
     if not layers:
         raise EffirError(f"{args.model} has no MLP left to slim (all {structure['num_layers']} are dropped)")
-    if args.compensate == "bias" and not adapter.post_norm:
-        raise EffirError(f"--compensate bias needs MLP down projections with a bias; {adapter.family}-style MLPs "
-                         "have none: use --compensate lstsq")
+    check_width_method(encoder.model, adapter, args.compensate, layers)
     widths_before = [structure["mlp_widths"][i] for i in layers]
     protect = from_main_process(_super_neurons(args, encoder, layers, acc.is_main_process))
     check_reachable(args.ratio, widths_before, [int(m.sum()) for m in protect], args.width_multiple)
