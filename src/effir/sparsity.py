@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter, get_path, layer_list
+from .surgery import is_dropped
 from .utils import EffirError
 
 SCOPE = "every Linear of each layer's attention and MLP"
@@ -54,9 +55,11 @@ def parse_pattern(text: str) -> Pattern:
 
 def layer_projections(layer: nn.Module, adapter: ArchAdapter) -> dict[str, nn.Linear]:
     """The Linear modules of one layer's attention and MLP sub-layers, by name inside the layer (dropped sub-layers
-    have none)."""
+    have none; the map that replaces a dropped MLP, effir drop --compensate, is no projection of the model's)."""
     found = {}
     for role in (adapter.attention, *adapter.mlp):
+        if is_dropped(layer, adapter, "attention" if role == adapter.attention else "mlp"):
+            continue
         sub = get_path(layer, role)
         for name, module in sub.named_modules() if sub is not None else ():
             if isinstance(module, nn.Linear):
