@@ -284,6 +284,7 @@ def test_real_smollm2_activation_ranking_keeps_the_model_magnitude_does_not(tmp_
     for method in ("activation", "magnitude"):
         out = tmp_path / method
         assert main(["slim", "smollm2-135m", "--method", method, "--ratio", "0.3", "--calibration-samples", "16",
+                     "--compensate", "none",  # the rankings alone: the refit repairs much of a magnitude cut too
                      "--output", str(out), "--device", "cpu", "--dtype", "fp32", "--no-progress"]) == 0
         slim = effir.load(out / "model", device="cpu", dtype="fp32")
         cos[method] = torch.cosine_similarity(_mean_hidden(slim, texts), ref, dim=-1).mean().item()
