@@ -45,7 +45,7 @@ from .surgery import replace_mlp, slice_mlp
 from .utils import EffirError
 
 METHODS = ("none", "bias", "lstsq")
-DEPTH_METHODS = ("none", "bias", "lstsq")
+"""What --compensate takes, in effir drop (what replaces a dropped MLP) and effir slim (what repairs a width cut)."""
 COMPENSATE_SAMPLES = 128
 """Calibration blocks (of a stage's --seq-len tokens) a compensation fits on: more tokens than an MLP has neurons,
 with room to spare."""
@@ -80,13 +80,13 @@ def slice_and_refit(model: nn.Module, adapter: ArchAdapter, keeps: Mapping[int, 
     model.eval()
     out: dict = {"layers": [], "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
                  "error_unrepaired": [], "error_refit": []}
+    refit = refit_down if method == "lstsq" else mean_bias
     inputs, start = None, 0
     for i in tqdm(sorted(keeps), desc=f"compensate {method}", unit="layer", disable=not progress, file=sys.stderr):
         old = get_path(layers[i], adapter.down_proj)
         gram, inputs = down_gram(model, layers, i, old, batches, start=start, inputs=inputs)
         keep = torch.as_tensor(keeps[i], dtype=torch.long).unique(sorted=True)  # slice_mlp's order
         slice_mlp(model, adapter, i, keep)
-        refit = refit_down if method == "lstsq" else mean_bias
         weight, bias = refit(old.weight, old.bias, gram, keep, dampening)
         new = get_path(layers[i], adapter.down_proj)
         new.weight.copy_(weight)
@@ -242,12 +242,12 @@ def branch_stats(model: nn.Module, layers, adapter: ArchAdapter, i: int, batches
     and of what the MLP adds to the residual stream ``y`` (after an output norm; BERT: before its residual add and
     LayerNorm), in float64: ``{"n", "x", "y", "xx", "xy", "yy"}`` (``xx = sum x x^T``, ``xy = sum x y^T``, ``yy =
     sum |y|^2``); plus what entered layer ``i`` per batch (:func:`effir.probes.layer_pass`)."""
-    layer, a = layers[i], adapter
-    first = get_path(layer, a.mlp[0])
-    if a.post_norm:
+    layer = layers[i]
+    first = get_path(layer, adapter.mlp[0])
+    if adapter.post_norm:
         last = get_path(layer, adapter.down_proj)
     else:
-        last = get_path(layer, a.mlp_out_norm) if a.mlp_out_norm else get_path(layer, a.mlp[-1])
+        last = get_path(layer, adapter.mlp_out_norm or adapter.mlp[-1])
     d = model.config.hidden_size
     dev = get_path(layer, adapter.down_proj).weight.device
     stats = {"n": 0.0, "yy": 0.0, **{k: torch.zeros(shape, dtype=torch.float64, device=dev) for k, shape in

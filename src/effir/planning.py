@@ -111,8 +111,9 @@ def compress_to_budget(model: nn.Module, adapter: ArchAdapter, drops: Sequence[i
     out: dict = {"drops": sorted(drops), "maps": None, "refit": None}
     if drops:
         out["maps"] = replace_and_fit(model, adapter, dict.fromkeys(drops, hidden), batches, progress=progress)
-    layers = [i for i, w in enumerate(structure_of(model, adapter)["mlp_widths"]) if w is not None]
-    widths = [structure_of(model, adapter)["mlp_widths"][i] for i in layers]
+    present = structure_of(model, adapter)["mlp_widths"]
+    layers = [i for i, w in enumerate(present) if w is not None]
+    widths = [present[i] for i in layers]
     over = cost(model, adapter, budget, length) - target
     allowed = sum(widths) - max(0, math.ceil(over / per_neuron))
     masks = [torch.ones(w, dtype=torch.bool) for w in widths]

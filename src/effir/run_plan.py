@@ -34,7 +34,7 @@ def _data_ref(ref: str, out: Path) -> str:
 
 def _distill_options(cfg, out: Path) -> list[str]:
     """Stage distill's options; ``demo`` among its texts is the built-in data set's corpus and queries."""
-    texts = [f"beir:{demo_folder(out)}" if t == "demo" else t for t in cfg.distill.get("texts") or []]
+    texts = [f"beir:{_data_ref(t, out)}" if t == "demo" else t for t in cfg.distill.get("texts") or []]
     return stage_argv({**cfg.distill, **({"texts": texts} if texts else {})})
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..calibration import block_batches, calibration_blocks, load_texts
 from ..checkpoint import fingerprint, load, save
-from ..compensation import COMPENSATE_SAMPLES, DEPTH_METHODS, replace_and_fit
+from ..compensation import COMPENSATE_SAMPLES, METHODS, replace_and_fit
 from ..redundancy import GROUPS, drop_order, with_blocks
 from ..surgery import count_parameters, drop_sublayers, structure_of
 from ..utils import DTYPE_CHOICES, EffirError, check_device, check_output_dir
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-massive", action="store_true",
                    help="also drop sub-layers that create a massive activation (attention sink); by default "
                         "--strategy importance keeps them, because dropping one breaks every attention after it")
-    p.add_argument("--compensate", choices=DEPTH_METHODS, default="lstsq",
+    p.add_argument("--compensate", choices=METHODS, default="lstsq",
                    help="what replaces each dropped MLP, fitted on --calibration text: lstsq (default): a linear map "
                         "of its normalised input plus a bias; bias: its mean output; none: nothing")
     p.add_argument("--compensate-rank", type=int, default=None, metavar="R",
