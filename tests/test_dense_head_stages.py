@@ -215,3 +215,43 @@ def test_mteb_eval_scores_each_replica_as_effir_eval(tiny_beir, tmp_path, name):
                  "--dtype", "fp32"]) == 0
     ours = json.loads((tmp_path / "e" / "results.json").read_text())["metrics"]
     assert result["mteb"]["ndcg_at_10"] == pytest.approx(ours["nDCG@10"], abs=1e-4)
+
+
+# What mteb's retrieval evaluation computes once its SentenceTransformer wrapper has embedded the data (mteb itself is
+# not needed): encode_query / encode_document, cosine scores, pytrec_eval's ndcg_cut_10 averaged over the queries.
+PYTREC_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["effir"] = None
+    import pytrec_eval
+    from sentence_transformers import SentenceTransformer
+
+    job = json.load(open(sys.argv[1]))
+    out = {}
+    for name, folder in job["dirs"].items():
+        st = SentenceTransformer(folder, device="cpu")
+        q = st.encode_query(list(job["queries"].values()), convert_to_tensor=True, normalize_embeddings=True)
+        d = st.encode_document(list(job["corpus"].values()), convert_to_tensor=True, normalize_embeddings=True)
+        scores = (q @ d.T).tolist()
+        run = {qid: dict(zip(job["corpus"], map(float, row))) for qid, row in zip(job["queries"], scores)}
+        per_query = pytrec_eval.RelevanceEvaluator(job["qrels"], {"ndcg_cut.10"}).evaluate(run)
+        out[name] = sum(v["ndcg_cut_10"] for v in per_query.values()) / len(per_query)
+    json.dump(out, open(sys.argv[2], "w"))
+""")
+
+
+def test_effir_eval_scores_as_sentence_transformers_and_pytrec_eval(tiny_beir, tmp_path):
+    """`effir eval` of each replica gives the nDCG@10 that sentence-transformers' embeddings scored by pytrec_eval
+    give (mteb's recipe, without mteb), within 1e-4."""
+    from effir.data import load_beir
+
+    data = load_beir(tiny_beir)
+    folders = {name: build_replica(name, tmp_path / name) for name in DENSE_REPLICAS}
+    corpus = {i: (d.get("title", "") + " " + d.get("text", "")).strip() for i, d in data.corpus.items()}
+    got = run_without_effir(PYTREC_SCRIPT, tmp_path, {"dirs": {k: str(v) for k, v in folders.items()},
+                                                     "queries": data.queries, "corpus": corpus, "qrels": data.qrels})
+    for name, folder in folders.items():
+        assert main(["eval", str(folder), "--data", str(tiny_beir), "--output", str(tmp_path / f"e-{name}"),
+                     "--device", "cpu", "--dtype", "fp32"]) == 0
+        ours = json.loads((tmp_path / f"e-{name}" / "results.json").read_text())["metrics"]["nDCG@10"]
+        print(f"{name}: effir eval nDCG@10 {ours:.6f}, sentence-transformers + pytrec_eval {got[name]:.6f}")
+        assert ours == pytest.approx(got[name], abs=1e-4)
