@@ -284,8 +284,8 @@ def run_without_effir(script: str, tmp_path: Path, job) -> dict:
 
 
 # Embeds each job's folder with sentence-transformers (run it with :func:`run_without_effir`): encode_query /
-# encode_document, the prompts, pooling, modules and truncate_dim it loaded, and, for compressed folders, whether it
-# refuses them without trust_remote_code.
+# encode_document, the prompts, pooling, modules (of each route, for a Router) and truncate_dim it loaded, and, for
+# compressed folders, whether it refuses them without trust_remote_code.
 ST_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.modules["effir"] = None  # effir is pip-installed (editable) in this venv: make any import of it fail
@@ -307,11 +307,31 @@ ST_SCRIPT = textwrap.dedent("""
         out = {"query": model.encode_query(job["texts"], convert_to_tensor=True, **kw).tolist(),
                "document": model.encode_document(job["texts"], convert_to_tensor=True).tolist(),
                "prompts": {k: v for k, v in model.prompts.items() if v},
-               "pooling": model[1].pooling_mode, "normalize": type(model[-1]).__name__ == "Normalize",
-               "modules": [type(m).__name__ for m in model], "truncate_dim": model.truncate_dim}
+               "truncate_dim": model.truncate_dim}
+        if type(model[0]).__name__ == "Router":  # a query-side folder: the modules of each route
+            out["modules"] = {route: [type(m).__name__ for m in seq] for route, seq in model[0].sub_modules.items()}
+        else:
+            out.update(pooling=model[1].pooling_mode, normalize=type(model[-1]).__name__ == "Normalize",
+                       modules=[type(m).__name__ for m in model])
         if job["remote"]:
             out["refusals"] = [refusal(lambda: SentenceTransformer(job["dir"], device="cpu")),
                                refusal(lambda: AutoModel.from_pretrained(job["dir"]))]
         results[job["name"]] = out
     json.dump(results, open(sys.argv[2], "w"))
 """)
+
+
+def assert_same_dense(source: Path, written: Path) -> None:
+    """``written`` holds each Dense module of ``source`` unchanged: the same config.json and tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    dense = sorted(p.name for p in source.glob("*_Dense"))
+    assert dense and sorted(p.name for p in written.glob("*_Dense")) == dense, (source, written)
+    for name in dense:
+        assert json.loads((written / name / "config.json").read_text()) == \
+            json.loads((source / name / "config.json").read_text())
+        weights = (load_file(str(source / name / "model.safetensors")) if (source / name / "model.safetensors")
+                   .exists() else torch.load(source / name / "pytorch_model.bin", weights_only=True))
+        saved = load_file(str(written / name / "model.safetensors"))
+        assert saved.keys() == weights.keys() and all(torch.equal(saved[k], weights[k]) for k in weights)

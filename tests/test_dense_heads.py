@@ -9,8 +9,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from st_replicas import DENSE_REPLICAS, ST_SCRIPT, build_replica, run_without_effir
+from st_replicas import DENSE_REPLICAS, ST_SCRIPT, assert_same_dense, build_replica, run_without_effir
 
 import effir
 from effir import cli
@@ -91,17 +90,7 @@ def test_embeddings_equal_sentence_transformers_before_and_after_drop_and_slim(h
         assert moved > 1e-3, (job, moved)  # the backbone changed, so the comparison above means something
         assert got[job]["modules"] == MODULES.get(source, MODULES["embeddinggemma"]), job
         assert all(r and "contains custom code" in r for r in got[job]["refusals"]), (job, got[job]["refusals"])
-        _assert_same_dense(heads[source], folder)
-
-
-def _assert_same_dense(source, written):
-    for dense in sorted(p.name for p in source.glob("*_Dense")):
-        assert json.loads((written / dense / "config.json").read_text()) == \
-            json.loads((source / dense / "config.json").read_text())
-        weights = (load_file(str(source / dense / "model.safetensors")) if (source / dense / "model.safetensors")
-                   .exists() else torch.load(source / dense / "pytorch_model.bin", weights_only=True))
-        saved = load_file(str(written / dense / "model.safetensors"))
-        assert saved.keys() == weights.keys() and all(torch.equal(saved[k], weights[k]) for k in weights)
+        assert_same_dense(heads[source], folder)
 
 
 def test_bidirectional_attention_and_the_sliding_window_shape_the_embedding(heads, tmp_path):

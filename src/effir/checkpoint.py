@@ -348,7 +348,7 @@ def save(encoder: Encoder, out: str | os.PathLike, stage: dict | None = None, ov
             print(f"effir: WARNING: {out} gets no sentence-transformers files: {st_export['reason']}", file=sys.stderr)
         meta = {
             "format": FORMAT_VERSION,
-            "weights_sha256": weights_digest(tmp),
+            "weights_sha256": weights_digest(tmp, encoder.settings.head),
             "effir_version": __version__,
             "model_type": encoder.model.config.model_type,
             "family": encoder.adapter.family,

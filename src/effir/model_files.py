@@ -82,10 +82,17 @@ def weight_files(folder: str | Path) -> list[Path]:
     raise EffirError(f"{folder} has no {WEIGHTS} (or {WEIGHTS_INDEX}); the model folder is incomplete")
 
 
-def weights_digest(folder: Path) -> dict[str, str]:
-    """sha256 of each safetensors file of a model folder: recorded at save time so `effir verify` can tell the
-    weights a stage wrote from any others put in their place."""
-    return {path.name: sha256_file(path) for path in weight_files(folder)}
+def weights_digest(folder: Path, head: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of each safetensors file of a model folder, and of each Dense module's (``head``: their folder names,
+    keyed ``2_Dense/model.safetensors``): recorded at save time so `effir verify` can tell the weights a stage wrote
+    from any others put in their place."""
+    digest = {path.name: sha256_file(path) for path in weight_files(folder)}
+    for name in head:
+        path = Path(folder) / name / WEIGHTS
+        if not path.is_file():
+            raise EffirError(f"{path} is missing; the Dense module is incomplete")
+        digest[f"{name}/{WEIGHTS}"] = sha256_file(path)
+    return digest
 
 
 def first_weight_dtype(folder: Path) -> torch.dtype | None:

@@ -3,7 +3,8 @@
     effir verify DIR [--reference MODEL] [--skip CHECK]
 
 Checks, one PASS / FAIL / SKIP line each (exit code 1 when any fails; an unreadable effir.json is a FAIL too):
-- integrity: the safetensors files are the ones the stage wrote (their sha256 as recorded in effir.json);
+- integrity: the safetensors files, the Dense head's included, are the ones the stage wrote (their sha256 as
+  recorded in effir.json);
 - reload: `effir.load(DIR)` rebuilds the structure in effir.json and loads the safetensors strictly;
 - weights: no tensor of a dropped sub-layer (module or norm) is stored in the safetensors;
 - parameters: the reloaded model's parameter counts equal the ones recorded in effir.json;
@@ -108,7 +109,7 @@ def _check_integrity(folder: Path, meta: dict):
     if not recorded:
         return "SKIP", "integrity", "effir.json records no weights hash (saved by an older effir)"
     try:
-        found = weights_digest(folder)
+        found = weights_digest(folder, (meta.get("embedding") or {}).get("head", []))
     except EffirError as e:
         return "FAIL", "integrity", str(e)
     if found != recorded:
