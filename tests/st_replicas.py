@@ -116,6 +116,8 @@ REPLICAS: dict[str, Replica] = {
 }
 GEMMA_PROMPTS = {"query": "task: search result | query: ", "document": "title: none | text: ",
                  "Retrieval": "task: search result | query: ", "Clustering": "task: clustering | query: ",
+                 # per-side task prompts, as the real folder has: mteb prefers them to the bare task type
+                 "Retrieval-query": "task: search result | query: ", "Retrieval-document": "title: none | text: ",
                  "STS": "task: sentence similarity | query: ", "CodeRetrieval": "task: code retrieval | query: "}
 IDENTITY, TANH = "torch.nn.modules.linear.Identity", "torch.nn.modules.activation.Tanh"
 GEMMA_SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
