@@ -183,7 +183,7 @@ def test_torch_int8_keeps_the_embeddings_close(tiny_llama_dir):
     (["bench", "{m}", "--backend", "onnx", "--dtype", "bf16"], "computes in fp32"),
     (["export", "{m}", "--format", "onnx", "--calibration-samples", "0"], "--calibration-samples must be >= 1"),
     (["export", "{m}", "--format", "onnx", "--int8", "--int8-method", "fast"], "--int8-method must be auto or one of"),
-    (["export", "{m}", "--format", "openvino", "--int8-method", "mixed"], "add --int8 --format onnx"),
+    (["export", "{m}", "--format", "onnx", "--int8-method", "mixed"], "chooses the ONNX int8 quantiser: add --int8"),
 ])
 def test_refusals_are_one_line_with_exit_code_2(argv, words, tiny_llama_dir, tiny_beir, tmp_path, capsys):
     if "--backend" in argv or argv[0] == "export":

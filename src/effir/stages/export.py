@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the int8 graph (onnx: see --int8-method; openvino: NNCF static, calibrated)")
     p.add_argument("--int8-method", default="auto",
                    help=f"ONNX int8 quantiser: auto (default: the first of {', '.join(onnx_int8.METHODS)} that keeps "
-                        f"the embeddings within cosine {INT8_PICK_COSINE} of torch) or one of them")
+                        f"the embeddings within cosine {INT8_PICK_COSINE} of torch) or one of them; OpenVINO "
+                        "int8 is always NNCF's")
     p.add_argument("--output", required=True, help="folder for the exported model")
     p.add_argument("--calibration", default="wiki",
                    help="text for --int8 (OpenVINO's ranges; ONNX's massive-activation probes and method scores), "
@@ -119,8 +120,8 @@ def _check_args(args) -> None:
     serving.require(args.format, f"--format {args.format}")
     if args.int8_method not in ("auto", *onnx_int8.METHODS):
         raise EffirError(f"--int8-method must be auto or one of {', '.join(onnx_int8.METHODS)}, got {args.int8_method!r}")
-    if args.int8_method != "auto" and not (args.int8 and args.format == "onnx"):
-        raise EffirError(f"--int8-method {args.int8_method} chooses the ONNX int8 quantiser: add --int8 --format onnx")
+    if args.int8_method != "auto" and not args.int8:  # --format openvino --int8 takes it (a run's shared export:)
+        raise EffirError(f"--int8-method {args.int8_method} chooses the ONNX int8 quantiser: add --int8")
     if args.calibration_samples < 1:
         raise EffirError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
     try:
