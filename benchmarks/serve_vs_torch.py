@@ -33,6 +33,8 @@ ap.add_argument("--query-batch", type=int, default=32)
 ap.add_argument("--doc-batch", type=int, default=8)
 ap.add_argument("--rounds", type=int, default=6)
 ap.add_argument("--threads", type=int, default=None)
+ap.add_argument("--no-eval", action="store_true",
+                help="time only: nDCG@10 from OUT/eval/NAME-VARIANT/results.json where present, else '-'")
 a = ap.parse_args()
 out = Path(a.out)
 out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +48,9 @@ for name, folder in models.items():
     for backend, quantize in variants:
         key = f"{name} {backend}-{quantize}"
         ev = out / "eval" / f"{name}-{backend}-{quantize}"
+        if a.no_eval and not (ev / "results.json").exists():
+            rows[key] = {"ndcg@10": None}
+            continue
         if not (ev / "results.json").exists():
             assert main(["eval", folder, "--data", a.data, "--output", str(ev), "--backend", backend, "--quantize",
                          quantize, "--device", "cpu", "--dtype", "fp32", "--no-cache", "--overwrite"]) == 0
@@ -61,6 +66,7 @@ for name, folder in models.items():
         key = f"{name} {backend}-{quantize}"
         enc = load(folder, device="cpu", dtype="fp32", padding_side="right")
         encoders[key] = serving.apply_variant(enc, backend, quantize, a.threads)
+        rows[key].setdefault("size", serving.size_report(encoders[key]))
         batches[key] = {"query": enc.tokenize(queries, "query"), "document": enc.tokenize(docs, "document")}
 times = {k: {"query": [], "document": []} for k in encoders}
 with torch.inference_mode():
@@ -89,7 +95,8 @@ lines = ["| model | runtime | nDCG@10 | parameters | 16-bit MB | stored MB | que
 for k, r in rows.items():
     name, variant = k.split(" ")
     s = r["size"]
-    lines.append(f"| {name} | {variant} | {r['ndcg@10']:.4f} | {s['parameters']:,} | {s['bytes_16bit'] / 1e6:.1f} | "
+    ndcg = "-" if r["ndcg@10"] is None else f"{r['ndcg@10']:.4f}"
+    lines.append(f"| {name} | {variant} | {ndcg} | {s['parameters']:,} | {s['bytes_16bit'] / 1e6:.1f} | "
                  f"{s['bytes_stored'] / 1e6:.1f} | {r['query_ms']:.1f} | {r['query_speedup']:.2f}x | "
                  f"{r['document_ms']:.1f} | {r['document_speedup']:.2f}x |")
 (out / "serve.md").write_text("\n".join(lines) + "\n")

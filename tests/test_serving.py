@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from effir import serving
+from effir import onnx_int8, serving
+from effir.arch import get_path, layer_list
 from effir.checkpoint import load, save
 from effir.cli import main
 from effir.surgery import drop_sublayers, replace_mlp, slice_mlp
@@ -71,14 +72,69 @@ def test_an_int8_graph_far_from_the_torch_model_is_exported_with_a_warning(tiny_
 
     out = tmp_path / "served"
     assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--int8", "--output", str(out)]) == 0
-    assert "warning" not in capsys.readouterr().err  # a tiny random model quantises well
-    cosine = json.loads((out / "export.json").read_text())["checks"]["onnx/model_qint8.onnx"]["min_cosine"]
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err  # a tiny random model quantises well, by the fastest method
+    assert "onnx int8 method: dynamic (first >= 0.98" in captured.out
+    report = json.loads((out / "export.json").read_text())
+    assert report["int8_method"]["method"] == "dynamic" and len(report["int8_method"]["candidates"]) == 1
+    cosine = report["checks"]["onnx/model_qint8.onnx"]["min_cosine"]
     monkeypatch.setattr(export, "INT8_MIN_COSINE", cosine + 1e-3)  # as if the model defeated the quantiser
     assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--int8", "--output", str(out),
                  "--overwrite"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warned) == 1 and "onnx/model_qint8.onnx embeds the probes at cosine" in warned[0]
     assert "export --format openvino --int8" in warned[0]
+
+
+def _massive(folder, out):
+    """A tiny llama with a massive activation, as a decoder LLM's attention-sink token has: layer 0's down projection
+    reads ~256 on [UNK] tokens (in every probe and calibration batch) and ~0.01 elsewhere.
+
+    Layer 0 loses its attention, so its MLP reads the embeddings; their dims 0-7 are 1 on [UNK] and 0 on every other
+    token, and gate and up neurons 0-31 read only those dims. The other neurons' output is 30x larger, so that losing
+    it (what one int8 scale over the tensor does) shows in the embeddings.
+    """
+    enc = load(folder, device="cpu", dtype="fp32")
+    drop_sublayers(enc.model, enc.adapter, attention=[0], mlp=[])
+    layer = layer_list(enc.model, enc.adapter)[0]
+    with torch.no_grad():
+        emb = enc.model.get_input_embeddings().weight
+        emb[:, :8] = 0
+        emb[enc.tokenizer.convert_tokens_to_ids("a"), :8] = 1
+        for name in enc.adapter.up_projs:
+            w = get_path(layer, name).weight  # (I, H)
+            w[:32] = 0
+            w[:32, :8] = 1
+        get_path(layer, enc.adapter.down_proj).weight[:, 32:] *= 30
+    return save(enc, out)
+
+
+@needs_onnx
+@pytest.mark.parametrize("method", onnx_int8.METHODS)
+def test_every_onnx_int8_method_runs_near_fp32(tiny_llama_dir, tmp_path, method):
+    out = tmp_path / "served"
+    assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--int8", "--int8-method", method,
+                 "--output", str(out)]) == 0
+    record = json.loads((out / "export.json").read_text())["int8_method"]
+    assert record["requested"] == record["method"] == method and [c["method"] for c in record["candidates"]] == [method]
+    ref, got = _embeddings(out), _embeddings(out, "onnx", "int8")
+    assert torch.nn.functional.cosine_similarity(got, ref).min().item() > 0.95
+
+
+@needs_onnx
+def test_auto_int8_avoids_dynamic_on_a_massive_activation(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "served"
+    src = _massive(tiny_llama_dir, tmp_path / "massive")
+    assert main(["export", str(src), "--format", "onnx", "--int8", "--output", str(out)]) == 0
+    record = json.loads((out / "export.json").read_text())["int8_method"]
+    first = record["candidates"][0]
+    assert first["method"] == "dynamic" and first["min_cosine"] < 0.98 <= record["min_cosine"], record
+    # the planted MatMul (only it) is found on calibration text and kept per block; the rest stays dynamic
+    assert record["method"] == "mixed" and len(record["blockwise_matmuls"]) == 1, record
+    out_line = [line for line in capsys.readouterr().out.splitlines() if "onnx int8 method" in line]
+    assert out_line[0].startswith("effir export: onnx int8 method: mixed (>1000x: 1 blockwise) (first >= 0.98")
+    ref, got = _embeddings(out), _embeddings(out, "onnx", "int8")
+    assert torch.nn.functional.cosine_similarity(got, ref).min().item() > 0.98
 
 
 @needs_openvino
@@ -126,6 +182,8 @@ def test_torch_int8_keeps_the_embeddings_close(tiny_llama_dir):
     (["eval", "{m}", "--data", "{d}", "--backend", "onnx", "--device", "cpu"], "does not exist; write it with"),
     (["bench", "{m}", "--backend", "onnx", "--dtype", "bf16"], "computes in fp32"),
     (["export", "{m}", "--format", "onnx", "--calibration-samples", "0"], "--calibration-samples must be >= 1"),
+    (["export", "{m}", "--format", "onnx", "--int8", "--int8-method", "fast"], "--int8-method must be auto or one of"),
+    (["export", "{m}", "--format", "onnx", "--int8-method", "mixed"], "chooses the ONNX int8 quantiser: add --int8"),
 ])
 def test_refusals_are_one_line_with_exit_code_2(argv, words, tiny_llama_dir, tiny_beir, tmp_path, capsys):
     if "--backend" in argv or argv[0] == "export":

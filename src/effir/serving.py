@@ -8,9 +8,9 @@ Every kernel and algorithm comes from a maintained library; this module is only 
   gives a ``feature-extraction`` model, written as ``onnx/model.onnx`` beside sentence-transformers' files.
   Pooling, normalisation, prompts and EOS stay outside the graph, in the folder's sentence-transformers modules
   and in effir's :class:`~effir.encoder.Encoder`.
-- ONNX int8: ONNX Runtime's dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``: int8 weights per
-  output channel, activations quantised per call), what sentence-transformers' ``export_dynamic_quantized_onnx_model``
-  runs through optimum -> ``onnx/model_qint8.onnx``.
+- ONNX int8: one of ONNX Runtime's quantisers (:mod:`effir.onnx_int8`: ``dynamic``, what sentence-transformers'
+  ``export_dynamic_quantized_onnx_model`` runs through optimum; ``mixed``; ``blockwise`` ``MatMulNBits``)
+  -> ``onnx/model_qint8.onnx``.
 - OpenVINO: ``openvino.convert_model`` of the ONNX graph -> ``openvino/openvino_model.xml``; int8 by NNCF's
   post-training static quantisation on calibration text (``nncf.quantize``, transformer preset), what
   sentence-transformers' ``export_static_quantized_openvino_model`` runs through optimum-intel
@@ -281,15 +281,12 @@ def export_onnx(model: nn.Module, sample: dict[str, torch.Tensor], path: Path) -
     return path
 
 
-def quantize_onnx_int8(src: Path, dst: Path) -> Path:
-    """ONNX Runtime dynamic quantisation: int8 weights (per output channel, symmetric), uint8 activations."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_onnx_int8(src: Path, dst: Path, method: str = "dynamic", outliers: list[str] | tuple = ()) -> Path:
+    """ONNX Runtime int8 by ``method`` (one of :data:`effir.onnx_int8.METHODS`; ``outliers``: see ``mixed``)."""
+    from . import onnx_int8
 
-    large = files_bytes(src) > EXTERNAL_DATA_BYTES
     with _quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=large)
-    return dst
+        return onnx_int8.quantize(method, src, dst, outliers, large=files_bytes(src) > EXTERNAL_DATA_BYTES)
 
 
 def onnx_to_openvino(src: Path, dst: Path) -> Path:

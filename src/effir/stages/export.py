@@ -1,12 +1,16 @@
 """Export a model for serving: an effir folder plus an ONNX or OpenVINO graph (fp32, and int8 with --int8).
 
-    effir export MODEL --format onnx [--int8] --output DIR
+    effir export MODEL --format onnx [--int8 [--int8-method auto|dynamic|mixed|blockwise]] --output DIR
     effir export MODEL --format openvino [--int8] [--calibration wiki] --output DIR
 
 DIR is a complete effir model folder (weights, tokenizer, ``effir.json``, sentence-transformers files with the
 ``query`` / ``document`` prompts, pooling and Normalize) plus, in sentence-transformers' backend layout:
 
-- ``onnx/model.onnx`` and, with --int8, ``onnx/model_qint8.onnx`` (ONNX Runtime dynamic quantisation);
+- ``onnx/model.onnx`` and, with --int8, ``onnx/model_qint8.onnx`` by one of ONNX Runtime's quantisers
+  (:mod:`effir.onnx_int8`): with ``--int8-method auto`` (the default) the first of ``dynamic``, ``mixed``,
+  ``blockwise`` (fastest first) whose embeddings of the probes and calibration texts all stay within cosine
+  ``INT8_PICK_COSINE`` of the torch model's; the method and every candidate's score go to stdout and
+  ``export.json`` (``int8_method``);
 - ``openvino/openvino_model.xml`` and, with --int8, ``openvino/openvino_model_qint8_quantized.xml`` (NNCF static
   quantisation, calibrated on --calibration text encoded as queries and documents).
 
@@ -22,13 +26,14 @@ export like any other: the graph is traced from the loaded torch modules, so no 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .. import serving
+from .. import onnx_int8, serving
 from ..calibration import load_texts
 from ..checkpoint import load, save
 from ..encoder import Encoder
@@ -48,10 +53,14 @@ FP32_TOLERANCE = 1e-3  # largest |difference| of normalised embeddings the fp32 
 INT8_MIN_COSINE = 0.95
 """An int8 graph whose probe embeddings fall below this cosine to the torch model's is exported with a warning:
 int8 costs a little everywhere, but a graph this far off is one whose quantiser the model defeats."""
+INT8_PICK_COSINE = 0.98
+"""``--int8-method auto`` takes the first ONNX int8 method whose min cosine to the torch model, over the probes and
+the calibration texts, reaches this: on SmolLM2 and MiniLM the graphs above it lost at most 0.007 nDCG@10
+(docs/results/serving-cpu.md)."""
+ONNX_CALIBRATION_BATCHES = 8  # --calibration batches that probe the ONNX MatMul inputs for massive activations
 INT8_ADVICE = {
-    "onnx": "ONNX Runtime's dynamic int8 scales each activation tensor as a whole, and a decoder LLM's massive "
-            "activations (effir analyze flags them) leave the other tokens few levels: measure it (effir eval DIR "
-            "--backend onnx --quantize int8) or export --format openvino --int8, which calibrates static ranges",
+    "onnx": "no ONNX Runtime int8 method held this model (see int8_method in export.json): measure it (effir eval "
+            "DIR --backend onnx --quantize int8) or export --format openvino --int8, which calibrates static ranges",
     "openvino": "measure it (effir eval DIR --backend openvino --quantize int8) before serving it; more "
                 "--calibration-samples, or text like the served one in --calibration, may help",
 }
@@ -62,13 +71,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "or hub id")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime) or openvino")
     p.add_argument("--int8", action="store_true",
-                   help="also write the int8 graph (onnx: dynamic quantisation; openvino: static, calibrated)")
+                   help="also write the int8 graph (onnx: see --int8-method; openvino: NNCF static, calibrated)")
+    p.add_argument("--int8-method", default="auto",
+                   help=f"ONNX int8 quantiser: auto (default: the first of {', '.join(onnx_int8.METHODS)} that keeps "
+                        f"the embeddings within cosine {INT8_PICK_COSINE} of torch) or one of them; OpenVINO "
+                        "int8 is always NNCF's")
     p.add_argument("--output", required=True, help="folder for the exported model")
     p.add_argument("--calibration", default="wiki",
-                   help="text for --format openvino --int8, as for effir analyze: wiki, a .txt/.jsonl file or "
-                        "beir:DIR (default: wiki)")
+                   help="text for --int8 (OpenVINO's ranges; ONNX's massive-activation probes and method scores), "
+                        "as for effir analyze: wiki, a .txt/.jsonl file or beir:DIR (default: wiki)")
     p.add_argument("--calibration-samples", type=int, default=32,
-                   help="calibration batches of 4 texts for OpenVINO int8, half queries, half documents (default: 32)")
+                   help="calibration batches of 4 texts for OpenVINO int8, half queries, half documents; ONNX int8 "
+                        f"probes the first {ONNX_CALIBRATION_BATCHES} (default: 32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder in --output")
 
 
@@ -79,11 +93,13 @@ def run(args: argparse.Namespace) -> int:
     encoder = load(args.model, device="cpu", dtype="fp32", padding_side="right")
     (out / "export.json").unlink(missing_ok=True)  # a failed run must not leave an older record looking current
     save(encoder, out, {"stage": "export", "format": args.format, "int8": args.int8}, overwrite=args.overwrite)
-    written = _export(encoder, out, args)
+    written, int8_method = _export(encoder, out, args)
     encoder.model.eval()
-    checks = {rel: _parity(encoder, out, rel) for rel in written}
+    checks = {rel: _parity(encoder, out / rel) for rel in written}
     report = {"model": args.model, "format": args.format, "int8": args.int8, "files": written, "checks": checks,
               "seconds": time.perf_counter() - t0, "torch": torch.__version__, "versions": _versions(args.format)}
+    if int8_method:
+        report["int8_method"] = int8_method
     write_json(out / "export.json", report)  # last: its presence means the export is complete
     for rel, c in checks.items():
         print(f"effir export: {rel}: {c['megabytes']:.1f} MB, embeddings vs torch: max |diff| "
@@ -102,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_args(args) -> None:
     serving.require(args.format, f"--format {args.format}")
+    if args.int8_method not in ("auto", *onnx_int8.METHODS):
+        raise EffirError(f"--int8-method must be auto or one of {', '.join(onnx_int8.METHODS)}, got {args.int8_method!r}")
+    if args.int8_method != "auto" and not args.int8:  # --format openvino --int8 takes it (a run's shared export:)
+        raise EffirError(f"--int8-method {args.int8_method} chooses the ONNX int8 quantiser: add --int8")
     if args.calibration_samples < 1:
         raise EffirError(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
     try:
@@ -113,17 +133,18 @@ def _check_args(args) -> None:
         raise EffirError(f"{out} already exists and is not empty; pass --overwrite or choose another --output")
 
 
-def _export(encoder, out: Path, args) -> list[str]:
-    """Write the graphs; return their paths relative to ``out``."""
+def _export(encoder, out: Path, args) -> tuple[list[str], dict | None]:
+    """Write the graphs; return their paths relative to ``out`` and the ONNX int8 choice (or ``None``)."""
     sample = encoder.tokenize(PROBE_DOCUMENTS + PROBE_QUERIES, "document")  # rows of different lengths
     files = []
     if args.format == "onnx":
         onnx_path = serving.export_onnx(encoder.model, sample, out / serving.SERVED_FILES[("onnx", False)])
         files.append(serving.SERVED_FILES[("onnx", False)])
-        if args.int8:
-            serving.quantize_onnx_int8(onnx_path, out / serving.SERVED_FILES[("onnx", True)])
-            files.append(serving.SERVED_FILES[("onnx", True)])
-        return files
+        if not args.int8:
+            return files, None
+        choice = _onnx_int8(encoder, onnx_path, out / serving.SERVED_FILES[("onnx", True)], args)
+        files.append(serving.SERVED_FILES[("onnx", True)])
+        return files, choice
     with serving.scratch_dir() as tmp:
         onnx_path = serving.export_onnx(encoder.model, sample, Path(tmp) / "model.onnx")
         xml = serving.onnx_to_openvino(onnx_path, out / serving.SERVED_FILES[("openvino", False)])
@@ -132,7 +153,7 @@ def _export(encoder, out: Path, args) -> list[str]:
         batches = _calibration_batches(encoder, args.calibration, args.calibration_samples)
         serving.quantize_openvino_int8(xml, out / serving.SERVED_FILES[("openvino", True)], batches)
         files.append(serving.SERVED_FILES[("openvino", True)])
-    return files
+    return files, None
 
 
 def _calibration_batches(encoder, source: str, n: int, per_batch: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -147,20 +168,84 @@ def _calibration_batches(encoder, source: str, n: int, per_batch: int = 4) -> li
     return batches
 
 
-def _parity(encoder, out: Path, rel: str) -> dict:
-    """Embed the probes with the torch model and with the graph at ``out / rel`` (same tokens); compare."""
-    backend = "onnx" if rel.startswith("onnx/") else "openvino"
-    runner = serving.OnnxRunner(out / rel) if backend == "onnx" else serving.OpenVinoRunner(out / rel)
+def _onnx_int8(encoder, src: Path, dst: Path, args) -> dict:
+    """Write ``dst`` by the first candidate (:func:`_int8_candidates`) whose min cosine to the torch model on the
+    probes plus calibration texts reaches ``INT8_PICK_COSINE``, else by the best of them; return the record."""
+    texts = _scoring_texts(args.calibration)
+    record = {"requested": args.int8_method, "pick_min_cosine": INT8_PICK_COSINE, "candidates": []}
+    best = -2.0
+    with serving.scratch_dir() as tmp:
+        for i, (method, ratio, nodes) in enumerate(_int8_candidates(encoder, src, args)):
+            t0 = time.perf_counter()
+            path = Path(tmp) / str(i) / dst.name
+            path.parent.mkdir()
+            serving.quantize_onnx_int8(src, path, method, nodes)
+            c = {"method": method, "min_cosine": _parity(encoder, path, texts)["min_cosine"]}
+            if method == "mixed":
+                c.update(outlier_ratio=ratio, blockwise_matmuls=nodes)
+            record["candidates"].append(dict(c, seconds=time.perf_counter() - t0))
+            if c["min_cosine"] > best:
+                best = c["min_cosine"]
+                record.update(c)
+                for p in path.parent.iterdir():  # the graph and, for large models, its external data
+                    shutil.move(str(p), str(dst.parent / p.name))
+            if best >= INT8_PICK_COSINE:
+                break
+    tried = ", ".join(f"{c['method']}{_mixed_label(c)} {c['min_cosine']:.4f}" for c in record["candidates"])
+    verdict = "forced" if args.int8_method != "auto" else (
+        f"first >= {INT8_PICK_COSINE}" if best >= INT8_PICK_COSINE else f"none reached {INT8_PICK_COSINE}: the best")
+    print(f"effir export: onnx int8 method: {record['method']}{_mixed_label(record)} ({verdict}; min cosine to "
+          f"torch: {tried})")
+    return record
+
+
+def _int8_candidates(encoder, src: Path, args):
+    """Yield ``(method, outlier ratio, blockwise MatMuls)`` in preference order: ``dynamic``; ``mixed`` with the
+    MatMuls over each of ``onnx_int8.OUTLIER_RATIOS`` in turn (fewest first, each set once); ``blockwise``."""
+    for method in onnx_int8.METHODS if args.int8_method == "auto" else (args.int8_method,):
+        if method != "mixed":
+            yield method, None, []
+            continue
+        ratios, seen = _input_ratios(encoder, src, args), []
+        for ratio in onnx_int8.OUTLIER_RATIOS:
+            nodes = onnx_int8.outliers(ratios, ratio)
+            if (nodes or args.int8_method == "mixed") and nodes not in seen:
+                seen.append(nodes)
+                yield method, ratio, nodes
+
+
+def _mixed_label(c: dict) -> str:
+    return f" (>{c['outlier_ratio']:g}x: {len(c['blockwise_matmuls'])} blockwise)" if c["method"] == "mixed" else ""
+
+
+def _input_ratios(encoder, src: Path, args) -> dict[str, float]:
+    """Each MatMul of ``src``: how massive its inputs' activations are on the first calibration batches."""
+    batches = _calibration_batches(encoder, args.calibration, min(args.calibration_samples, ONNX_CALIBRATION_BATCHES))
+    feeds = [{k: v.numpy().astype("int64") for k, v in b.items()} for b in batches]
+    return onnx_int8.input_ratios(src, feeds)
+
+
+def _scoring_texts(source: str, n: int = 4) -> list[tuple[str, list]]:
+    """The probes plus ``n`` calibration queries and documents: what an int8 method is scored on."""
+    texts = load_texts(source)
+    queries, documents = (texts.queries or texts.documents)[:n], (texts.documents or texts.queries)[:n]
+    return [("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS), ("query", queries), ("document", documents)]
+
+
+def _parity(encoder, path: Path, texts: list[tuple[str, list]] | None = None) -> dict:
+    """Embed ``texts`` (default: the probes) with the torch model and with the graph at ``path`` (same tokens)."""
+    backend = "onnx" if path.suffix == ".onnx" else "openvino"
+    runner = serving.OnnxRunner(path) if backend == "onnx" else serving.OpenVinoRunner(path)
     served = Encoder(serving.ServedModel(runner, encoder.model.config), encoder.tokenizer, encoder.settings,
                      encoder.adapter, padding_side="right", head=encoder.head)
     diffs, cosines = [], []
-    for side, texts in (("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS)):
-        batch = encoder.tokenize(texts, side)
+    for side, batch_texts in texts or (("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS)):
+        batch = encoder.tokenize(batch_texts, side)
         with torch.inference_mode():
             ref, got = encoder.embed(**batch), served.embed(**batch)
         diffs.append((got - ref).abs().max().item())
         cosines.append(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item())
-    return {"backend": backend, "int8": "qint8" in rel, "megabytes": serving.files_bytes(out / rel) / 1e6,
+    return {"backend": backend, "int8": "qint8" in path.name, "megabytes": serving.files_bytes(path) / 1e6,
             "max_abs_diff": max(diffs), "min_cosine": min(cosines)}
 
 
