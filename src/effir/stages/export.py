@@ -55,8 +55,8 @@ INT8_MIN_COSINE = 0.95
 int8 costs a little everywhere, but a graph this far off is one whose quantiser the model defeats."""
 INT8_PICK_COSINE = 0.98
 """``--int8-method auto`` takes the first ONNX int8 method whose min cosine to the torch model, over the probes and
-the calibration texts, reaches this: on SmolLM2 and MiniLM the graphs above it lost at most 0.007 nDCG@10
-(docs/results/serving-cpu.md)."""
+the calibration texts, reaches this. What a pick at this level costs in nDCG@10, and whether a stricter level pays
+for its speed, is measured in docs/results/serving-cpu.md."""
 ONNX_CALIBRATION_BATCHES = 8  # --calibration batches that probe the ONNX MatMul inputs for massive activations
 INT8_ADVICE = {
     "onnx": "no ONNX Runtime int8 method held this model (see int8_method in export.json): measure it (effir eval "
