@@ -53,7 +53,7 @@ FP32_TOLERANCE = 1e-3  # largest |difference| of normalised embeddings the fp32 
 INT8_MIN_COSINE = 0.95
 """An int8 graph whose probe embeddings fall below this cosine to the torch model's is exported with a warning:
 int8 costs a little everywhere, but a graph this far off is one whose quantiser the model defeats."""
-INT8_PICK_COSINE = 0.98
+INT8_PICK_COSINE = 0.99
 """``--int8-method auto`` takes the first ONNX int8 method whose min cosine to the torch model, over the probes and
 the calibration texts, reaches this. What a pick at this level costs in nDCG@10, and whether a stricter level pays
 for its speed, is measured in docs/results/serving-cpu.md."""
