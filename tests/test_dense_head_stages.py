@@ -20,6 +20,7 @@ from st_replicas import DENSE_REPLICAS, ST_SCRIPT, assert_same_dense, build_repl
 import effir
 from effir import serving
 from effir.cli import main
+from effir.flops import flops_per_sequence
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["fish", "what is the capital of france",
@@ -184,6 +185,22 @@ def test_verify_covers_the_head(dropped, tmp_path, capsys):
     assert re.search(r"FAIL +reference: .*max \|embedding diff\|", out), out
 
 
+def test_verify_passes_a_head_saved_without_its_hash(dropped, tmp_path, capsys):
+    """A folder saved before effir hashed Dense modules passes integrity on the backbone, saying the head is not
+    covered; its backbone weights are still checked."""
+    copy = shutil.copytree(dropped["labse-like"][1], tmp_path / "model")
+    meta_path = copy / "effir.json"
+    meta = json.loads(meta_path.read_text())
+    meta["weights_sha256"] = {k: v for k, v in meta["weights_sha256"].items() if "/" not in k}
+    meta_path.write_text(json.dumps(meta))
+    assert main(["verify", str(copy), "--skip", "transformers"]) == 0
+    assert re.search(r"PASS +integrity: .*2_Dense/model.safetensors not covered", capsys.readouterr().out)
+    meta["weights_sha256"]["model.safetensors"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    assert main(["verify", str(copy), "--skip", "transformers", "--skip", "sentence-transformers"]) == 1
+    assert re.search(r"FAIL +integrity: .*model.safetensors differ", capsys.readouterr().out)
+
+
 def test_analyze_and_bench_run_on_a_headed_model(dropped, tiny_beir, tmp_path):
     """analyze scores the transformer's sub-layers; bench times the dropped folder (head included) against its
     source; both read the folder's head without touching it."""
@@ -198,6 +215,13 @@ def test_analyze_and_bench_run_on_a_headed_model(dropped, tiny_beir, tmp_path):
     bench = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert {c["side"] for c in bench["cells"]} == {"query", "document"}
     assert all(c["predicted_speedup"] > 1 for c in bench["cells"])  # two MLPs fewer, the same head on both
+    baseline = effir.load(str(src), device="cpu", dtype="fp32")
+    sizes = [baseline.model.config.hidden_size] + [out for out, _, _ in DENSE_REPLICAS["embeddinggemma"].dense]
+    head_flops = sum(2 * n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True))  # per Dense
+    for c in bench["cells"]:  # the head counted once per sequence, on top of the transformer's FLOPs
+        body = flops_per_sequence(baseline.model, int(c["seq_len"]), baseline.adapter)["total"]
+        assert c["baseline"]["flops_per_sequence"] == body + head_flops
+    assert bench["models"]["baseline"]["head_parameters"] == sum(p.numel() for p in baseline.head.parameters()) > 0
     assert_same_dense(src, folder)
 
 

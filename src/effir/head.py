@@ -65,6 +65,11 @@ class Head(nn.Module):
     def out_features(self) -> int:
         return self.layers[-1].config["out_features"]
 
+    @property
+    def flops_per_sequence(self) -> int:
+        """Forward FLOPs on one pooled embedding: ``2 * in * out`` per linear map (biases ignored, as effir.flops)."""
+        return sum(2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.layers[0].linear.weight
         if first.device != x.device:  # follows the backbone wherever a stage moved it

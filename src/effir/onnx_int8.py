@@ -18,6 +18,7 @@ Every kernel and algorithm is ONNX Runtime's (``onnxruntime.quantization``); thi
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ METHODS = ("dynamic", "mixed", "blockwise")
 BLOCK_SIZE = 32
 """Input rows per ``MatMulNBits`` block: one weight scale and, at accuracy level 4, one activation scale per token."""
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (CompInt8), quantised per block
-OUTLIER_RATIOS = (1000.0, 300.0, 100.0, 30.0)
+OUTLIER_RATIOS = (1000.0, 300.0, 100.0, 30.0, 20.0)
 """``mixed`` makes blockwise the MatMuls whose input's ``max |x|`` exceeds its median token's RMS by one of these,
 the largest first, until the embeddings hold: one int8 scale over such a tensor leaves a typical token's values
 ~127 / ratio levels, a rounding noise of ~ratio / 440 of its RMS."""
@@ -92,16 +93,22 @@ def input_ratios(src: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, flo
     names = _add_token_stats(model, list(inputs))  # per tensor: max |x|, mean x^2
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    graph_inputs = {i.name for i in session.get_inputs()}
     stats: dict[str, list[list[np.ndarray]]] = {t: [[], []] for t in inputs}
-    for feed in feeds:
-        outs = session.run(names, {k: v for k, v in feed.items() if k in graph_inputs})
-        keep = feed["attention_mask"].astype(bool)  # (B, T)
-        for i, tensor in enumerate(inputs):
-            for j in (0, 1):
-                out = outs[2 * i + j]
-                stats[tensor][j].append(out[keep] if out.shape == keep.shape else out.reshape(-1))
+    with tempfile.TemporaryDirectory(prefix="effir-probe-") as tmp:
+        # Through a file with external data, not bytes in memory: protobuf cannot serialise a graph over 2 GB.
+        path = Path(tmp) / "probe.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="probe.onnx.data")
+        del model
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph_inputs = {i.name for i in session.get_inputs()}
+        for feed in feeds:
+            outs = session.run(names, {k: v for k, v in feed.items() if k in graph_inputs})
+            keep = feed["attention_mask"].astype(bool)  # (B, T)
+            for i, tensor in enumerate(inputs):
+                for j in (0, 1):
+                    out = outs[2 * i + j]
+                    stats[tensor][j].append(out[keep] if out.shape == keep.shape else out.reshape(-1))
+        del session
     ratios = {}
     for tensor, nodes in inputs.items():
         peak, rms = np.concatenate(stats[tensor][0]).max(), np.sqrt(np.median(np.concatenate(stats[tensor][1])))

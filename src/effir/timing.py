@@ -116,7 +116,8 @@ def bench_encoders(candidate: Encoder | AsymmetricEncoder, baseline: Encoder | A
                  "device; tokenization excluded",
         "flops_method": "analytic, from the instantiated modules (effir.flops): 2*in*out per token for every "
                         "nn.Linear in the layers, 2*2*T*T*heads*head_dim per layer with attention, once-per-sequence "
-                        "linears outside the layers; norms/activations/embedding lookups neglected",
+                        "linears outside the layers and the Dense head's; norms/activations/embedding lookups "
+                        "neglected",
         "memory_method": CUDA_MEMORY if device.type == "cuda" else CPU_MEMORY,
         "models": models,
         "cells": cells,
@@ -142,8 +143,10 @@ def _describe(enc: Encoder | AsymmetricEncoder) -> dict:
         return {**routes["query"], "reference": enc.meta.get("reference"), "routes": routes}
     model = serving.torch_module(enc.model)
     params = count_parameters(model, enc.adapter)
+    head = sum(p.numel() for p in enc.head.parameters()) if enc.head is not None else 0
     return {"reference": enc.meta.get("reference"), "model_type": enc.model.config.model_type,
-            "parameters": params, "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "parameters": params, "head_parameters": head,
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "size": serving.size_report(enc), "structure": structure_summary(model, enc.adapter),
             "attn_implementation": getattr(enc.model.config, "_attn_implementation", None)}
 
@@ -222,6 +225,7 @@ def _cell(side, length, batch_size, batches, timings, raw, encoders) -> dict:
         padded = [c["input_ids"].shape[1] for c in chunks]
         tokens = sum(int(c["attention_mask"].sum()) for c in chunks) / len(chunks)  # real tokens per batch
         flops = sum(flops_per_sequence(raw[name], t, enc.adapter)["total"] for t in padded) / len(padded)
+        flops += enc.head.flops_per_sequence if enc.head is not None else 0
         med = percentile(times, 50)
         cell.setdefault("seq_len", sum(padded) / len(padded) if length is None else length)
         param_bytes = sum(p.numel() * p.element_size() for p in raw[name].parameters())

@@ -8,9 +8,9 @@ DIR is a complete effir model folder (weights, tokenizer, ``effir.json``, senten
 
 - ``onnx/model.onnx`` and, with --int8, ``onnx/model_qint8.onnx`` by one of ONNX Runtime's quantisers
   (:mod:`effir.onnx_int8`): with ``--int8-method auto`` (the default) the first of ``dynamic``, ``mixed``,
-  ``blockwise`` (fastest first) whose embeddings of the probes and calibration texts all stay within cosine
-  ``INT8_PICK_COSINE`` of the torch model's; the method and every candidate's score go to stdout and
-  ``export.json`` (``int8_method``);
+  ``blockwise`` (fastest first) whose distortion of the probe and calibration embeddings (:func:`_parity`) stays
+  within ``INT8_PICK_DISTORTION``; the method and every candidate's score go to stdout and ``export.json``
+  (``int8_method``);
 - ``openvino/openvino_model.xml`` and, with --int8, ``openvino/openvino_model_qint8_quantized.xml`` (NNCF static
   quantisation, calibrated on --calibration text encoded as queries and documents).
 
@@ -53,10 +53,13 @@ FP32_TOLERANCE = 1e-3  # largest |difference| of normalised embeddings the fp32 
 INT8_MIN_COSINE = 0.95
 """An int8 graph whose probe embeddings fall below this cosine to the torch model's is exported with a warning:
 int8 costs a little everywhere, but a graph this far off is one whose quantiser the model defeats."""
-INT8_PICK_COSINE = 0.99
-"""``--int8-method auto`` takes the first ONNX int8 method whose min cosine to the torch model, over the probes and
-the calibration texts, reaches this. What a pick at this level costs in nDCG@10, and whether a stricter level pays
-for its speed, is measured in docs/results/serving-cpu.md."""
+INT8_PICK_DISTORTION = 0.005
+"""``--int8-method auto`` takes the first ONNX int8 method whose distortion (:func:`_parity`: the embeddings' mean
+angular error to the torch model's, as a fraction of how far apart the model puts unrelated documents) is at most
+this. A bare cosine cannot serve: an embedder that packs every text into a narrow cone (a decoder LLM's) loses
+rankings at an error an isotropic encoder shrugs off. What picks at this level cost in nDCG@10 is measured in
+docs/results/serving-cpu.md."""
+SCORING_TEXTS = 16  # calibration queries and documents, each, that int8 candidates are scored on (with the probes)
 ONNX_CALIBRATION_BATCHES = 8  # --calibration batches that probe the ONNX MatMul inputs for massive activations
 INT8_ADVICE = {
     "onnx": "no ONNX Runtime int8 method held this model (see int8_method in export.json): measure it (effir eval "
@@ -73,9 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="also write the int8 graph (onnx: see --int8-method; openvino: NNCF static, calibrated)")
     p.add_argument("--int8-method", default="auto",
-                   help=f"ONNX int8 quantiser: auto (default: the first of {', '.join(onnx_int8.METHODS)} that keeps "
-                        f"the embeddings within cosine {INT8_PICK_COSINE} of torch) or one of them; OpenVINO "
-                        "int8 is always NNCF's")
+                   help=f"ONNX int8 quantiser: auto (default: the first of {', '.join(onnx_int8.METHODS)} whose "
+                        f"embedding distortion stays within {INT8_PICK_DISTORTION}: the mean angular error to torch as "
+                        "a fraction of the spread between unrelated documents) or one of them; OpenVINO int8 is "
+                        "always NNCF's")
     p.add_argument("--output", required=True, help="folder for the exported model")
     p.add_argument("--calibration", default="wiki",
                    help="text for --int8 (OpenVINO's ranges; ONNX's massive-activation probes and method scores), "
@@ -93,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     encoder = load(args.model, device="cpu", dtype="fp32", padding_side="right")
     (out / "export.json").unlink(missing_ok=True)  # a failed run must not leave an older record looking current
     save(encoder, out, {"stage": "export", "format": args.format, "int8": args.int8}, overwrite=args.overwrite)
+    encoder.model.eval()  # the int8 pick and the checks compare graphs with this model's embeddings
     written, int8_method = _export(encoder, out, args)
-    encoder.model.eval()
-    checks = {rel: _parity(encoder, out / rel) for rel in written}
+    probes = _torch_reference(encoder, [("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS)])
+    checks = {rel: _parity(encoder, out / rel, probes) for rel in written}
     report = {"model": args.model, "format": args.format, "int8": args.int8, "files": written, "checks": checks,
               "seconds": time.perf_counter() - t0, "torch": torch.__version__, "versions": _versions(args.format)}
     if int8_method:
@@ -169,33 +174,35 @@ def _calibration_batches(encoder, source: str, n: int, per_batch: int = 4) -> li
 
 
 def _onnx_int8(encoder, src: Path, dst: Path, args) -> dict:
-    """Write ``dst`` by the first candidate (:func:`_int8_candidates`) whose min cosine to the torch model on the
-    probes plus calibration texts reaches ``INT8_PICK_COSINE``, else by the best of them; return the record."""
-    texts = _scoring_texts(args.calibration)
-    record = {"requested": args.int8_method, "pick_min_cosine": INT8_PICK_COSINE, "candidates": []}
-    best = -2.0
+    """Write ``dst`` by the first candidate (:func:`_int8_candidates`) whose distortion (:func:`_parity`) on the
+    probes plus calibration texts is within ``INT8_PICK_DISTORTION``, else by the least distorted; return the record."""
+    reference = _torch_reference(encoder, _scoring_texts(args.calibration))  # once for every candidate
+    record = {"requested": args.int8_method, "pick_max_distortion": INT8_PICK_DISTORTION,
+              "document_spread": _document_spread(reference), "candidates": []}
+    best = float("inf")
     with serving.scratch_dir() as tmp:
         for i, (method, ratio, nodes) in enumerate(_int8_candidates(encoder, src, args)):
             t0 = time.perf_counter()
             path = Path(tmp) / str(i) / dst.name
             path.parent.mkdir()
             serving.quantize_onnx_int8(src, path, method, nodes)
-            c = {"method": method, "min_cosine": _parity(encoder, path, texts)["min_cosine"]}
+            parity = _parity(encoder, path, reference)
+            c = {"method": method, **{k: parity[k] for k in ("distortion", "mean_cosine", "min_cosine")}}
             if method == "mixed":
                 c.update(outlier_ratio=ratio, blockwise_matmuls=nodes)
             record["candidates"].append(dict(c, seconds=time.perf_counter() - t0))
-            if c["min_cosine"] > best:
-                best = c["min_cosine"]
+            if c["distortion"] < best:
+                best = c["distortion"]
                 record.update(c)
                 for p in path.parent.iterdir():  # the graph and, for large models, its external data
                     shutil.move(str(p), str(dst.parent / p.name))
-            if best >= INT8_PICK_COSINE:
+            if best <= INT8_PICK_DISTORTION:
                 break
-    tried = ", ".join(f"{c['method']}{_mixed_label(c)} {c['min_cosine']:.4f}" for c in record["candidates"])
+    tried = ", ".join(f"{c['method']}{_mixed_label(c)} {c['distortion']:.4f}" for c in record["candidates"])
     verdict = "forced" if args.int8_method != "auto" else (
-        f"first >= {INT8_PICK_COSINE}" if best >= INT8_PICK_COSINE else f"none reached {INT8_PICK_COSINE}: the best")
-    print(f"effir export: onnx int8 method: {record['method']}{_mixed_label(record)} ({verdict}; min cosine to "
-          f"torch: {tried})")
+        f"first <= {INT8_PICK_DISTORTION}" if best <= INT8_PICK_DISTORTION
+        else f"none within {INT8_PICK_DISTORTION}: the least")
+    print(f"effir export: onnx int8 method: {record['method']}{_mixed_label(record)} ({verdict}; distortion: {tried})")
     return record
 
 
@@ -225,28 +232,53 @@ def _input_ratios(encoder, src: Path, args) -> dict[str, float]:
     return onnx_int8.input_ratios(src, feeds)
 
 
-def _scoring_texts(source: str, n: int = 4) -> list[tuple[str, list]]:
+def _scoring_texts(source: str, n: int = SCORING_TEXTS) -> list[tuple[str, list]]:
     """The probes plus ``n`` calibration queries and documents: what an int8 method is scored on."""
     texts = load_texts(source)
     queries, documents = (texts.queries or texts.documents)[:n], (texts.documents or texts.queries)[:n]
     return [("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS), ("query", queries), ("document", documents)]
 
 
-def _parity(encoder, path: Path, texts: list[tuple[str, list]] | None = None) -> dict:
-    """Embed ``texts`` (default: the probes) with the torch model and with the graph at ``path`` (same tokens)."""
+def _torch_reference(encoder, texts: list[tuple[str, list]]) -> list[tuple[str, dict, torch.Tensor]]:
+    """Each ``(side, texts)`` tokenized, with the torch model's embeddings of it: what a graph is compared with."""
+    reference = []
+    for side, batch_texts in texts:
+        batch = encoder.tokenize(batch_texts, side)
+        with torch.inference_mode():
+            reference.append((side, batch, encoder.embed(**batch)))
+    return reference
+
+
+def _parity(encoder, path: Path, reference: list[tuple[str, dict, torch.Tensor]]) -> dict:
+    """Embed the batches of ``reference`` (:func:`_torch_reference`) with the graph at ``path`` and compare them with
+    the torch model's embeddings of the same tokens.
+
+    ``distortion``: the mean of ``1 - cosine`` between the graph's and the torch model's embeddings, over one minus the
+    mean cosine between the torch model's embeddings of different documents. Rankings turn on how far apart texts
+    lie, so an error counts against the distances the model itself keeps between unrelated texts."""
     backend = "onnx" if path.suffix == ".onnx" else "openvino"
     runner = serving.OnnxRunner(path) if backend == "onnx" else serving.OpenVinoRunner(path)
     served = Encoder(serving.ServedModel(runner, encoder.model.config), encoder.tokenizer, encoder.settings,
                      encoder.adapter, padding_side="right", head=encoder.head)
     diffs, cosines = [], []
-    for side, batch_texts in texts or (("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS)):
-        batch = encoder.tokenize(batch_texts, side)
+    for _, batch, ref in reference:
         with torch.inference_mode():
-            ref, got = encoder.embed(**batch), served.embed(**batch)
+            got = served.embed(**batch)
         diffs.append((got - ref).abs().max().item())
-        cosines.append(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item())
+        cosines.append(torch.nn.functional.cosine_similarity(got, ref, dim=-1))
+    cosines = torch.cat(cosines)
+    error = 1 - cosines.mean().item()
     return {"backend": backend, "int8": "qint8" in path.name, "megabytes": serving.files_bytes(path) / 1e6,
-            "max_abs_diff": max(diffs), "min_cosine": min(cosines)}
+            "max_abs_diff": max(diffs), "min_cosine": cosines.min().item(), "mean_cosine": 1 - error,
+            "distortion": error / max(1 - _document_spread(reference), 1e-6)}
+
+
+def _document_spread(reference: list[tuple[str, dict, torch.Tensor]]) -> float:
+    """Mean cosine between the torch model's embeddings of different documents (1 when they all coincide)."""
+    docs = torch.nn.functional.normalize(torch.cat([ref for side, _, ref in reference if side == "document"]), dim=-1)
+    pairs = docs @ docs.T
+    off_diagonal = ~torch.eye(len(docs), dtype=torch.bool)
+    return pairs[off_diagonal].mean().item() if len(docs) > 1 else 0.0
 
 
 def _versions(fmt: str) -> dict:
