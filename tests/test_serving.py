@@ -73,7 +73,9 @@ def test_an_int8_graph_far_from_the_torch_model_is_exported_with_a_warning(tiny_
     out = tmp_path / "served"
     assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--int8", "--output", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "warning" not in captured.err  # a tiny random model quantises well, by the fastest method
+    # a tiny random model quantises well, by the fastest method (whether int8 beats fp32 on it is another matter:
+    # its speed line may warn)
+    assert "embeds the probes at cosine" not in captured.err
     assert "onnx int8 method: dynamic (first <= 0.002" in captured.out
     report = json.loads((out / "export.json").read_text())
     assert report["int8_method"]["method"] == "dynamic" and len(report["int8_method"]["candidates"]) == 1
@@ -81,9 +83,9 @@ def test_an_int8_graph_far_from_the_torch_model_is_exported_with_a_warning(tiny_
     monkeypatch.setattr(export, "INT8_MIN_COSINE", cosine + 1e-3)  # as if the model defeated the quantiser
     assert main(["export", str(tiny_llama_dir), "--format", "onnx", "--int8", "--output", str(out),
                  "--overwrite"]) == 0
-    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    warned = [line for line in capsys.readouterr().err.splitlines() if "embeds the probes at cosine" in line]
     assert len(warned) == 1 and "onnx/model_qint8.onnx embeds the probes at cosine" in warned[0]
-    assert "export --format openvino --int8" in warned[0]
+    assert "--quantize int8, against --quantize none" in warned[0] and "onnx/model.onnx" in warned[0]
 
 
 def _massive(folder, out):

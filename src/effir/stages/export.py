@@ -39,7 +39,7 @@ from ..checkpoint import load, save
 from ..encoder import Encoder
 from ..files import write_json
 from ..refs import resolve
-from ..utils import EffirError, check_output_dir
+from ..utils import EffirError, check_output_dir, finite_float
 
 FORMATS = ("onnx", "openvino")
 PROBE_QUERIES = ["what causes scurvy?", "Vitamin C deficiency in sailors", "q"]
@@ -63,7 +63,8 @@ SCORING_TEXTS = 16  # calibration queries and documents, each, that int8 candida
 ONNX_CALIBRATION_BATCHES = 8  # --calibration batches that probe the ONNX MatMul inputs for massive activations
 INT8_ADVICE = {
     "onnx": "no ONNX Runtime int8 method held this model (see int8_method in export.json): measure it (effir eval "
-            "DIR --backend onnx --quantize int8) or export --format openvino --int8, which calibrates static ranges",
+            "DIR --data BEIR --backend onnx --quantize int8, against --quantize none) before serving it, or serve "
+            "the fp32 graph onnx/model.onnx",
     "openvino": "measure it (effir eval DIR --backend openvino --quantize int8) before serving it; more "
                 "--calibration-samples, or text like the served one in --calibration, may help",
 }
@@ -79,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"ONNX int8 quantiser: auto (default: the first of {', '.join(onnx_int8.METHODS)}, fastest "
                         "first, whose embedding distortion stays within --int8-max-distortion) or one of them; "
                         "OpenVINO int8 is always NNCF's")
-    p.add_argument("--int8-max-distortion", type=float, default=INT8_PICK_DISTORTION,
+    p.add_argument("--int8-max-distortion", type=finite_float, default=INT8_PICK_DISTORTION,
                    help="what --int8-method auto accepts: the int8 embeddings' mean 1 - cosine to torch as a fraction "
                         "of 1 - the mean cosine between different documents (default: %(default)s; larger trades "
                         "nDCG@10 for speed, see docs/results/serving-cpu.md)")
@@ -251,10 +252,10 @@ def _speed_vs_fp32(encoder, fp32: Path, int8: Path, args, repeats: int = 3) -> d
         speed[side] = median[fp32] / median[int8]
     print(f"effir export: onnx int8 graph speed on this machine: {speed['query']:.2f}x the fp32 graph on queries, "
           f"{speed['document']:.2f}x on documents")
-    if min(speed.values()) < 1:
-        print("effir export: warning: the int8 graph is slower than the fp32 graph here on "
-              f"{' and '.join(k + 's' for k, v in speed.items() if v < 1)}; serve onnx/model.onnx, or allow more "
-              "error (--int8-max-distortion) for a faster method", file=sys.stderr)
+    slower = [{"query": "queries", "document": "documents"}[side] for side, ratio in speed.items() if ratio < 1]
+    if slower:
+        print(f"effir export: warning: the int8 graph is slower than the fp32 graph here on {' and '.join(slower)}; "
+              "serve onnx/model.onnx, or allow more error (--int8-max-distortion) for a faster method", file=sys.stderr)
     return speed
 
 
