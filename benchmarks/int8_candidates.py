@@ -31,6 +31,5 @@ record = export._onnx_int8(encoder, src / "onnx" / "model.onnx", scratch / "mode
 (scratch / "int8_scores.json").write_text(json.dumps(record, indent=1))
 print(f"mean cosine between different documents: {record['document_spread']:.4f}")
 for c in record["candidates"]:
-    label = f"mixed >{c['outlier_ratio']:g}x ({len(c['blockwise_matmuls'])} blockwise)" if c["method"] == "mixed" else c["method"]
-    print(f"{label}: distortion {c['distortion']:.4f}, mean cosine {c['mean_cosine']:.5f}, "
+    print(f"{c['method']}{export._mixed_label(c)}: distortion {c['distortion']:.4f}, mean cosine {c['mean_cosine']:.5f}, "
           f"min cosine {c['min_cosine']:.5f}, {c['seconds']:.0f} s")

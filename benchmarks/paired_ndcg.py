@@ -3,16 +3,17 @@
     python benchmarks/paired_ndcg.py --data DIR --base EVAL_FP32/run.trec --run EVAL_INT8/run.trec [--run ...]
 
 For each --run: the mean difference to --base over the judged queries, its 95 % bootstrap interval (10,000
-resamples of the queries, seeded), and how many queries moved up or down. pytrec_eval computes nDCG@10, as
-`effir eval` does.
+resamples of the queries, seeded), and how many queries moved up or down. nDCG@10 per query comes from
+`effir.metrics.per_query`, what `effir eval` averages.
 """
 
 import argparse
 
+import ir_measures
 import numpy as np
-import pytrec_eval
 
 from effir.data import load_beir
+from effir.metrics import per_query
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--data", required=True, help="the BEIR folder both runs were evaluated on")
@@ -23,23 +24,21 @@ ap.add_argument("--resamples", type=int, default=10_000)
 a = ap.parse_args()
 
 
-def read_run(path: str) -> dict[str, dict[str, float]]:
+def ndcg10(path: str) -> dict[str, float]:
     run: dict[str, dict[str, float]] = {}
-    for line in open(path):
-        qid, _, doc, _, score, _ = line.split()
-        run.setdefault(qid, {})[doc] = float(score)
-    return run
+    for doc in ir_measures.read_trec_run(path):
+        run.setdefault(doc.query_id, {})[doc.doc_id] = doc.score
+    return {q: m["nDCG@10"] for q, m in per_query(qrels, run, ("nDCG@10",)).items()}
 
 
 qrels = load_beir(a.data, a.split, progress=False).qrels
-evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"})
-base = evaluator.evaluate(read_run(a.base))
+base = ndcg10(a.base)
 queries = sorted(base)
-print(f"base {a.base}: nDCG@10 {np.mean([base[q]['ndcg_cut_10'] for q in queries]):.4f} over {len(queries)} queries")
+print(f"base {a.base}: nDCG@10 {np.mean([base[q] for q in queries]):.4f} over {len(queries)} queries")
 for path in a.run:
     rng = np.random.default_rng(0)  # the same resamples for every run, whatever the order of --run
-    got = evaluator.evaluate(read_run(path))
-    diff = np.array([got.get(q, {"ndcg_cut_10": 0.0})["ndcg_cut_10"] - base[q]["ndcg_cut_10"] for q in queries])
+    got = ndcg10(path)
+    diff = np.array([got.get(q, 0.0) - base[q] for q in queries])
     means = diff[rng.integers(0, len(diff), (a.resamples, len(diff)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     print(f"{path}: {diff.mean():+.4f} (95 % interval {low:+.4f} .. {high:+.4f}); "

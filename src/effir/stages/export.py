@@ -168,9 +168,14 @@ def _export(encoder, out: Path, args) -> tuple[list[str], dict | None]:
     return files, None
 
 
-def _calibration_batches(encoder, source: str, n: int, per_batch: int = 4) -> list[dict[str, torch.Tensor]]:
+def _calibration_sides(source: str) -> tuple[list[str], list[str]]:
+    """The calibration queries and documents; a source with only one kind of text serves as both."""
     texts = load_texts(source)
-    sides = [("query", texts.queries or texts.documents), ("document", texts.documents or texts.queries)]
+    return texts.queries or texts.documents, texts.documents or texts.queries
+
+
+def _calibration_batches(encoder, source: str, n: int, per_batch: int = 4) -> list[dict[str, torch.Tensor]]:
+    sides = list(zip(("query", "document"), _calibration_sides(source), strict=True))
     batches = []
     for i in range(n):
         side, pool = sides[i % 2]
@@ -233,9 +238,8 @@ def _speed_vs_fp32(encoder, fp32: Path, int8: Path, args, repeats: int = 3) -> d
     """How many times faster the int8 graph embeds than the fp32 one on this machine: a batch of 16 calibration
     queries and one of 4 documents, median of ``repeats`` after a warm-up. On CPUs whose ``MatMulNBits`` kernels are
     slow, a graph that had to go blockwise can be slower than fp32: the export says so."""
-    texts = load_texts(args.calibration)
-    batches = {"query": encoder.tokenize((texts.queries or texts.documents)[:16], "query"),
-               "document": encoder.tokenize((texts.documents or texts.queries)[:4], "document")}
+    queries, documents = _calibration_sides(args.calibration)
+    batches = {"query": encoder.tokenize(queries[:16], "query"), "document": encoder.tokenize(documents[:4], "document")}
     runners = {path: serving.OnnxRunner(path) for path in (fp32, int8)}
     speed = {}
     for side, batch in batches.items():
@@ -272,9 +276,8 @@ def _input_ratios(encoder, src: Path, args) -> dict[str, float]:
 
 def _scoring_texts(source: str, n: int = SCORING_TEXTS) -> list[tuple[str, list]]:
     """The probes plus ``n`` calibration queries and documents: what an int8 method is scored on."""
-    texts = load_texts(source)
-    queries, documents = (texts.queries or texts.documents)[:n], (texts.documents or texts.queries)[:n]
-    return [("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS), ("query", queries), ("document", documents)]
+    queries, documents = _calibration_sides(source)
+    return [("query", PROBE_QUERIES), ("document", PROBE_DOCUMENTS), ("query", queries[:n]), ("document", documents[:n])]
 
 
 def _torch_reference(encoder, texts: list[tuple[str, list]]) -> list[tuple[str, dict, torch.Tensor]]:
